@@ -1,0 +1,36 @@
+"""loraplus: LoRA+ for any LoRA implementation and any PyTorch optimizer.
+
+LoRA+ (Hayou, Ghosh, Yu, ICML 2024) trains a LoRA adapter's output-side factor B with a
+learning rate ``ratio`` times larger than its input-side factor A.
+
+    >>> import torch, loraplus
+    >>> model = loraplus.testing.tiny_lora_model()
+    >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=2e-4, weight_decay=0.01)
+    >>> {g["role"]: g["lr"] for g in opt.param_groups}["B"]
+    0.0032
+"""
+
+from __future__ import annotations
+
+from . import testing
+from ._errors import LoraPlusError
+from ._explain import explain
+from ._factory import LoraPlus
+from ._groups import DEFAULT_RATIO, param_groups
+from ._roles import CONVENTIONS, Convention, Role, classify
+
+__all__ = [
+    "CONVENTIONS",
+    "Convention",
+    "DEFAULT_RATIO",
+    "LoraPlus",
+    "LoraPlusError",
+    "Role",
+    "classify",
+    "explain",
+    "param_groups",
+    "testing",
+]
+
+__version__ = "0.1.0"
+

@@ -1,0 +1,131 @@
+"""The factory: labelling + grouping + the user's optimizer class, nothing else."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ._errors import LoraPlusError
+from ._groups import DEFAULT_RATIO, prepare
+from ._roles import NoDecaySpec, Role, RuleSpec
+
+__all__ = ["LoraPlus", "GLOBAL_LR_OPTIMIZERS"]
+
+O = TypeVar("O")
+
+#: Optimizers known to read ``param_groups[0]["lr"]`` for every group (learning-rate-free
+#: methods): LoRA+ has no effect there.
+GLOBAL_LR_OPTIMIZERS = frozenset(
+    {
+        "Prodigy",
+        "ProdigyPlusScheduleFree",
+        "DAdaptAdam",
+        "DAdaptAdaGrad",
+        "DAdaptAdan",
+        "DAdaptLion",
+        "DAdaptSGD",
+    }
+)
+
+
+def _unwrap(factory: Any) -> Any:
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    return factory
+
+
+def _check_optimizer_cls(optimizer_cls: Any) -> None:
+    if not callable(optimizer_cls):
+        raise LoraPlusError(
+            f"optimizer_cls must be an optimizer class or a callable returning one "
+            f"(e.g. torch.optim.AdamW or functools.partial(...)), got {type(optimizer_cls).__name__}"
+        )
+    target = _unwrap(optimizer_cls)
+    if isinstance(target, type) and issubclass(target, torch.optim.LBFGS):
+        raise LoraPlusError(
+            f"{target.__name__} does not support per-parameter options (param groups), so it cannot give "
+            "B a different learning rate than A; use a first-order optimizer such as torch.optim.AdamW"
+        )
+    name = getattr(target, "__name__", "")
+    if name in GLOBAL_LR_OPTIMIZERS:
+        warnings.warn(
+            f"{name} reads the learning rate of the first param group for every group, so LoRA+ has no effect "
+            "with it; use an optimizer that honours per-group learning rates (see docs/compatibility.md)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
+    optimizer_cls: Callable[..., O],
+    model: nn.Module,
+    ratio: float = DEFAULT_RATIO,
+    *,
+    lr: float,
+    lr_embedding: float | None = None,
+    role_lr: Mapping[Role | str, float] | None = None,
+    weight_decay: float | None = None,
+    rules: RuleSpec | None = None,
+    no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
+    **optimizer_kwargs: Any,
+) -> O:
+    """Build ``optimizer_cls`` over ``model``'s trainable parameters with LoRA+ learning rates.
+
+    Returns a genuine instance of ``optimizer_cls`` (or whatever the callable returns) — no
+    wrapper — so schedulers, ``state_dict``, ``torch.compile``, fused kernels and ``isinstance``
+    checks keep working. The model is never modified.
+
+    Args:
+        optimizer_cls: an optimizer class (``torch.optim.AdamW``, ``bnb.optim.AdamW8bit``, …) or a
+            callable such as ``functools.partial(cls, ...)`` taking param groups first.
+        model: the model with its adapters attached.
+        ratio: λ, the B/A learning-rate ratio (B factors get ``ratio * lr``).
+        lr: learning rate of the A factors and, unless overridden, of every non-B role.
+        lr_embedding: learning rate of both embedding-adapter factors (default ``lr``).
+        role_lr: per-role learning-rate overrides, e.g. ``{loraplus.Role.MAGNITUDE: 1e-4}``.
+        weight_decay: applied to every decaying group; biases, norm weights and DoRA
+            magnitudes get 0 (extend with ``no_decay``). ``None`` keeps the optimizer's default.
+        rules: user role rules, winning over every built-in convention (see :func:`param_groups`).
+        no_decay: extra no-decay rules (see :func:`param_groups`).
+        **optimizer_kwargs: passed to ``optimizer_cls`` untouched (betas, eps, fused, …).
+
+    Returns:
+        The optimizer, whose groups carry ``role``, ``name`` and ``param_names``.
+
+    Raises:
+        LoraPlusError: on invalid options, a model without adapters, an optimizer that cannot
+            take param groups (LBFGS), or when the optimizer rejects the groups.
+
+    Example:
+        >>> import torch, loraplus
+        >>> model = loraplus.testing.tiny_lora_model()
+        >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=2e-4, weight_decay=0.01)
+        >>> isinstance(opt, torch.optim.AdamW), [g["name"] for g in opt.param_groups]
+        (True, ['A', 'B', 'other', 'other.no_decay'])
+    """
+    _check_optimizer_cls(optimizer_cls)
+    if "params" in optimizer_kwargs:
+        raise LoraPlusError("do not pass params=: LoraPlus builds the param groups from the model")
+    _, groups = prepare(
+        model,
+        lr=lr,
+        ratio=ratio,
+        lr_embedding=lr_embedding,
+        role_lr=role_lr,
+        weight_decay=weight_decay,
+        rules=rules,
+        no_decay=no_decay,
+    )
+    try:
+        return optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+    except Exception as err:  # add context once, at the public entry point
+        shown = getattr(_unwrap(optimizer_cls), "__name__", repr(optimizer_cls))
+        kinds = ", ".join(f"{g['name']} ({len(g['params'])} tensors)" for g in groups)
+        raise LoraPlusError(
+            f"{shown} could not be built over the LoRA+ groups [{kinds}]: {type(err).__name__}: {err}"
+        ) from err

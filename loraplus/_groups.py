@@ -1,0 +1,245 @@
+"""Grouping: turn role labels into named, non-empty, deterministic optimizer param groups."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from ._errors import LoraPlusError
+from ._roles import (
+    ADAPTER_ROLES,
+    CONVENTIONS,
+    Label,
+    NoDecaySpec,
+    Role,
+    RuleSpec,
+    is_no_decay,
+    label_parameters,
+    normalize_no_decay,
+)
+
+__all__ = ["DEFAULT_RATIO", "build_groups", "check_number", "param_groups", "role_lrs"]
+
+#: The default B/A learning-rate ratio λ (see docs/benchmarks.md for the measurements behind it).
+DEFAULT_RATIO = 16.0
+
+_ROLE_ORDER = {role: i for i, role in enumerate(Role)}
+
+
+def check_number(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> float | None:
+    """Validate a positive finite real number (learning rates, ratios) and return it as float."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        raise LoraPlusError(
+            f"{name} must be a number, got the string {value!r}; YAML and CLI values arrive as strings — "
+            f"convert them first, e.g. {name}=float({value!r})"
+        )
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise LoraPlusError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise LoraPlusError(f"{name} must be finite, got {out!r}")
+    if out < 0 or (out == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise LoraPlusError(f"{name} must be {bound}, got {out!r}")
+    return out
+
+
+def role_lrs(
+    lr: float,
+    ratio: float,
+    lr_embedding: float | None = None,
+    role_lr: Mapping[Role | str, float] | None = None,
+) -> dict[Role, float]:
+    """The learning rate of every role: A, MAGNITUDE, CORE, OTHER at ``lr``; B at ``ratio * lr``;
+    embedding factors at ``lr_embedding`` (default ``lr``); ``role_lr`` overrides any of them."""
+    emb = lr if lr_embedding is None else lr_embedding
+    out = {role: lr for role in Role}
+    out[Role.B] = ratio * lr
+    out[Role.EMBEDDING_A] = emb
+    out[Role.EMBEDDING_B] = emb
+    if role_lr is not None:
+        if not isinstance(role_lr, Mapping):
+            raise LoraPlusError(f"role_lr must be a mapping {{Role: lr}}, got {type(role_lr).__name__}")
+        for key, value in role_lr.items():
+            role = Role.coerce(key)
+            checked = check_number(f"role_lr[{role.value!r}]", value)
+            assert checked is not None
+            out[role] = checked
+    return out
+
+
+def _no_adapters_message(labels: Sequence[Label], rules_given: bool) -> str:
+    names = [lab.name for lab in labels[:8]]
+    more = f" (and {len(labels) - 8} more)" if len(labels) > 8 else ""
+    libs = sorted({c.library for c in CONVENTIONS})
+    hint = (
+        "none of your rules= matched an adapter factor either"
+        if rules_given
+        else "pass rules= to say which parameters are A and B"
+    )
+    return (
+        f"no LoRA adapter parameters found among {len(labels)} trainable tensors: "
+        f"{_role_counts(labels)}. First trainable names: {', '.join(names)}{more}. "
+        f"Tried module types (PEFT, torchtune, loralib), modules declaring loraplus_roles(), and the name "
+        f"conventions of {', '.join(libs)}; {hint}, e.g. "
+        "rules={'*.my_down.weight': loraplus.Role.A, '*.my_up.weight': loraplus.Role.B}, "
+        "or mark the parameters you do not want to train with requires_grad=False."
+    )
+
+
+def _role_counts(labels: Sequence[Label]) -> str:
+    counts: dict[Role, int] = {}
+    for lab in labels:
+        counts[lab.role] = counts.get(lab.role, 0) + 1
+    return ", ".join(f"{role.value}: {counts[role]}" for role in Role if role in counts)
+
+
+def validate_labels(labels: Sequence[Label], *, rules_given: bool) -> None:
+    """Raise LoraPlusError for models LoRA+ cannot sensibly group."""
+    if not labels:
+        raise LoraPlusError(
+            "the model has no trainable parameters (every parameter has requires_grad=False); "
+            "add your LoRA adapters (e.g. peft.get_peft_model) before building the optimizer"
+        )
+    present = {lab.role for lab in labels}
+    if not present & (ADAPTER_ROLES | {Role.MAGNITUDE, Role.CORE}):
+        raise LoraPlusError(_no_adapters_message(labels, rules_given))
+    for a, b in ((Role.A, Role.B), (Role.EMBEDDING_A, Role.EMBEDDING_B)):
+        if (a in present) != (b in present):
+            have, missing = (a, b) if a in present else (b, a)
+            examples = [lab.name for lab in labels if lab.role is have][:3]
+            raise LoraPlusError(
+                f"found {have.value} factors but no {missing.value} factor ({_role_counts(labels)}); "
+                f"e.g. {', '.join(examples)}. Is the other factor frozen or named differently? "
+                f"Pass rules= to label it, e.g. rules={{'*.my_factor': loraplus.Role.{missing.name}}}"
+            )
+
+
+def build_groups(
+    labels: Sequence[Label],
+    lrs: Mapping[Role, float],
+    *,
+    weight_decay: float | None,
+    no_decay: Sequence[NoDecaySpec] = (),
+) -> list[dict[str, Any]]:
+    """Group labelled parameters by (role, decays?) in Role order, decaying group first.
+
+    Every group carries ``params``, ``param_names``, ``role`` (the Role's value), ``name``
+    and ``lr``; ``weight_decay`` is set to 0.0 for no-decay groups and to the user's value
+    for decaying groups (left to the optimizer's default when the user gave none).
+    """
+    buckets: dict[tuple[Role, bool], dict[str, list[Any]]] = {}
+    for lab in labels:
+        key = (lab.role, is_no_decay(lab, no_decay))
+        bucket = buckets.setdefault(key, {"params": [], "param_names": []})
+        bucket["params"].append(lab.param)
+        bucket["param_names"].append(lab.name)
+    groups: list[dict[str, Any]] = []
+    for (role, nd), bucket in sorted(buckets.items(), key=lambda kv: (_ROLE_ORDER[kv[0][0]], kv[0][1])):
+        group: dict[str, Any] = {
+            "params": bucket["params"],
+            "param_names": bucket["param_names"],
+            "role": role.value,
+            "name": f"{role.value}.no_decay" if nd else role.value,
+            "lr": lrs[role],
+        }
+        if nd:
+            group["weight_decay"] = 0.0
+        elif weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        groups.append(group)
+    return groups
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    lr: Any,
+    ratio: Any,
+    lr_embedding: Any = None,
+    role_lr: Mapping[Role | str, float] | None = None,
+    weight_decay: Any = None,
+    rules: RuleSpec | None = None,
+    no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
+) -> tuple[list[Label], list[dict[str, Any]]]:
+    """Validate every option, label the model and build its groups (shared by the public entry points)."""
+    lr_f = check_number("lr", lr)
+    ratio_f = check_number("ratio", ratio)
+    assert lr_f is not None and ratio_f is not None
+    if ratio_f < 1:
+        warnings.warn(
+            f"ratio={ratio_f} < 1 gives the B factor a smaller learning rate than A; LoRA+ uses ratio >= 1 "
+            "(the paper recommends 2-16)",
+            UserWarning,
+            stacklevel=3,
+        )
+    emb = check_number("lr_embedding", lr_embedding, allow_none=True)
+    wd = check_number("weight_decay", weight_decay, allow_none=True, allow_zero=True)
+    lrs = role_lrs(lr_f, ratio_f, emb, role_lr)
+    nd = normalize_no_decay(no_decay)
+    labels = label_parameters(model, rules)
+    validate_labels(labels, rules_given=rules is not None)
+    return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd)
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    ratio: float = DEFAULT_RATIO,
+    lr_embedding: float | None = None,
+    role_lr: Mapping[Role | str, float] | None = None,
+    weight_decay: float | None = None,
+    rules: RuleSpec | None = None,
+    no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
+) -> list[dict[str, Any]]:
+    """LoRA+ param groups for ``model``, without building an optimizer.
+
+    Use this where something else builds the optimizer (DeepSpeed's
+    ``initialize(model_parameters=...)``, a custom factory). The groups are exactly those
+    :func:`LoraPlus` passes to the optimizer.
+
+    Args:
+        model: the model with its adapters attached; frozen parameters are left out.
+        lr: learning rate of the A factors (and of every non-B role unless overridden).
+        ratio: λ, the B/A learning-rate ratio; B factors get ``ratio * lr``.
+        lr_embedding: learning rate of both embedding-adapter factors (default: ``lr``).
+        role_lr: per-role overrides, e.g. ``{Role.MAGNITUDE: 1e-4}``.
+        weight_decay: decay of every decaying group; biases, norm weights and magnitudes get 0.
+            ``None`` leaves decaying groups to the optimizer's default.
+        rules: user rules that win over every built-in convention: ``{glob or regex: Role}``,
+            ``[(pattern, Role), callable, ...]`` with callables ``(name, param, module) -> Role | None``.
+        no_decay: extra no-decay rules (globs, regexes, or callables returning ``True``/``False``
+            to force either way, ``None`` to defer to the default).
+
+    Returns:
+        A list of dicts with ``params``, ``param_names``, ``role``, ``name``, ``lr`` and,
+        where set, ``weight_decay``. Never an empty group.
+
+    Raises:
+        LoraPlusError: on an invalid option or a model without adapter factors.
+
+    Example:
+        >>> import torch, loraplus
+        >>> model = loraplus.testing.tiny_lora_model()
+        >>> groups = loraplus.param_groups(model, lr=1e-4, ratio=8, weight_decay=0.01)
+        >>> [(g["name"], g["lr"]) for g in groups]
+        [('A', 0.0001), ('B', 0.0008), ('other', 0.0001), ('other.no_decay', 0.0001)]
+    """
+    return prepare(
+        model,
+        lr=lr,
+        ratio=ratio,
+        lr_embedding=lr_embedding,
+        role_lr=role_lr,
+        weight_decay=weight_decay,
+        rules=rules,
+        no_decay=no_decay,
+    )[1]

@@ -1,0 +1,547 @@
+"""Labelling: decide, for every trainable parameter of a model, which role it plays.
+
+This module is a pure function of the model (``label_parameters``): it reads names,
+module types and declared roles, never changes the model, and knows nothing about
+optimizers or learning rates. Grouping lives in ``_groups.py``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Union
+
+from torch import nn
+
+from ._errors import LoraPlusError
+
+__all__ = [
+    "CONVENTIONS",
+    "Convention",
+    "Label",
+    "Role",
+    "RuleSpec",
+    "canonical_name",
+    "classify",
+    "label_parameters",
+]
+
+
+class Role(str, Enum):
+    """What a trainable parameter is to LoRA+.
+
+    The value (a short string) is what optimizer param groups carry under ``"role"``.
+    """
+
+    #: Input-side (down) factor: ``x -> A x`` maps the layer input to the rank space.
+    A = "A"
+    #: Output-side (up) factor: maps the rank space to the layer output. LoRA+ gives it ``ratio * lr``.
+    B = "B"
+    #: A factor of an embedding adapter (its input is one-hot).
+    EMBEDDING_A = "embedding_A"
+    #: B factor of an embedding adapter.
+    EMBEDDING_B = "embedding_B"
+    #: Per-output-channel scale of weight-decomposed adapters (DoRA magnitude).
+    MAGNITUDE = "magnitude"
+    #: A middle factor that is neither input nor output side: AdaLoRA singular values,
+    #: LoHa/LoKr Tucker cores, LoKr full Kronecker factors.
+    CORE = "core"
+    #: Trainable, but not an adapter factor: heads, ``modules_to_save`` copies, norms, biases.
+    OTHER = "other"
+
+    @classmethod
+    def coerce(cls, value: Role | str) -> Role:
+        """Turn ``Role.B``, ``"B"``, ``"b"`` or ``"embedding_a"`` into a :class:`Role`."""
+        if isinstance(value, Role):
+            return value
+        if isinstance(value, str):
+            key = value.strip()
+            for role in cls:
+                if key == role.value or key.lower() == role.value.lower() or key.upper() == role.name:
+                    return role
+        choices = ", ".join(repr(r.value) for r in cls)
+        raise LoraPlusError(f"unknown role {value!r}; expected a loraplus.Role or one of {choices}")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ADAPTER_ROLES = frozenset({Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B})
+
+#: Segments that wrappers (FSDP1, activation checkpointing, torch.compile) insert into names.
+WRAPPER_SEGMENTS = frozenset(
+    {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "_offload_wrapped_module"}
+)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One naming convention: the trailing segments of a parameter name and the role they imply.
+
+    ``pattern`` is matched against the *last* segments of the name (after wrapper segments
+    are removed); ``"*"`` matches exactly one segment (an adapter name such as ``default``).
+    ``sibling``, when set, must also be an attribute of the module that holds the
+    pattern's first segment (so ``up``/``down`` only match when both exist).
+    """
+
+    library: str
+    pattern: tuple[str, ...]
+    role: Role
+    family: str = "lora"
+    sibling: str | None = None
+
+    def describe(self) -> str:
+        pat = ".".join("<adapter>" if s == "*" else s for s in self.pattern)
+        extra = f" (next to {self.sibling!r})" if self.sibling else ""
+        return f"{self.library}: …{pat}{extra}"
+
+
+def _c(library: str, pattern: str, role: Role, family: str = "lora", sibling: str | None = None) -> Convention:
+    return Convention(library, tuple(pattern.split(".")), role, family, sibling)
+
+
+A, B, EA, EB, MAG, CORE = Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B, Role.MAGNITUDE, Role.CORE
+
+#: The naming conventions loraplus recognises, as data. Longer patterns win over shorter ones.
+CONVENTIONS: tuple[Convention, ...] = (
+    # PEFT LoRA (Linear, Conv, MHA, bnb), lora_bias, DoRA, embeddings, KaSA
+    _c("PEFT", "lora_A.*.weight", A),
+    _c("PEFT", "lora_B.*.weight", B),
+    _c("PEFT", "lora_B.*.bias", B),
+    _c("PEFT", "lora_embedding_A.*", EA),
+    _c("PEFT", "lora_embedding_B.*", EB),
+    _c("PEFT DoRA", "lora_magnitude_vector.*.weight", MAG, "dora"),
+    _c("PEFT DoRA", "lora_magnitude_vector.*", MAG, "dora"),
+    _c("PEFT KaSA", "lora_diag.*", CORE),
+    # PEFT AdaLoRA (raw ParameterDicts)
+    _c("PEFT AdaLoRA", "lora_A.*", A, "adalora"),
+    _c("PEFT AdaLoRA", "lora_B.*", B, "adalora"),
+    _c("PEFT AdaLoRA", "lora_E.*", CORE, "adalora"),
+    # PEFT LoHa: *_a is the up (output) side, *_b the down (input) side
+    _c("PEFT LoHa", "hada_w1_a.*", B, "loha"),
+    _c("PEFT LoHa", "hada_w2_a.*", B, "loha"),
+    _c("PEFT LoHa", "hada_w1_b.*", A, "loha"),
+    _c("PEFT LoHa", "hada_w2_b.*", A, "loha"),
+    _c("PEFT LoHa", "hada_t1.*", CORE, "loha"),
+    _c("PEFT LoHa", "hada_t2.*", CORE, "loha"),
+    # PEFT LoKr
+    _c("PEFT LoKr", "lokr_w1_a.*", B, "lokr"),
+    _c("PEFT LoKr", "lokr_w2_a.*", B, "lokr"),
+    _c("PEFT LoKr", "lokr_w1_b.*", A, "lokr"),
+    _c("PEFT LoKr", "lokr_w2_b.*", A, "lokr"),
+    _c("PEFT LoKr", "lokr_w1.*", CORE, "lokr"),
+    _c("PEFT LoKr", "lokr_w2.*", CORE, "lokr"),
+    _c("PEFT LoKr", "lokr_t2.*", CORE, "lokr"),
+    # PEFT VeRA: lambda_d scales the rank space (input side), lambda_b the output
+    _c("PEFT VeRA", "vera_lambda_d.*", A, "vera"),
+    _c("PEFT VeRA", "vera_lambda_b.*", B, "vera"),
+    # microsoft loralib, litgpt, minLoRA (raw parameters or parametrizations)
+    _c("loralib/litgpt/minLoRA", "lora_A", A),
+    _c("loralib/litgpt/minLoRA", "lora_B", B),
+    # torchtune
+    _c("torchtune", "lora_a.weight", A),
+    _c("torchtune", "lora_b.weight", B),
+    _c("torchtune DoRA", "magnitude", MAG, "dora", sibling="lora_a"),
+    # diffusers (legacy attention processors), kohya sd-scripts, mmpretrain
+    _c("kohya/mmpretrain", "lora_down.weight", A),
+    _c("kohya/mmpretrain", "lora_up.weight", B),
+    _c("diffusers", "down.weight", A, sibling="up"),
+    _c("diffusers", "up.weight", B, sibling="down"),
+    # DeepSpeed-Chat (stored transposed)
+    _c("DeepSpeed-Chat", "lora_right_weight", A),
+    _c("DeepSpeed-Chat", "lora_left_weight", B),
+    # NVIDIA NeMo
+    _c("NeMo", "linear_in.weight", A, sibling="linear_out"),
+    _c("NeMo", "linear_out.weight", B, sibling="linear_in"),
+    _c("NeMo DoRA", "weight_magnitude", MAG, "dora"),
+)
+
+# PEFT tuner layers list their adapter sub-modules in ``adapter_layer_names``.
+_PEFT_LAYER_ROLES: dict[str, tuple[Role, str]] = {
+    "lora_A": (A, "lora"),
+    "lora_B": (B, "lora"),
+    "lora_embedding_A": (EA, "lora"),
+    "lora_embedding_B": (EB, "lora"),
+    "lora_magnitude_vector": (MAG, "dora"),
+    "lora_E": (CORE, "adalora"),
+    "hada_w1_a": (B, "loha"),
+    "hada_w2_a": (B, "loha"),
+    "hada_w1_b": (A, "loha"),
+    "hada_w2_b": (A, "loha"),
+    "hada_t1": (CORE, "loha"),
+    "hada_t2": (CORE, "loha"),
+    "lokr_w1_a": (B, "lokr"),
+    "lokr_w2_a": (B, "lokr"),
+    "lokr_w1_b": (A, "lokr"),
+    "lokr_w2_b": (A, "lokr"),
+    "lokr_w1": (CORE, "lokr"),
+    "lokr_w2": (CORE, "lokr"),
+    "lokr_t2": (CORE, "lokr"),
+    "vera_lambda_d": (A, "vera"),
+    "vera_lambda_b": (B, "vera"),
+}
+_TORCHTUNE_ROLES: dict[str, tuple[Role, str]] = {"lora_a": (A, "lora"), "lora_b": (B, "lora"), "magnitude": (MAG, "dora")}
+_LORALIB_ROLES: dict[str, tuple[Role, str]] = {"lora_A": (A, "lora"), "lora_B": (B, "lora")}
+
+
+def _index_conventions(conventions: Iterable[Convention]) -> dict[tuple[int, str], list[Convention]]:
+    """Index each convention by its right-most literal segment: (offset from the end, literal)."""
+    index: dict[tuple[int, str], list[Convention]] = {}
+    for conv in conventions:
+        for offset, seg in enumerate(reversed(conv.pattern)):
+            if seg != "*":
+                index.setdefault((offset, seg), []).append(conv)
+                break
+    for bucket in index.values():
+        bucket.sort(key=lambda c: -len(c.pattern))
+    return index
+
+
+_INDEX = _index_conventions(CONVENTIONS)
+_OFFSETS = sorted({offset for offset, _ in _INDEX})
+
+
+# --------------------------------------------------------------------------- rules
+
+RuleCallable = Callable[[str, nn.Parameter, nn.Module], Union[Role, str, None]]
+#: What ``rules=`` accepts: a mapping ``{pattern: role}`` or a sequence of ``(pattern, role)`` pairs
+#: and callables ``(name, param, module) -> Role | None``. A pattern is a glob (``str``) or a
+#: compiled regular expression (searched).
+RuleSpec = Union[Mapping[Union[str, "re.Pattern[str]"], Union[Role, str]], Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    description: str
+    pattern: str | re.Pattern[str] | None
+    role: Role | None
+    func: RuleCallable | None
+
+    def apply(self, name: str, canon: str, param: nn.Parameter, module: nn.Module) -> Role | None:
+        if self.func is not None:
+            out = self.func(name, param, module)
+            return None if out is None else Role.coerce(out)
+        return self.role if match_pattern(self.pattern, name, canon) else None
+
+
+def match_pattern(pattern: str | re.Pattern[str] | None, name: str, canon: str) -> bool:
+    """Glob (``str``, full match) or regex (``re.Pattern``, search) on the name or its canonical form."""
+    if isinstance(pattern, re.Pattern):
+        return bool(pattern.search(name) or pattern.search(canon))
+    if isinstance(pattern, str):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(canon, pattern)
+    return False
+
+
+def normalize_rules(rules: RuleSpec | None) -> list[_Rule]:
+    """Validate ``rules=`` and turn it into a list of rules, raising LoraPlusError on bad input."""
+    if rules is None:
+        return []
+    items: list[Any]
+    if isinstance(rules, Mapping):
+        items = list(rules.items())
+    elif isinstance(rules, (str, bytes, re.Pattern)) or callable(rules):
+        items = [rules]
+    else:
+        try:
+            items = list(rules)
+        except TypeError:
+            raise LoraPlusError(
+                f"rules must be a mapping {{pattern: role}} or a list of (pattern, role) pairs and callables, "
+                f"got {type(rules).__name__}"
+            ) from None
+    out: list[_Rule] = []
+    for item in items:
+        if callable(item) and not isinstance(item, (str, re.Pattern, Role)):
+            desc = getattr(item, "__qualname__", None) or repr(item)
+            out.append(_Rule(f"rule {desc}", None, None, item))
+            continue
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise LoraPlusError(
+                f"cannot use {item!r} as a rule: give (pattern, role) pairs, e.g. ('*.my_up', loraplus.Role.B), "
+                "or a callable (name, param, module) -> Role | None"
+            )
+        pattern, role = item
+        if not isinstance(pattern, (str, re.Pattern)):
+            raise LoraPlusError(
+                f"a rule's pattern must be a glob string or a compiled regex, got {type(pattern).__name__}: {pattern!r}"
+            )
+        shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+        out.append(_Rule(f"rule {shown!r}", pattern, Role.coerce(role), None))
+    return out
+
+
+# --------------------------------------------------------------------------- labelling
+
+
+@dataclass(frozen=True)
+class Label:
+    """The outcome of labelling one trainable parameter."""
+
+    name: str
+    param: nn.Parameter
+    role: Role
+    family: str | None
+    source: str
+    module: nn.Module
+
+
+def canonical_name(name: str) -> str:
+    """Drop wrapper segments (FSDP1, checkpointing, compile) and a leading DDP/DeepSpeed ``module.``."""
+    segs = [s for s in name.split(".") if s not in WRAPPER_SEGMENTS]
+    while len(segs) > 1 and segs[0] == "module":
+        segs = segs[1:]
+    return ".".join(segs)
+
+
+def _kept_segments(name: str) -> tuple[list[str], list[int]]:
+    segs = name.split(".")
+    kept = [i for i, s in enumerate(segs) if s not in WRAPPER_SEGMENTS]
+    return [segs[i] for i in kept], kept
+
+
+def _has_attr(module: nn.Module | None, attr: str) -> bool:
+    if module is None:
+        return False
+    return attr in module._modules or attr in module._parameters or attr in module._buffers
+
+
+def match_convention(
+    name: str, modules: Mapping[str, nn.Module], conventions_index: Mapping[tuple[int, str], list[Convention]] = _INDEX
+) -> Convention | None:
+    """The first (longest) convention whose trailing pattern matches ``name``."""
+    segs, kept = _kept_segments(name)
+    n = len(segs)
+    best: Convention | None = None
+    for offset in _OFFSETS:
+        if offset >= n:
+            break
+        for conv in conventions_index.get((offset, segs[n - 1 - offset]), ()):
+            k = len(conv.pattern)
+            if k > n or (best is not None and len(best.pattern) >= k):
+                continue
+            tail = segs[n - k :]
+            if all(p == "*" or p == s for p, s in zip(conv.pattern, tail)):
+                if conv.sibling is not None:
+                    start = kept[n - k]
+                    parent = ".".join(name.split(".")[:start])
+                    if not _has_attr(modules.get(parent), conv.sibling):
+                        continue
+                best = conv
+    return best
+
+
+def _host_module(name: str, modules: Mapping[str, nn.Module]) -> nn.Module | None:
+    """The layer a factor adapts: the module before ``.parametrizations`` (minLoRA), else the owner."""
+    segs = name.split(".")
+    if "parametrizations" in segs:
+        i = segs.index("parametrizations")
+        return modules.get(".".join(segs[:i]))
+    return modules.get(".".join(segs[:-1]))
+
+
+def _declared_roles(
+    modules: Mapping[str, nn.Module],
+) -> dict[int, tuple[Role, str | None, str]]:
+    """Roles declared by modules (protocol) and by known library module types, keyed by id(param).
+
+    Returns ``{id(param): (role, family, source)}``; declared roles win over library types,
+    and a deeper module's declaration wins over an outer one.
+    """
+    declared: dict[int, tuple[Role, str | None, str]] = {}
+    by_type: dict[int, tuple[Role, str | None, str]] = {}
+    # deeper modules later, so their declarations overwrite outer ones
+    for prefix, module in sorted(modules.items(), key=lambda kv: kv[0].count(".") + bool(kv[0])):
+        cls = type(module)
+        if callable(getattr(cls, "loraplus_roles", None)):
+            table = module.loraplus_roles()
+            if not isinstance(table, Mapping):
+                raise LoraPlusError(
+                    f"{cls.__qualname__}.loraplus_roles() at {prefix or '<root>'!r} must return a mapping "
+                    f"{{parameter name: Role}}, got {type(table).__name__}"
+                )
+            for local, role in table.items():
+                try:
+                    param = module.get_parameter(local)
+                except AttributeError:
+                    raise LoraPlusError(
+                        f"{cls.__qualname__}.loraplus_roles() at {prefix or '<root>'!r} names {local!r}, "
+                        "which is not a parameter of that module"
+                    ) from None
+                declared[id(param)] = (Role.coerce(role), None, f"declared by {cls.__name__}.loraplus_roles()")
+            continue
+        modname = cls.__module__ or ""
+        if modname.startswith("peft.") and isinstance(getattr(cls, "adapter_layer_names", None), tuple):
+            for attr in module.adapter_layer_names:
+                hit = _PEFT_LAYER_ROLES.get(attr)
+                sub = module._modules.get(attr)
+                if hit is None or sub is None:
+                    continue
+                for _, p in sub.named_parameters():
+                    by_type[id(p)] = (hit[0], hit[1], f"PEFT {cls.__name__}.{attr}")
+        elif modname.startswith("torchtune.") and callable(getattr(cls, "adapter_params", None)):
+            for local in module.adapter_params():
+                hit = _TORCHTUNE_ROLES.get(local.split(".")[0])
+                if hit is not None:
+                    by_type[id(module.get_parameter(local))] = (hit[0], hit[1], f"torchtune {cls.__name__}")
+        elif modname.startswith("loralib."):
+            for attr, hit in _LORALIB_ROLES.items():
+                p = module._parameters.get(attr)
+                if p is not None:
+                    by_type[id(p)] = (hit[0], hit[1], f"loralib {cls.__name__}")
+    by_type.update(declared)
+    return by_type
+
+
+def named_modules_map(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def label_parameters(
+    model: nn.Module,
+    rules: RuleSpec | None = None,
+    *,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> list[Label]:
+    """Label every trainable parameter of ``model`` (each tensor once, in ``named_parameters`` order).
+
+    Precedence: user ``rules`` > modules' declared roles (``loraplus_roles()``) > known library
+    module types > the :data:`CONVENTIONS` name table > :attr:`Role.OTHER`.
+    """
+    if not isinstance(model, nn.Module):
+        raise LoraPlusError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    user_rules = normalize_rules(rules)
+    if modules is None:
+        modules = named_modules_map(model)
+    typed = _declared_roles(modules)
+    labels: list[Label] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner = modules.get(name.rpartition(".")[0])
+        if owner is None:
+            owner = model
+        canon = canonical_name(name)
+        role: Role | None = None
+        family: str | None = None
+        source = ""
+        if user_rules:
+            hits = [(r, r.apply(name, canon, param, owner)) for r in user_rules]
+            hits = [(r, role_) for r, role_ in hits if role_ is not None]
+            if hits:
+                roles = {role_ for _, role_ in hits}
+                if len(roles) > 1:
+                    shown = "; ".join(f"{r.description} -> {role_.value}" for r, role_ in hits)
+                    raise LoraPlusError(
+                        f"parameter {name!r} is matched by user rules with different roles ({shown}); "
+                        "make the rules disjoint"
+                    )
+                role, source = hits[0][1], hits[0][0].description
+        if role is None:
+            hit = typed.get(id(param))
+            if hit is not None:
+                role, family, source = hit
+        if role is None:
+            conv = match_convention(name, modules)
+            if conv is not None:
+                role, family, source = conv.role, conv.family, f"name {conv.describe()}"
+        if role is None:
+            role, source = Role.OTHER, "not an adapter factor"
+        elif role in (Role.A, Role.B) and not source.startswith(("rule", "declared")):
+            if isinstance(_host_module(name, modules), nn.Embedding):
+                role = Role.EMBEDDING_A if role is Role.A else Role.EMBEDDING_B
+                source += " on an nn.Embedding"
+        labels.append(Label(name, param, role, family, source, owner))
+    return labels
+
+
+def classify(model: nn.Module, rules: RuleSpec | None = None) -> dict[str, Role]:
+    """Map every trainable parameter name of ``model`` to its :class:`Role`.
+
+    Frozen parameters are left out; tied tensors appear once, under their first name.
+    ``rules`` are the same as :func:`loraplus.param_groups`'s.
+
+    Example:
+        >>> import loraplus
+        >>> roles = loraplus.classify(loraplus.testing.tiny_lora_model())
+        >>> roles["layers.0.lora_A.default.weight"], roles["layers.0.lora_B.default.weight"], roles["head.bias"]
+        (<Role.A: 'A'>, <Role.B: 'B'>, <Role.OTHER: 'other'>)
+    """
+    return {lab.name: lab.role for lab in label_parameters(model, rules)}
+
+
+# --------------------------------------------------------------------------- weight decay
+
+_NORM_CLASS = re.compile(r"Norm(\d*d)?$")
+_NORM_TYPES: tuple[type, ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+_NORM_SEGMENT = re.compile(r"(norm(?!al)|^ln(_|\d|$)|_ln(_|\d|$))")
+
+
+def default_no_decay(label: Label) -> bool:
+    """Whether a parameter is exempt from weight decay by default.
+
+    Biases, normalisation weights (any torch norm layer, any class whose name ends in
+    ``Norm``, names such as ``norm``, ``layernorm``, ``ln_f``) and DoRA magnitudes.
+    """
+    if label.role is Role.MAGNITUDE:
+        return True
+    owner = label.module
+    if isinstance(owner, _NORM_TYPES) or _NORM_CLASS.search(type(owner).__name__):
+        return True
+    segs = canonical_name(label.name).split(".")
+    for seg in segs[-3:]:
+        low = seg.lower()
+        if low == "bias" or low.endswith("_bias"):
+            return True
+    for seg in segs[-2:]:
+        if _NORM_SEGMENT.search(seg.lower()):
+            return True
+    return False
+
+
+NoDecaySpec = Union[str, "re.Pattern[str]", Callable[[str, nn.Parameter, nn.Module], Union[bool, None]]]
+
+
+def normalize_no_decay(no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None) -> list[NoDecaySpec]:
+    if no_decay is None:
+        return []
+    if isinstance(no_decay, (str, re.Pattern)) or callable(no_decay):
+        items = [no_decay]
+    else:
+        try:
+            items = list(no_decay)
+        except TypeError:
+            raise LoraPlusError(
+                f"no_decay must be a glob, a compiled regex, a callable or a list of them, got {type(no_decay).__name__}"
+            ) from None
+    for item in items:
+        if not (isinstance(item, (str, re.Pattern)) or callable(item)):
+            raise LoraPlusError(
+                f"no_decay entries must be globs, compiled regexes or callables "
+                f"(name, param, module) -> bool | None, got {item!r}"
+            )
+    return items
+
+
+def is_no_decay(label: Label, user: Sequence[NoDecaySpec]) -> bool:
+    """User ``no_decay`` rules first (a callable may return False to force decay), then the default."""
+    canon = canonical_name(label.name)
+    for item in user:
+        if isinstance(item, (str, re.Pattern)):
+            if match_pattern(item, label.name, canon):
+                return True
+        else:
+            out = item(label.name, label.param, label.module)
+            if out is not None:
+                return bool(out)
+    return default_no_decay(label)
+
