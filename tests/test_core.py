@@ -1,0 +1,541 @@
+"""Core behaviour: labelling, grouping, the factory, explain, and every error."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import loraplus
+from loraplus import LoraPlus, LoraPlusError, Role, classify, explain, param_groups
+from loraplus._roles import label_parameters
+from loraplus.testing import assert_loraplus_groups, build_model, lora_models, tiny_lora_model
+
+# --------------------------------------------------------------------------- properties over generated models
+
+
+@given(lora_models())
+def test_classify_matches_ground_truth(gen):
+    assert classify(gen.model) == gen.expected
+
+
+@given(lora_models(), st.sampled_from([1.0, 2.0, 4.0, 16.0, 3.5]), st.sampled_from([None, 0.0, 0.01]))
+def test_groups_are_sound(gen, ratio, wd):
+    model = gen.model
+    opt = LoraPlus(torch.optim.AdamW, model, ratio, lr=1e-3, weight_decay=wd)
+    assert_loraplus_groups(opt, model, ratio=ratio, lr=1e-3, weight_decay=wd, expected_roles=gen.expected)
+    # every trainable parameter exactly once, no frozen one, no empty group
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(gen.expected)
+    assert all(g["params"] for g in opt.param_groups)
+    # lr(B)/lr(A) is the ratio exactly
+    lrs = {g["role"]: g["lr"] for g in opt.param_groups}
+    if "A" in lrs:
+        assert lrs["B"] == ratio * lrs["A"]
+
+
+@given(lora_models())
+def test_grouping_is_deterministic_and_model_unchanged(gen):
+    model = gen.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = (len(model._forward_hooks), len(model._forward_pre_hooks))
+    first = param_groups(model, lr=1e-3, ratio=8, weight_decay=0.1)
+    second = param_groups(copy.deepcopy(model), lr=1e-3, ratio=8, weight_decay=0.1)
+    strip = lambda gs: [{k: v for k, v in g.items() if k != "params"} for g in gs]  # noqa: E731
+    assert strip(first) == strip(second)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert hooks == (len(model._forward_hooks), len(model._forward_pre_hooks))
+
+
+def test_group_order_and_names():
+    model = build_model(
+        [
+            {"conv": "peft_dora", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": True},
+            {"conv": "peft_embedding", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False},
+        ]
+    ).model
+    groups = param_groups(model, lr=1.0, ratio=4, weight_decay=0.5)
+    assert [g["name"] for g in groups] == [
+        "A",
+        "B",
+        "B.no_decay",
+        "embedding_A",
+        "embedding_B",
+        "magnitude.no_decay",
+        "other",
+        "other.no_decay",
+    ]
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["B.no_decay"]["param_names"] == ["layers.0.lora_B.default.bias"]
+    assert by_name["B.no_decay"]["lr"] == 4.0 and by_name["B.no_decay"]["weight_decay"] == 0.0
+    assert by_name["embedding_A"]["lr"] == 1.0 and by_name["embedding_B"]["lr"] == 1.0
+    assert by_name["magnitude.no_decay"]["lr"] == 1.0
+    assert by_name["other"]["weight_decay"] == 0.5
+
+
+# --------------------------------------------------------------------------- reference comparisons
+
+
+def _train(model, opt, steps=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=g)
+        y = torch.randint(0, 2, (16,), generator=g)
+        # give B a non-zero start so A's gradient is not zero
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _nonzero_b(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_matches_hand_written_groups_bit_for_bit(foreach):
+    m1 = _nonzero_b(tiny_lora_model())
+    m2 = copy.deepcopy(m1)
+    opt1 = LoraPlus(torch.optim.AdamW, m1, 16, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99), foreach=foreach)
+    named = dict(m2.named_parameters())
+    a = [p for n, p in named.items() if ".lora_A." in n]
+    b = [p for n, p in named.items() if ".lora_B." in n]
+    hand = [
+        {"params": a, "lr": 1e-3, "weight_decay": 0.01},
+        {"params": b, "lr": 16e-3, "weight_decay": 0.01},
+        {"params": [named["head.weight"]], "lr": 1e-3, "weight_decay": 0.01},
+        {"params": [named["norm.weight"], named["norm.bias"], named["head.bias"]], "lr": 1e-3, "weight_decay": 0.0},
+    ]
+    opt2 = torch.optim.AdamW(hand, lr=1e-3, betas=(0.9, 0.99), foreach=foreach)
+    s1, s2 = _train(m1, opt1), _train(m2, opt2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not torch.equal(s1["layers.0.lora_B.default.weight"], tiny_lora_model().state_dict()["layers.0.lora_B.default.weight"])
+
+
+def test_ratio_one_equals_plain_adamw_bit_for_bit():
+    m1 = _nonzero_b(tiny_lora_model())
+    m2 = copy.deepcopy(m1)
+    opt1 = LoraPlus(torch.optim.AdamW, m1, 1.0, lr=1e-3, weight_decay=0.0)
+    opt2 = torch.optim.AdamW([p for p in m2.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    s1, s2 = _train(m1, opt1, steps=8), _train(m2, opt2, steps=8)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_b_moves_ratio_times_faster_on_first_adam_step():
+    m1 = _nonzero_b(tiny_lora_model())
+    m16 = copy.deepcopy(m1)
+    start = {k: v.clone() for k, v in m1.state_dict().items()}
+    s1 = _train(m1, LoraPlus(torch.optim.Adam, m1, 1.0, lr=1e-4), steps=1)
+    s16 = _train(m16, LoraPlus(torch.optim.Adam, m16, 16.0, lr=1e-4), steps=1)
+    key_b, key_a = "layers.1.lora_B.default.weight", "layers.1.lora_A.default.weight"
+    d1, d16 = s1[key_b] - start[key_b], s16[key_b] - start[key_b]
+    assert torch.allclose(d16, 16 * d1, rtol=1e-3, atol=1e-9)
+    assert torch.allclose(s16[key_a] - start[key_a], s1[key_a] - start[key_a], rtol=1e-3, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+def test_returns_genuine_instance_and_passes_kwargs_through():
+    model = tiny_lora_model()
+    opt = LoraPlus(torch.optim.AdamW, model, lr=2e-4, betas=(0.8, 0.95), eps=1e-6, amsgrad=True)
+    assert type(opt) is torch.optim.AdamW
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 and g["amsgrad"] for g in opt.param_groups)
+    assert opt.defaults["lr"] == 2e-4
+    assert {g["role"]: g["lr"] for g in opt.param_groups}["B"] == loraplus.DEFAULT_RATIO * 2e-4
+
+
+def test_accepts_partial_factories():
+    model = tiny_lora_model()
+    factory = functools.partial(torch.optim.SGD, momentum=0.9)
+    opt = LoraPlus(factory, model, 4, lr=0.1)
+    assert isinstance(opt, torch.optim.SGD)
+    assert_loraplus_groups(opt, model, ratio=4, lr=0.1)
+    assert all(g["momentum"] == 0.9 for g in opt.param_groups)
+
+
+def test_role_lr_and_lr_embedding_overrides():
+    model = build_model(
+        [
+            {"conv": "peft_dora", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False},
+            {"conv": "peft_embedding", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False},
+        ]
+    ).model
+    groups = param_groups(model, lr=1e-3, ratio=8, lr_embedding=5e-4, role_lr={Role.MAGNITUDE: 2e-3, "other": 1e-5})
+    lrs = {g["role"]: g["lr"] for g in groups}
+    assert lrs == {
+        "A": 1e-3,
+        "B": 8e-3,
+        "embedding_A": 5e-4,
+        "embedding_B": 5e-4,
+        "magnitude": 2e-3,
+        "other": 1e-5,
+    }
+
+
+def test_weight_decay_none_leaves_optimizer_default():
+    model = tiny_lora_model()
+    opt = LoraPlus(torch.optim.AdamW, model, lr=1e-3)
+    wds = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert wds == {"A": 0.01, "B": 0.01, "other": 0.01, "other.no_decay": 0.0}  # AdamW's default 1e-2
+
+
+# --------------------------------------------------------------------------- rules and the declared protocol
+
+
+def test_user_rules_glob_regex_callable_and_precedence():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(4, 4).requires_grad_(False)
+            self.p_in = nn.Parameter(torch.zeros(2, 4))
+            self.p_out = nn.Parameter(torch.zeros(4, 2))
+            self.lora_A = nn.Parameter(torch.zeros(2, 4))  # would be A by convention
+            self.gate = nn.Parameter(torch.zeros(4))
+
+    model = nn.Sequential(Custom())
+    with pytest.raises(LoraPlusError, match="found A factors but no B"):
+        classify(model) and param_groups(model, lr=1.0)
+    rules = [
+        ("*.p_in", Role.A),
+        (re.compile(r"p_out$"), "B"),
+        lambda name, p, m: Role.OTHER if name.endswith("lora_A") else None,
+    ]
+    roles = classify(model, rules=rules)
+    assert roles == {"0.p_in": Role.A, "0.p_out": Role.B, "0.lora_A": Role.OTHER, "0.gate": Role.OTHER}
+    assert classify(model, rules={"*.gate": Role.MAGNITUDE})["0.gate"] is Role.MAGNITUDE
+
+
+def test_conflicting_user_rules_raise():
+    model = tiny_lora_model()
+    with pytest.raises(LoraPlusError, match=r"matched by user rules with different roles.*'\*lora_A\*' -> A.*-> B"):
+        classify(model, rules=[("*lora_A*", Role.A), ("layers.0.*", Role.B)])
+    # agreeing rules are fine
+    classify(model, rules=[("*lora_A*", Role.A), ("layers.*.lora_A.*", "a")])
+
+
+def test_declared_protocol_wins_over_names():
+    class Swapped(nn.Module):
+        """Names that look like PEFT but mean the opposite; the module says so."""
+
+        def __init__(self):
+            super().__init__()
+            self.lora_A = nn.Parameter(torch.zeros(4, 2))
+            self.lora_B = nn.Parameter(torch.zeros(2, 4))
+
+        def loraplus_roles(self):
+            return {"lora_A": Role.B, "lora_B": "A"}
+
+    roles = classify(nn.Sequential(Swapped()))
+    assert roles == {"0.lora_A": Role.B, "0.lora_B": Role.A}
+    # but user rules win over the declaration
+    assert classify(nn.Sequential(Swapped()), rules={"0.lora_A": Role.A, "0.lora_B": Role.B})["0.lora_A"] is Role.A
+
+
+def test_declared_protocol_bad_declarations():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+        def loraplus_roles(self):
+            return {"nope": Role.A}
+
+    with pytest.raises(LoraPlusError, match=r"Bad.loraplus_roles\(\) at '0' names 'nope', which is not a parameter"):
+        classify(nn.Sequential(Bad()))
+
+    class Bad2(Bad):
+        def loraplus_roles(self):
+            return ["w"]
+
+    with pytest.raises(LoraPlusError, match="must return a mapping"):
+        classify(nn.Sequential(Bad2()))
+
+    class Bad3(Bad):
+        def loraplus_roles(self):
+            return {"w": "Q"}
+
+    with pytest.raises(LoraPlusError, match="unknown role 'Q'"):
+        classify(nn.Sequential(Bad3()))
+
+
+# --------------------------------------------------------------------------- the name table
+
+
+class _Holder(nn.Module):
+    """Builds a module tree whose parameter names are exactly the given dotted names."""
+
+    def __init__(self, names):
+        super().__init__()
+        for name in names:
+            *path, leaf = name.split(".")
+            mod = self
+            for seg in path:
+                if seg not in mod._modules:
+                    mod.add_module(seg, nn.Module())
+                mod = mod._modules[seg]
+            mod.register_parameter(leaf, nn.Parameter(torch.zeros(2, 2)))
+
+
+@pytest.mark.parametrize(
+    "name, role",
+    [
+        ("base_model.model.layers.0.q_proj.lora_A.default.weight", Role.A),
+        ("base_model.model.layers.0.q_proj.lora_B.default_0.weight", Role.B),
+        ("base_model.model.layers.0.q_proj.lora_B.my_task.bias", Role.B),
+        ("base_model.model.embed.lora_embedding_A.default", Role.EMBEDDING_A),
+        ("base_model.model.embed.lora_embedding_B.default", Role.EMBEDDING_B),
+        ("layers.0.q.lora_magnitude_vector.default.weight", Role.MAGNITUDE),
+        ("h.0.attn.c_attn.lora_A", Role.A),
+        ("h.0.attn.c_attn.lora_B", Role.B),
+        ("layers.0.attn.q_proj.lora_a.weight", Role.A),
+        ("layers.0.attn.q_proj.lora_b.weight", Role.B),
+        ("unet.down_blocks.0.attn.to_q.lora_down.weight", Role.A),
+        ("unet.up_blocks.1.attn.to_q.lora_up.weight", Role.B),
+        ("layers.0.mlp.lora_right_weight", Role.A),
+        ("layers.0.mlp.lora_left_weight", Role.B),
+        ("model.layers.0.adapter.weight_magnitude", Role.MAGNITUDE),
+        ("q.hada_w1_a.default", Role.B),
+        ("q.hada_w1_b.default", Role.A),
+        ("q.vera_lambda_b.default", Role.B),
+        ("q.vera_lambda_d.default", Role.A),
+        # wrappers, anywhere
+        ("module._fsdp_wrapped_module.layers.0.q.lora_A.default._fsdp_wrapped_module.weight", Role.A),
+        ("_orig_mod.layers.0._checkpoint_wrapped_module.q.lora_B.default.weight", Role.B),
+        # trailing segments, never substrings
+        ("unet.down_blocks.0.resnets.0.conv1.weight", Role.OTHER),
+        ("unet.up_blocks.0.attentions.0.proj.weight", Role.OTHER),
+        ("layers.0.q.lora_down_a.weight", Role.OTHER),
+        ("layers.0.q.lora_Bx.default.weight", Role.OTHER),
+        ("my_lora_B", Role.OTHER),
+        ("blocks.0.mlp.up.weight", Role.OTHER),  # `up` without a `down` sibling
+        ("layers.0.magnitude", Role.OTHER),  # torchtune's magnitude only next to lora_a
+    ],
+)
+def test_conventions_table(name, role):
+    labels = {lab.name: lab.role for lab in label_parameters(_Holder([name]))}
+    assert labels == {name: role}
+
+
+def test_sibling_conventions():
+    roles = classify(_Holder(["att.to_q_lora.down.weight", "att.to_q_lora.up.weight"]))
+    assert roles == {"att.to_q_lora.down.weight": Role.A, "att.to_q_lora.up.weight": Role.B}
+    roles = classify(_Holder(["ad.linear_in.weight", "ad.linear_out.weight"]))
+    assert roles == {"ad.linear_in.weight": Role.A, "ad.linear_out.weight": Role.B}
+    roles = classify(_Holder(["q.lora_a.weight", "q.lora_b.weight", "q.magnitude"]))
+    assert roles["q.magnitude"] is Role.MAGNITUDE
+
+
+def test_tied_parameters_appear_once():
+    gen = build_model(
+        [{"conv": "peft", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}],
+        tie_head=True,
+    )
+    groups = param_groups(gen.model, lr=1.0)
+    names = [n for g in groups for n in g["param_names"]]
+    assert "head.weight" in names and "lm_head.weight" not in names
+    assert len(names) == len(set(names))
+
+
+# --------------------------------------------------------------------------- weight decay defaults
+
+
+def test_default_no_decay_biases_norms_magnitudes():
+    class LlamaRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    root = tiny_lora_model()
+    root.rms = LlamaRMSNorm()
+    root.ln_f = nn.Module()
+    root.ln_f.weight = nn.Parameter(torch.ones(4))
+    root.input_layernorm = nn.Module()
+    root.input_layernorm.scale = nn.Parameter(torch.ones(4))
+    root.torch_rms = nn.RMSNorm(4)
+    root.gn = nn.GroupNorm(2, 4)
+    root.q_bias = nn.Parameter(torch.zeros(4))
+    root.normal_head = nn.Linear(4, 4, bias=False)  # "normal" is not a norm
+    groups = {g["name"]: g["param_names"] for g in param_groups(root, lr=1.0, weight_decay=0.1)}
+    assert set(groups["other.no_decay"]) == {
+        "norm.weight",
+        "norm.bias",
+        "head.bias",
+        "rms.weight",
+        "ln_f.weight",
+        "input_layernorm.scale",
+        "torch_rms.weight",
+        "gn.weight",
+        "gn.bias",
+        "q_bias",
+    }
+    assert set(groups["other"]) == {"head.weight", "normal_head.weight"}
+
+
+def test_user_no_decay_rules():
+    model = tiny_lora_model()
+    groups = param_groups(
+        model,
+        lr=1.0,
+        weight_decay=0.1,
+        no_decay=["*.lora_A.*", lambda name, p, m: False if name == "head.bias" else None],
+    )
+    names = {g["name"]: g["param_names"] for g in groups}
+    assert names["A.no_decay"] == ["layers.0.lora_A.default.weight", "layers.1.lora_A.default.weight"]
+    assert "head.bias" in names["other"]
+    with pytest.raises(LoraPlusError, match="no_decay entries must be"):
+        param_groups(model, lr=1.0, no_decay=[3])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": "1e-4"}, r"lr must be a number, got the string '1e-4'.*float\('1e-4'\)"),
+        ({"lr": 0.0}, "lr must be positive, got 0.0"),
+        ({"lr": -1e-3}, "lr must be positive"),
+        ({"lr": float("nan")}, "lr must be finite"),
+        ({"lr": True}, "lr must be a real number, got bool"),
+        ({"lr": 1e-3, "ratio": float("inf")}, "ratio must be finite"),
+        ({"lr": 1e-3, "ratio": 0}, "ratio must be positive"),
+        ({"lr": 1e-3, "ratio": "16"}, "ratio must be a number, got the string '16'"),
+        ({"lr": 1e-3, "lr_embedding": "1e-6"}, "lr_embedding must be a number"),
+        ({"lr": 1e-3, "weight_decay": -0.1}, "weight_decay must be non-negative"),
+        ({"lr": 1e-3, "role_lr": {"B": "1"}}, r"role_lr\['B'\] must be a number"),
+        ({"lr": 1e-3, "role_lr": {"beta": 1.0}}, "unknown role 'beta'"),
+        ({"lr": 1e-3, "rules": [("x",)]}, r"cannot use \('x',\) as a rule"),
+        ({"lr": 1e-3, "rules": [(3, Role.A)]}, "a rule's pattern must be a glob string or a compiled regex"),
+        ({"lr": 1e-3, "rules": 5}, "rules must be a mapping"),
+    ],
+)
+def test_bad_options(kwargs, message):
+    with pytest.raises(LoraPlusError, match=message):
+        LoraPlus(torch.optim.AdamW, tiny_lora_model(), **kwargs)
+
+
+def test_ratio_below_one_warns():
+    with pytest.warns(UserWarning, match="ratio=0.5 < 1"):
+        groups = param_groups(tiny_lora_model(), lr=1.0, ratio=0.5)
+    assert {g["role"]: g["lr"] for g in groups}["B"] == 0.5
+
+
+def test_no_trainable_parameters():
+    model = tiny_lora_model().requires_grad_(False)
+    with pytest.raises(LoraPlusError, match="no trainable parameters"):
+        LoraPlus(torch.optim.AdamW, model, lr=1e-3)
+
+
+def test_no_adapters_found_says_what_was_found_and_how_to_fix():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(LoraPlusError) as err:
+        LoraPlus(torch.optim.AdamW, model, lr=1e-3)
+    msg = str(err.value)
+    assert "no LoRA adapter parameters found among 4 trainable tensors: other: 4" in msg
+    assert "First trainable names: 0.weight, 0.bias, 1.weight, 1.bias" in msg
+    assert "PEFT" in msg and "DeepSpeed-Chat" in msg and "NeMo" in msg and "rules=" in msg
+
+
+def test_a_without_b_and_the_reverse():
+    model = tiny_lora_model()
+    for p_name, p in model.named_parameters():
+        if ".lora_B." in p_name:
+            p.requires_grad_(False)
+    with pytest.raises(LoraPlusError, match=r"found A factors but no B factor \(A: 2, other: 4\)"):
+        LoraPlus(torch.optim.AdamW, model, lr=1e-3)
+    model = tiny_lora_model()
+    for p_name, p in model.named_parameters():
+        if ".lora_A." in p_name:
+            p.requires_grad_(False)
+    with pytest.raises(LoraPlusError, match="found B factors but no A factor"):
+        LoraPlus(torch.optim.AdamW, model, lr=1e-3)
+
+
+def test_lbfgs_rejected_before_building():
+    with pytest.raises(LoraPlusError, match="LBFGS does not support per-parameter options"):
+        LoraPlus(torch.optim.LBFGS, tiny_lora_model(), lr=1.0)
+    with pytest.raises(LoraPlusError, match="LBFGS does not support"):
+        LoraPlus(functools.partial(torch.optim.LBFGS, max_iter=3), tiny_lora_model(), lr=1.0)
+
+
+def test_global_lr_optimizers_warn():
+    from pytorch_optimizer import DAdaptAdam, Prodigy
+
+    for cls in (Prodigy, DAdaptAdam):
+        with pytest.warns(UserWarning, match=f"{cls.__name__} reads the learning rate of the first param group"):
+            LoraPlus(cls, tiny_lora_model(), lr=1.0)
+
+
+def test_optimizer_errors_get_context():
+    with pytest.raises(LoraPlusError, match=r"AdamW could not be built over the LoRA\+ groups \[A \(2 tensors\).*TypeError"):
+        LoraPlus(torch.optim.AdamW, tiny_lora_model(), lr=1e-3, not_an_option=1)
+    with pytest.raises(LoraPlusError, match="optimizer_cls must be an optimizer class"):
+        LoraPlus("AdamW", tiny_lora_model(), lr=1e-3)
+    with pytest.raises(LoraPlusError, match="do not pass params="):
+        LoraPlus(torch.optim.AdamW, tiny_lora_model(), lr=1e-3, params=[])
+    with pytest.raises(LoraPlusError, match="expected a torch.nn.Module, got dict"):
+        LoraPlus(torch.optim.AdamW, {}, lr=1e-3)
+
+
+def test_error_is_a_value_error():
+    assert issubclass(LoraPlusError, ValueError)
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_explain_model_and_optimizer():
+    model = tiny_lora_model()
+    text = explain(model, lr=2e-4, ratio=16, weight_decay=0.01, verbose=True)
+    assert "LoRA+ groups (ratio 16, lr 0.0002)" in text
+    assert re.search(r"^B\s+B\s+0\.0032\s+0\.01\s+2\s+32\s+layers\.0\.lora_B\.default\.weight$", text, re.M)
+    assert "tensors per role: A 2, B 2, other 4" in text
+    assert "frozen (not in the optimizer): 4 tensors" in text
+    assert re.search(r"^head\.bias\s+other\s+no\s+not an adapter factor$", text, re.M)
+    rel = explain(model, ratio=8)
+    assert re.search(r"^B\s+B\s+8·lr\s+default", rel, re.M)
+    opt = LoraPlus(torch.optim.AdamW, model, 16, lr=2e-4, weight_decay=0.01)
+    text = explain(opt, verbose=True)
+    assert text.startswith("AdamW param groups")
+    assert re.search(r"^B\s+B\s+0\.0032\s+0\.01\s+2\s+32", text, re.M)
+    with pytest.raises(LoraPlusError, match="explain\\(\\) takes a model or an optimizer"):
+        explain(42)
+
+
+def test_public_api_is_small():
+    assert set(loraplus.__all__) >= {"LoraPlus", "param_groups", "classify", "explain", "Role", "LoraPlusError"}
+    for name in loraplus.__all__:
+        assert hasattr(loraplus, name)
+    assert math.isfinite(loraplus.DEFAULT_RATIO)
+
+
+def test_no_heavy_imports_at_runtime():
+    import subprocess
+    import sys
+
+    code = "import sys, loraplus; bad = [m for m in ('transformers', 'peft', 'hypothesis') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_warnings_free_on_normal_use():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoraPlus(torch.optim.AdamW, tiny_lora_model(), 16, lr=1e-3, weight_decay=0.01)
