@@ -13,11 +13,13 @@ learning rate ``ratio`` times larger than its input-side factor A.
 from __future__ import annotations
 
 from . import testing
+from ._checkpoint import load_state_dict
 from ._errors import LoraPlusError
 from ._explain import explain
 from ._factory import LoraPlus
-from ._groups import DEFAULT_RATIO, param_groups
+from ._groups import DEFAULT_RATIO, param_groups, split_groups
 from ._roles import CONVENTIONS, Convention, Role, classify
+from ._schedulers import per_group
 
 __all__ = [
     "CONVENTIONS",
@@ -28,7 +30,10 @@ __all__ = [
     "Role",
     "classify",
     "explain",
+    "load_state_dict",
     "param_groups",
+    "per_group",
+    "split_groups",
     "testing",
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -23,7 +23,7 @@ from ._roles import (
     normalize_no_decay,
 )
 
-__all__ = ["DEFAULT_RATIO", "build_groups", "check_number", "param_groups", "role_lrs"]
+__all__ = ["DEFAULT_RATIO", "build_groups", "check_number", "param_groups", "role_lrs", "split_groups"]
 
 #: The default B/A learning-rate ratio λ (see docs/benchmarks.md for the measurements behind it).
 DEFAULT_RATIO = 16.0
@@ -243,3 +243,58 @@ def param_groups(
         rules=rules,
         no_decay=no_decay,
     )[1]
+
+
+def split_groups(
+    groups: Sequence[Mapping[str, Any]],
+    where: Callable[[str, Any], bool],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split LoRA+ param groups in two by a per-parameter test, for two optimizers side by side.
+
+    Each group is cut into the parameters for which ``where(name, param)`` is true and the
+    rest; both halves keep the group's ``role``, ``name``, ``lr`` and every other option, and
+    ``param_names`` stay aligned with ``params``. Empty halves are dropped. The typical use is
+    an optimizer restricted to some parameters — ``torch.optim.Muon`` takes only 2-D ones —
+    next to AdamW for the others, with both keeping the B/A ratio.
+
+    Args:
+        groups: param groups from :func:`param_groups` (or any groups carrying ``param_names``).
+        where: ``(name, param) -> bool``; true sends the parameter to the first list.
+
+    Returns:
+        ``(selected, rest)``: two lists of param groups, in the original group order.
+
+    Raises:
+        LoraPlusError: if a group has no ``param_names`` aligned with its ``params``.
+
+    Example:
+        >>> import torch, loraplus
+        >>> model = loraplus.testing.tiny_lora_model()
+        >>> groups = loraplus.param_groups(model, lr=0.02, ratio=4)
+        >>> matrices, rest = loraplus.split_groups(groups, lambda name, p: p.ndim == 2)
+        >>> [g["name"] for g in matrices], [g["name"] for g in rest]
+        (['A', 'B', 'other'], ['other.no_decay'])
+        >>> muon = torch.optim.Muon(matrices, lr=0.02)
+    """
+    selected: list[dict[str, Any]] = []
+    rest: list[dict[str, Any]] = []
+    for i, group in enumerate(groups):
+        params = list(group["params"])
+        names = list(group.get("param_names", ()))
+        if len(names) != len(params):
+            raise LoraPlusError(
+                f"group {i} ({group.get('name', '?')!r}) has {len(params)} params but {len(names)} param_names; "
+                "split_groups needs the names to decide: build the groups with loraplus.param_groups(model, ...)"
+            )
+        halves: tuple[dict[str, list[Any]], dict[str, list[Any]]] = (
+            {"params": [], "param_names": []},
+            {"params": [], "param_names": []},
+        )
+        for name, param in zip(names, params):
+            half = halves[0] if where(name, param) else halves[1]
+            half["params"].append(param)
+            half["param_names"].append(name)
+        for half, out in zip(halves, (selected, rest)):
+            if half["params"]:
+                out.append({**group, **half})
+    return selected, rest
