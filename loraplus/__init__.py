@@ -18,6 +18,7 @@ from ._errors import LoraPlusError
 from ._explain import explain
 from ._factory import LoraPlus
 from ._groups import DEFAULT_RATIO, param_groups, split_groups
+from ._monitor import Monitor
 from ._roles import CONVENTIONS, Convention, Role, classify
 from ._schedulers import per_group
 
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_RATIO",
     "LoraPlus",
     "LoraPlusError",
+    "Monitor",
     "Role",
     "classify",
     "explain",
