@@ -1,0 +1,307 @@
+"""LoRA+ param groups through ``deepspeed.initialize`` (ZeRO stages 0, 1, 2) on CPU, 2 gloo ranks.
+
+``deepspeed.initialize(model_parameters=loraplus.param_groups(...))`` with DeepSpeed's own
+AdamW (``"torch_adam": true``) and its ``WarmupDecayLR`` scheduler: each stage must keep one
+optimizer group per LoRA+ group (same order, ``role``/``name`` keys intact), give B
+``ratio`` × A's lr at every step of the schedule, and train exactly like a single-process
+torch AdamW driven by the same schedule. One spawn (127.0.0.1, a free port, a deadline) runs
+all three stages; the scheduler traps are pinned in-process on a plain optimizer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import loraplus  # noqa: E402
+from loraplus.testing import tiny_lora_model  # noqa: E402
+
+WORLD = 2
+STAGES = (0, 1, 2)
+STEPS = 4
+LR = 1e-2
+RATIO = 8.0
+WEIGHT_DECAY = 0.01
+MICRO_BATCH = 4
+PG_TIMEOUT_S = 60
+SPAWN_DEADLINE_S = 240
+
+
+def _model() -> nn.Module:
+    """The tiny PEFT-named model with B non-zero, so every factor moves from the first step."""
+    model = tiny_lora_model(d=8, r=2, layers=2, n_out=2, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.layers:
+            w = layer.lora_B["default"].weight
+            w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+    return model
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(WORLD * MICRO_BATCH, 8, generator=gen), torch.randn(WORLD * MICRO_BATCH, 2, generator=gen)
+
+
+def _groups(model: nn.Module) -> list[dict[str, Any]]:
+    return loraplus.param_groups(model, lr=LR, ratio=RATIO, weight_decay=WEIGHT_DECAY)
+
+
+def _schedule_params(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """WarmupDecayLR with per-group peaks (and floors): the way to keep the ratio (see below)."""
+    peaks = [g["lr"] for g in groups]
+    return {
+        "warmup_min_lr": [0.1 * p for p in peaks],
+        "warmup_max_lr": peaks,
+        "warmup_num_steps": 2,
+        "total_num_steps": STEPS + 1,
+        "warmup_type": "linear",
+    }
+
+
+def _config(stage: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY, "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": _schedule_params(groups)},
+        "zero_optimization": {"stage": stage},
+    }
+
+
+def _lrs(opt: Any) -> list[float]:
+    return [float(g["lr"]) for g in opt.param_groups]
+
+
+def _reference() -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """Single process, full batch, torch AdamW + DeepSpeed's scheduler class: the expected run."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    model = _model()
+    groups = _groups(model)
+    opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY)
+    sched = WarmupDecayLR(opt, **_schedule_params(groups))
+    x, y = _data()
+    lrs = []
+    for _ in range(STEPS):
+        lrs.append(_lrs(opt))
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+    return lrs, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- worker (runs in each rank)
+
+
+def _run_stage(stage: int, rank: int) -> dict[str, Any]:
+    import deepspeed
+
+    model = _model()
+    groups = _groups(model)
+    engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=groups, config=_config(stage, groups))
+    x, y = _data()
+    rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
+    info = [{k: v for k, v in g.items() if k in ("name", "role", "param_names")} for g in opt.param_groups]
+    lrs = []
+    for _ in range(STEPS):
+        lrs.append(_lrs(opt))
+        loss = nn.functional.mse_loss(engine(x[rows]), y[rows])
+        engine.backward(loss)
+        engine.step()  # also steps the scheduler
+    return {
+        "optimizer": type(opt).__name__,
+        "base_optimizer": type(getattr(opt, "optimizer", opt)).__name__,
+        "scheduler": type(sched).__name__,
+        "groups": info,
+        "lrs": lrs,
+        "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+    }
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    warnings.simplefilter("ignore")
+    os.environ.update(
+        {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank)}
+    )
+    os.environ.update({"LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD)})
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on 127.0.0.1
+    import logging
+
+    import deepspeed
+    import deepspeed.ops
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    # An empty table of compatible ops skips DeepSpeed's compiler probe and its JIT build of the
+    # shared-memory comm kernel (a C++ build: tens of seconds, needs a compiler); gloo carries
+    # every collective instead, which is what this test is about.
+    deepspeed.ops.__compatible_ops__ = {}
+    deepspeed.init_distributed(
+        dist_backend="gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
+    )
+    try:
+        for stage in STAGES:
+            try:
+                result: dict[str, Any] = _run_stage(stage, rank)
+            except Exception:
+                result = {"error": traceback.format_exc()}
+            torch.save(result, Path(outdir) / f"stage{stage}.rank{rank}.pt")
+            if "error" in result:
+                break
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
+    import torch.multiprocessing as mp
+
+    outdir = tmp_path_factory.mktemp("deepspeed")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"DeepSpeed workers did not finish within {SPAWN_DEADLINE_S} s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    out = {}
+    for stage in STAGES:
+        files = [outdir / f"stage{stage}.rank{r}.pt" for r in range(WORLD)]
+        out[stage] = [torch.load(f, weights_only=False) if f.exists() else {"error": "no result"} for f in files]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    return _reference()
+
+
+def _ok(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for rank, res in enumerate(results):
+        assert "error" not in res, f"rank {rank} failed:\n{res['error']}"
+    return results
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_groups_survive_initialize(runs, stage):
+    expected = [{k: g[k] for k in ("name", "role", "param_names")} for g in _groups(_model())]
+    for res in _ok(runs[stage]):
+        assert res["base_optimizer"] == "AdamW"
+        assert res["scheduler"] == "WarmupDecayLR"
+        # one DeepSpeed group per LoRA+ group, same order, extra keys kept (ZeRO 1/2 replace each
+        # group's params by one flat partition but keep the other keys)
+        assert res["groups"] == expected
+    if stage > 0:
+        assert _ok(runs[stage])[0]["optimizer"] == "DeepSpeedZeroOptimizer"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_per_group_lrs_follow_the_schedule_with_the_ratio_kept(runs, reference, stage):
+    ref_lrs, _ = reference
+    names = [g["role"] for g in _groups(_model())]
+    for res in _ok(runs[stage]):
+        assert len(res["lrs"]) == len(ref_lrs)
+        for got, want in zip(res["lrs"], ref_lrs):
+            assert got == pytest.approx(want, rel=1e-12)
+        for step in res["lrs"]:
+            by_role = dict(zip(names, step))
+            assert by_role["B"] == pytest.approx(RATIO * by_role["A"], rel=1e-12)
+            assert by_role["A"] > 0
+    assert len({tuple(s) for s in ref_lrs}) >= 3  # the schedule really changes the lrs
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_training_matches_single_process_torch_adamw(runs, reference, stage):
+    _, ref_params = reference
+    before = dict(_model().named_parameters())
+    results = _ok(runs[stage])
+    for rank, res in enumerate(results):
+        for name, ref in ref_params.items():
+            torch.testing.assert_close(res["params"][name], ref, rtol=1e-4, atol=1e-5, msg=f"stage {stage} rank {rank} {name}")
+            if before[name].requires_grad:
+                assert not torch.equal(ref, before[name].detach()), f"{name} did not move"
+    for name in ref_params:
+        assert torch.equal(results[0]["params"][name], results[1]["params"][name]), name
+
+
+# --------------------------------------------------------------------------- scheduler traps (in-process)
+
+
+def _plain_optimizer() -> torch.optim.Optimizer:
+    return loraplus.LoraPlus(torch.optim.AdamW, _model(), RATIO, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def _ratio(opt: torch.optim.Optimizer) -> float:
+    by_role = {g["role"]: g["lr"] for g in opt.param_groups}
+    if by_role["A"] == 0:  # a warmup starting at 0: both must be 0
+        assert by_role["B"] == 0, by_role
+        return RATIO
+    return by_role["B"] / by_role["A"]
+
+
+def test_trap_scalar_warmup_max_lr_sets_every_group_to_the_same_lr():
+    """DeepSpeed broadcasts a scalar ``warmup_max_lr`` to every group: LoRA+ is silently undone.
+    If this starts failing, DeepSpeed changed and docs/compatibility.md needs updating."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR, WarmupLR
+
+    for cls, extra in ((WarmupLR, {}), (WarmupDecayLR, {"total_num_steps": 10})):
+        opt = _plain_optimizer()
+        sched = cls(opt, warmup_min_lr=0.0, warmup_max_lr=LR, warmup_num_steps=2, **extra)
+        for _ in range(3):
+            sched.step()
+        assert _ratio(opt) == 1.0, cls.__name__
+
+
+def test_per_group_lists_or_the_default_keep_the_ratio():
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR, WarmupLR
+
+    opt = _plain_optimizer()
+    peaks = [g["lr"] for g in opt.param_groups]
+    sched = WarmupDecayLR(opt, total_num_steps=10, warmup_min_lr=0.0, warmup_max_lr=peaks, warmup_num_steps=2)
+    for _ in range(6):
+        sched.step()
+        assert _ratio(opt) == pytest.approx(RATIO, rel=1e-12)
+    # WarmupLR without warmup_max_lr reads the groups' own lrs as peaks
+    opt = _plain_optimizer()
+    sched = WarmupLR(opt, warmup_num_steps=3)
+    for _ in range(4):
+        sched.step()
+        assert _ratio(opt) == pytest.approx(RATIO, rel=1e-12)
+    # WarmupCosineLR scales each group's own lr
+    opt = _plain_optimizer()
+    sched = WarmupCosineLR(opt, total_num_steps=10, warmup_num_steps=2)
+    for _ in range(6):
+        sched.step()
+        assert _ratio(opt) == pytest.approx(RATIO, rel=1e-12)
