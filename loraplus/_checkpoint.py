@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ._errors import LoraPlusError
+from ._roles import canonical_name
 
 __all__ = ["load_state_dict"]
 
@@ -81,8 +82,12 @@ def _check_groups(saved_groups: Sequence[Mapping[str, Any]], groups: Sequence[Ma
         n_saved, n_now = len(s["params"]), len(g["params"])
         if n_saved != n_now:
             problems.append(f"{tag}: the checkpoint has {n_saved} parameters, the optimizer {n_now}")
-        if "param_names" in s and "param_names" in g and list(s["param_names"]) != list(g["param_names"]):
-            diff = _first_difference(list(s["param_names"]), list(g["param_names"]))
+        # canonical names: a checkpoint saved under DDP (module.), torch.compile (_orig_mod.) or FSDP1
+        # loads into the bare model and back
+        saved_names = [canonical_name(n) for n in s.get("param_names", ())]
+        names = [canonical_name(n) for n in g.get("param_names", ())]
+        if "param_names" in s and "param_names" in g and saved_names != names:
+            diff = _first_difference(saved_names, names)
             problems.append(f"{tag}: param_names differ at {diff}")
     return problems
 
@@ -113,7 +118,8 @@ def load_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, A
     ``torch.optim.Optimizer.load_state_dict`` matches saved state to parameters by position
     only: a checkpoint from another model, another LoRA rank or another grouping loads
     silently onto the wrong tensors (or fails much later). This checks, group by group, the
-    count, ``role``, ``name``, ``param_names`` (kept in the state dict since torch 2.6) and,
+    count, ``role``, ``name``, ``param_names`` (kept in the state dict since torch 2.6; wrapper
+    prefixes such as DDP's ``module.`` or torch.compile's ``_orig_mod.`` are ignored) and,
     for the per-parameter state entries that mirror the parameter (``exp_avg``,
     ``momentum_buffer``, …), the shapes — then calls ``optimizer.load_state_dict``.
     As with torch, the saved hyperparameters (``lr``, ``weight_decay``, …) replace the current ones.

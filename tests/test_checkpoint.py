@@ -1,0 +1,240 @@
+"""Checkpoint and resume: bitwise-identical continuation in a new process, and checked loading.
+
+The resumed half runs in a fresh Python process (``python tests/test_checkpoint.py resume …``),
+so nothing but the saved files carries over: model weights, optimizer state (with its LoRA+
+groups) and scheduler state.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler as S
+
+import loraplus
+from loraplus.testing import build_model, tiny_lora_model
+
+REPO = Path(__file__).resolve().parents[1]
+K, M = 3, 4  # steps before the checkpoint, steps after it
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "AdamW+OneCycleLR": {"cls": "AdamW", "kwargs": {"weight_decay": 0.01}, "sched": "onecycle"},
+    "SGD-nesterov+StepLR": {"cls": "SGD", "kwargs": {"momentum": 0.9, "nesterov": True}, "sched": "step"},
+    "Adafactor+LambdaLR": {"cls": "Adafactor", "kwargs": {}, "sched": "lambda"},
+}
+
+
+def _warmup(t: int) -> float:
+    return min(1.0, (t + 1) / 3)
+
+
+def build(config: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """Model, LoRA+ optimizer and scheduler; ``seed`` only sets the initial weights."""
+    spec = CONFIGS[config]
+    model = tiny_lora_model(d=16, r=4, seed=seed)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 7)
+        for layer in model.layers:
+            layer.lora_B["default"].weight.normal_(0, 0.1, generator=gen)
+    cls = getattr(torch.optim, spec["cls"])
+    opt = loraplus.LoraPlus(cls, model, ratio=8, lr=1e-2, **spec["kwargs"])
+    if spec["sched"] == "onecycle":
+        sched: Any = S.OneCycleLR(opt, max_lr=loraplus.per_group(opt, 2e-2), total_steps=K + M + 1)
+    elif spec["sched"] == "step":
+        sched = S.StepLR(opt, step_size=2, gamma=0.5)
+    else:
+        sched = S.LambdaLR(opt, _warmup)
+    return model, opt, sched
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, steps: range) -> None:
+    for t in steps:
+        gen = torch.Generator().manual_seed(1000 + t)  # the batch depends on the global step only
+        x, y = torch.randn(8, 16, generator=gen), torch.randn(8, 2, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+def resume(config: str, checkpoint: str, out: str) -> None:
+    """The new process: a fresh model (other initial weights), load everything, continue."""
+    torch.set_num_threads(1)
+    model, opt, sched = build(config, seed=123)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    loraplus.load_state_dict(opt, ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    train(model, opt, sched, range(K, K + M))
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out)
+
+
+def _assert_same_state(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], dict[str, Any], Path]]:
+    """For every config: the uninterrupted run, and the run resumed in ONE new process (torch imports once)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same threading as the resumed process
+    try:
+        finals = {}
+        for i, config in enumerate(CONFIGS):
+            model, opt, sched = build(config, seed=0)
+            train(model, opt, sched, range(K))
+            ckpt = tmp / f"ckpt{i}.pt"
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, ckpt)
+            train(model, opt, sched, range(K, K + M))  # the uninterrupted run
+            finals[config] = ({"model": model.state_dict(), "optimizer": opt.state_dict()}, ckpt)
+    finally:
+        torch.set_num_threads(before)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    jobs = [arg for i, config in enumerate(CONFIGS) for arg in (config, str(tmp / f"ckpt{i}.pt"), str(tmp / f"out{i}.pt"))]
+    proc = subprocess.run(
+        [sys.executable, __file__, "resume", *jobs], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {
+        config: (finals[config][0], torch.load(tmp / f"out{i}.pt", weights_only=True), finals[config][1])
+        for i, config in enumerate(CONFIGS)
+    }
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_resume_in_a_new_process_is_bitwise_identical(config: str, runs: dict) -> None:
+    uninterrupted, resumed, ckpt = runs[config]
+    saved_groups = torch.load(ckpt, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["name"] for g in saved_groups] == ["A", "B", "other", "other.no_decay"]
+    assert all(g["param_names"] for g in saved_groups), "param_names travel with the checkpoint"
+    for name, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], value), f"{name} differs after resume"
+    _assert_same_state(resumed["optimizer"], uninterrupted["optimizer"], "optimizer")
+    lrs = [g["lr"] for g in resumed["optimizer"]["param_groups"]]
+    assert lrs[1] == pytest.approx(8 * lrs[0]), "the LoRA+ ratio survives the resume"
+    b = "layers.0.lora_B.default.weight"
+    start = build(config, seed=123)[0].state_dict()[b]
+    assert not torch.equal(resumed["model"][b], start), "the resumed process really trained"
+
+
+# ------------------------------------------------------------------------- checked loading
+
+
+def _stepped(model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
+    opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=8, lr=1e-3, **kw)
+    x = torch.randn(2, model.layers[0].base_layer.in_features)
+    model(x).square().sum().backward()
+    opt.step()
+    return opt
+
+
+def _b_nonzero(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.lora_B["default"].weight.fill_(0.1)
+    return model
+
+
+def test_load_state_dict_accepts_its_own_state_and_restores_it() -> None:
+    model = _b_nonzero(tiny_lora_model())
+    saved = copy.deepcopy(_stepped(model).state_dict())
+    fresh = loraplus.LoraPlus(torch.optim.AdamW, copy.deepcopy(model), ratio=8, lr=1e-3)
+    loraplus.load_state_dict(fresh, saved)
+    _assert_same_state(fresh.state_dict(), saved, "optimizer")
+
+
+def test_other_lora_rank_torch_loads_silently_loraplus_refuses() -> None:
+    saved = _stepped(_b_nonzero(tiny_lora_model(r=2))).state_dict()
+    target = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(r=4), ratio=8, lr=1e-3)
+    copy.deepcopy(target).load_state_dict(saved)  # the trap: same names and counts, torch says nothing
+    with pytest.raises(loraplus.LoraPlusError, match=r"'layers.0.lora_A.default.weight' has shape \(4, 8\) but its saved 'exp_avg' has shape \(2, 8\)"):
+        loraplus.load_state_dict(target, saved)
+    assert not target.state, "nothing is loaded when the check fails"
+
+
+def _peft_model(adapter: str) -> nn.Module:
+    layer = {"conv": "peft", "d_in": 4, "d_out": 4, "r": 2, "adapters": [adapter], "lora_bias": False}
+    return build_model([layer, dict(layer)], head=False, norm=False, frozen_extra=False).model
+
+
+def test_other_adapter_names_torch_loads_silently_loraplus_refuses() -> None:
+    saved = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("default"), lr=1e-3).state_dict()
+    target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("task_x"), lr=1e-3)
+    copy.deepcopy(target).load_state_dict(saved)  # the trap
+    with pytest.raises(loraplus.LoraPlusError, match=r"group 0 \('A'\): param_names differ at position 0: saved 'layers.0.lora_A.default.weight', current 'layers.0.lora_A.task_x.weight'"):
+        loraplus.load_state_dict(target, saved)
+
+
+def test_more_layers_is_a_clear_count_mismatch() -> None:
+    saved = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(layers=2), lr=1e-3).state_dict()
+    target = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(layers=3), lr=1e-3)
+    with pytest.raises(loraplus.LoraPlusError, match=r"group 0 \('A'\): the checkpoint has 2 parameters, the optimizer 3"):
+        loraplus.load_state_dict(target, saved)
+
+
+def test_plain_optimizer_checkpoint_is_a_group_count_mismatch() -> None:
+    model = tiny_lora_model()
+    saved = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).state_dict()
+    target = loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3)
+    with pytest.raises(loraplus.LoraPlusError, match=r"checkpoint has 1 param groups \[\?: 8\] but the optimizer has 4 \[A: 2, B: 2, other: 1, other.no_decay: 3\]"):
+        loraplus.load_state_dict(target, saved)
+
+
+def test_role_mismatch_is_reported() -> None:
+    model = tiny_lora_model()
+    saved = copy.deepcopy(loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3).state_dict())
+    saved["param_groups"][1]["role"] = "A"
+    with pytest.raises(loraplus.LoraPlusError, match=r"group 1 \('B'\): saved role 'A', current role 'B'"):
+        loraplus.load_state_dict(loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3), saved)
+
+
+def test_wrapper_prefixes_do_not_count_as_a_mismatch() -> None:
+    """A checkpoint saved under DDP (module.) or torch.compile (_orig_mod.) loads into the bare model."""
+    model = _b_nonzero(tiny_lora_model())
+    wrapped = nn.Module()
+    wrapped.module = model
+    saved = _stepped(model).state_dict()
+    opt_wrapped = loraplus.LoraPlus(torch.optim.AdamW, wrapped, ratio=8, lr=1e-3)
+    assert opt_wrapped.param_groups[0]["param_names"][0].startswith("module.")
+    loraplus.load_state_dict(opt_wrapped, saved)
+    compiled = torch.compile(model)
+    loraplus.load_state_dict(loraplus.LoraPlus(torch.optim.AdamW, compiled, ratio=8, lr=1e-3), saved)
+
+
+@pytest.mark.parametrize("bad", [{}, {"model": {}}, [1, 2], None])
+def test_not_an_optimizer_state_dict(bad: Any) -> None:
+    opt = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(), lr=1e-3)
+    with pytest.raises(loraplus.LoraPlusError, match="expected an optimizer state dict"):
+        loraplus.load_state_dict(opt, bad)
+
+
+def test_not_an_optimizer() -> None:
+    with pytest.raises(loraplus.LoraPlusError, match="expected a torch optimizer"):
+        loraplus.load_state_dict(functools.partial(print), {"state": {}, "param_groups": []})
+
+
+if __name__ == "__main__" and len(sys.argv) >= 5 and sys.argv[1] == "resume":
+    args = sys.argv[2:]  # (config, checkpoint, out) triples
+    for j in range(0, len(args), 3):
+        resume(*args[j : j + 3])
