@@ -1,0 +1,259 @@
+"""LoraPlusTrainer: a transformers.Trainer with LoRA+ groups, on a tiny random Llama + PEFT LoRA (CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from torch.utils.data import Dataset
+
+import loraplus
+from loraplus import LoraPlusError, Role
+from loraplus.integrations.transformers import LoraPlusTrainer
+from loraplus.testing import assert_loraplus_groups
+
+LR = 1e-3
+RATIO = 8.0
+WEIGHT_DECAY = 0.05
+LR_EMBEDDING = 2e-4
+VOCAB = 32
+SEQ = 8
+
+
+def _model() -> torch.nn.Module:
+    """A 2-layer random Llama with LoRA on attention and embeddings, and trainable norm copies (no decay)."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["norm"])
+    model = peft.get_peft_model(base, lora)
+    with torch.no_grad():  # B = 0 at init would leave A without gradient on the first step
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+class _Tokens(Dataset):
+    def __init__(self, n: int = 16) -> None:
+        gen = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _args(out: Path, **overrides) -> transformers.TrainingArguments:
+    kw = dict(
+        output_dir=str(out),
+        learning_rate=LR,
+        weight_decay=WEIGHT_DECAY,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kw.update(overrides)
+    return transformers.TrainingArguments(**kw)
+
+
+def _trainer(out: Path, model=None, *, callbacks=None, **overrides) -> LoraPlusTrainer:
+    return LoraPlusTrainer(
+        model=_model() if model is None else model,
+        args=_args(out, **overrides),
+        train_dataset=_Tokens(),
+        callbacks=callbacks,
+        loraplus_ratio=RATIO,
+        loraplus_lr_embedding=LR_EMBEDDING,
+    )
+
+
+def _lrs(opt) -> dict[str, float]:
+    return {g["name"]: g["lr"] for g in opt.param_groups}
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- create_optimizer
+
+
+def test_create_optimizer_builds_loraplus_groups_from_training_arguments(tmp_path):
+    trainer = _trainer(tmp_path, adam_beta2=0.95, adam_epsilon=1e-6)
+    opt = trainer.create_optimizer()
+    assert type(opt) is torch.optim.AdamW  # optim="adamw_torch" (the default) picked as the Trainer does
+    assert opt is trainer.optimizer and trainer.create_optimizer() is opt  # built once
+    assert_loraplus_groups(opt, trainer.model, ratio=RATIO, lr=LR, weight_decay=WEIGHT_DECAY)
+    assert _lrs(opt) == {
+        "A": LR,
+        "B": RATIO * LR,
+        "embedding_A": LR_EMBEDDING,
+        "embedding_B": LR_EMBEDDING,
+        "other.no_decay": LR,  # the trainable copy of the final RMSNorm
+    }
+    for g in opt.param_groups:
+        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6
+
+
+def test_weight_decay_is_honoured_on_every_decaying_group(tmp_path):
+    """PEFT's create_loraplus_optimizer sets every group's decay to loraplus_weight_decay (0 by
+    default), dropping TrainingArguments.weight_decay; LoraPlusTrainer keeps it."""
+    opt = _trainer(tmp_path).create_optimizer()
+    decays = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert decays == {
+        "A": WEIGHT_DECAY,
+        "B": WEIGHT_DECAY,
+        "embedding_A": WEIGHT_DECAY,
+        "embedding_B": WEIGHT_DECAY,
+        "other.no_decay": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("optim", "cls"), [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad), ("rmsprop", torch.optim.RMSprop)]
+)
+def test_optim_choice_is_respected(tmp_path, optim, cls):
+    trainer = _trainer(tmp_path, optim=optim)
+    opt = trainer.create_optimizer()
+    assert type(opt) is cls
+    assert_loraplus_groups(opt, trainer.model, ratio=RATIO, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def test_optimizer_cls_and_kwargs_argument_is_used(tmp_path):
+    trainer = LoraPlusTrainer(
+        model=_model(),
+        args=_args(tmp_path),
+        optimizer_cls_and_kwargs=(torch.optim.Adamax, {"lr": 5e-3, "betas": (0.8, 0.9), "weight_decay": 0.3}),
+        loraplus_ratio=4,
+    )
+    opt = trainer.create_optimizer()
+    assert type(opt) is torch.optim.Adamax
+    lrs = {g["role"]: g["lr"] for g in opt.param_groups}
+    assert lrs["A"] == 5e-3 and lrs["B"] == 4 * 5e-3
+    # args.weight_decay, not the kwargs' value, goes on the decaying groups
+    assert {g["weight_decay"] for g in opt.param_groups if not g["name"].endswith("no_decay")} == {WEIGHT_DECAY}
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_optimizers_that_replace_the_groups_are_rejected(tmp_path):
+    trainer = LoraPlusTrainer(
+        model=_model(), args=_args(tmp_path), optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-3, "params": []})
+    )
+    with pytest.raises(LoraPlusError, match="builds its own parameter groups"):
+        trainer.create_optimizer()
+
+
+def test_bad_loraplus_settings_fail_at_construction(tmp_path):
+    with pytest.raises(LoraPlusError, match="loraplus_ratio must be a number"):
+        LoraPlusTrainer(model=_model(), args=_args(tmp_path), loraplus_ratio="16")
+
+
+def test_model_without_adapters_gives_loraplus_error(tmp_path):
+    trainer = LoraPlusTrainer(model=torch.nn.Linear(2, 2), args=_args(tmp_path))
+    with pytest.raises(LoraPlusError, match="no LoRA adapter parameters"):
+        trainer.create_optimizer()
+
+
+def test_rules_and_role_lr_reach_the_groups(tmp_path):
+    trainer = LoraPlusTrainer(
+        model=_model(),
+        args=_args(tmp_path),
+        loraplus_role_lr={Role.EMBEDDING_B: 7e-4},
+        loraplus_rules={"*.lm_head.weight": Role.OTHER},
+        loraplus_no_decay=["*lora_embedding_A*"],
+    )
+    opt = trainer.create_optimizer()
+    names = {g["name"]: g for g in opt.param_groups}
+    assert names["embedding_B"]["lr"] == 7e-4
+    assert "embedding_A.no_decay" in names and names["embedding_A.no_decay"]["weight_decay"] == 0.0
+
+
+# --------------------------------------------------------------------------- training and resume
+
+
+class _RecordLrs(transformers.TrainerCallback):
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.steps.append(_lrs(optimizer))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    record = _RecordLrs()
+    trainer = _trainer(out, callbacks=[record])
+    before = _trainable(trainer.model)
+    trainer.train()
+    return {
+        "out": out,
+        "before": before,
+        "after": _trainable(trainer.model),
+        "lrs": record.steps,
+        "groups": [(g["name"], g["role"], list(g["param_names"])) for g in trainer.optimizer.param_groups],
+        "state_steps": sorted({int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}),
+    }
+
+
+def test_training_keeps_the_ratio_under_the_trainer_scheduler(full_run):
+    assert len(full_run["lrs"]) == 4
+    assert len({tuple(s.values()) for s in full_run["lrs"]}) > 1  # the linear schedule moves
+    for step in full_run["lrs"]:
+        assert step["B"] == pytest.approx(RATIO * step["A"], rel=1e-12)
+        assert step["embedding_A"] == pytest.approx(step["A"] * LR_EMBEDDING / LR, rel=1e-12)
+    for name, p in full_run["before"].items():
+        assert not torch.equal(p, full_run["after"][name]), f"{name} did not train"
+
+
+def test_resume_from_checkpoint_restores_loraplus_groups_and_continues_identically(full_run, tmp_path):
+    checkpoint = full_run["out"] / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").exists()
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert [(g["name"], g["role"]) for g in saved["param_groups"]] == [(n, r) for n, r, _ in full_run["groups"]]
+
+    record = _RecordLrs()
+    trainer = _trainer(tmp_path, callbacks=[record])  # fresh model: same init, loaded from the checkpoint
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    groups = [(g["name"], g["role"], list(g["param_names"])) for g in trainer.optimizer.param_groups]
+    assert groups == full_run["groups"]
+    assert record.steps == full_run["lrs"][2:]  # the schedule resumes at step 3
+    assert sorted({int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}) == full_run["state_steps"]
+    after = _trainable(trainer.model)
+    for name, p in full_run["after"].items():
+        torch.testing.assert_close(after[name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_core_import_does_not_import_transformers():
+    code = (
+        "import sys, loraplus, loraplus.integrations; "
+        "bad = [m for m in ('transformers', 'peft', 'accelerate') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert "loraplus" in loraplus.__name__
