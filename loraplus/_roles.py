@@ -8,6 +8,7 @@ optimizers or learning rates. Grouping lives in ``_groups.py``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -289,8 +290,15 @@ class Label:
     module: nn.Module
 
 
+def _may_have_wrappers(name: str) -> bool:
+    # a substring test: when it is False no segment can be a wrapper segment
+    return any(w in name for w in WRAPPER_SEGMENTS)
+
+
 def canonical_name(name: str) -> str:
     """Drop wrapper segments (FSDP1, checkpointing, compile) and a leading DDP/DeepSpeed ``module.``."""
+    if not name.startswith("module.") and not _may_have_wrappers(name):
+        return name  # fast path (labelling is O(parameters) and this runs several times per name)
     segs = [s for s in name.split(".") if s not in WRAPPER_SEGMENTS]
     while len(segs) > 1 and segs[0] == "module":
         segs = segs[1:]
@@ -299,6 +307,8 @@ def canonical_name(name: str) -> str:
 
 def _kept_segments(name: str) -> tuple[list[str], list[int]]:
     segs = name.split(".")
+    if not _may_have_wrappers(name):
+        return segs, list(range(len(segs)))
     kept = [i for i, s in enumerate(segs) if s not in WRAPPER_SEGMENTS]
     return [segs[i] for i in kept], kept
 
@@ -309,6 +319,36 @@ def _has_attr(module: nn.Module | None, attr: str) -> bool:
     return attr in module._modules or attr in module._parameters or attr in module._buffers
 
 
+_MAX_PATTERN = max(len(c.pattern) for c in CONVENTIONS)
+_TAIL_CACHE: dict[tuple[str, ...], tuple[Convention, ...]] = {}
+
+
+def _matching_tail(
+    segs: Sequence[str], conventions_index: Mapping[tuple[int, str], list[Convention]]
+) -> tuple[Convention, ...]:
+    """Conventions whose pattern matches the trailing segments, in index order (cached per tail)."""
+    n = len(segs)
+    cacheable = conventions_index is _INDEX
+    if cacheable:
+        key = tuple(segs[-_MAX_PATTERN:])
+        hit = _TAIL_CACHE.get(key)
+        if hit is not None:
+            return hit
+    out: list[Convention] = []
+    for offset in _OFFSETS:
+        if offset >= n:
+            break
+        for conv in conventions_index.get((offset, segs[n - 1 - offset]), ()):
+            k = len(conv.pattern)
+            if k <= n and all(p == "*" or p == s for p, s in zip(conv.pattern, segs[n - k :])):
+                out.append(conv)
+    if cacheable:
+        if len(_TAIL_CACHE) > 65536:
+            _TAIL_CACHE.clear()
+        _TAIL_CACHE[key] = tuple(out)
+    return tuple(out)
+
+
 def match_convention(
     name: str, modules: Mapping[str, nn.Module], conventions_index: Mapping[tuple[int, str], list[Convention]] = _INDEX
 ) -> Convention | None:
@@ -316,22 +356,22 @@ def match_convention(
     segs, kept = _kept_segments(name)
     n = len(segs)
     best: Convention | None = None
-    for offset in _OFFSETS:
-        if offset >= n:
-            break
-        for conv in conventions_index.get((offset, segs[n - 1 - offset]), ()):
-            k = len(conv.pattern)
-            if k > n or (best is not None and len(best.pattern) >= k):
+    for conv in _matching_tail(segs, conventions_index):
+        k = len(conv.pattern)
+        if best is not None and len(best.pattern) >= k:
+            continue
+        if conv.sibling is not None:
+            start = kept[n - k]
+            parent = ".".join(name.split(".")[:start])
+            if not _has_attr(modules.get(parent), conv.sibling):
                 continue
-            tail = segs[n - k :]
-            if all(p == "*" or p == s for p, s in zip(conv.pattern, tail)):
-                if conv.sibling is not None:
-                    start = kept[n - k]
-                    parent = ".".join(name.split(".")[:start])
-                    if not _has_attr(modules.get(parent), conv.sibling):
-                        continue
-                best = conv
+        best = conv
     return best
+
+
+@functools.lru_cache(maxsize=None)
+def _name_source(conv: Convention) -> str:
+    return f"name {conv.describe()}"
 
 
 def _host_module(name: str, modules: Mapping[str, nn.Module]) -> nn.Module | None:
@@ -341,6 +381,17 @@ def _host_module(name: str, modules: Mapping[str, nn.Module]) -> nn.Module | Non
         i = segs.index("parametrizations")
         return modules.get(".".join(segs[:i]))
     return modules.get(".".join(segs[:-1]))
+
+
+def _may_declare(cls: type) -> bool:
+    """Whether modules of this class can reach one of ``_declared_roles``' branches."""
+    modname = cls.__module__ or ""
+    return (
+        callable(getattr(cls, "loraplus_roles", None))
+        or (modname.startswith("peft.") and isinstance(getattr(cls, "adapter_layer_names", None), tuple))
+        or (modname.startswith("torchtune.") and callable(getattr(cls, "adapter_params", None)))
+        or modname.startswith("loralib.")
+    )
 
 
 def _declared_roles(
@@ -353,8 +404,18 @@ def _declared_roles(
     """
     declared: dict[int, tuple[Role, str | None, str]] = {}
     by_type: dict[int, tuple[Role, str | None, str]] = {}
+    # only modules whose class can declare anything (one check per class: O(modules) overall)
+    kinds: dict[type, bool] = {}
+    candidates = []
+    for item in modules.items():
+        cls = type(item[1])
+        may = kinds.get(cls)
+        if may is None:
+            may = kinds[cls] = _may_declare(cls)
+        if may:
+            candidates.append(item)
     # deeper modules later, so their declarations overwrite outer ones
-    for prefix, module in sorted(modules.items(), key=lambda kv: kv[0].count(".") + bool(kv[0])):
+    for prefix, module in sorted(candidates, key=lambda kv: kv[0].count(".") + bool(kv[0])):
         cls = type(module)
         if callable(getattr(cls, "loraplus_roles", None)):
             table = module.loraplus_roles()
@@ -396,8 +457,56 @@ def _declared_roles(
     return by_type
 
 
+class _Overridden(Exception):
+    pass
+
+
+def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, nn.Parameter]] | None]:
+    """``dict(model.named_modules(remove_duplicate=False))`` and ``list(model.named_parameters())`` in one pass.
+
+    torch's nested generators walk the tree twice and cost O(depth) per module; this is one
+    walk with the same order, names and de-duplication (a module seen before lends no
+    parameters again, and neither can its sub-modules, which were all seen under its first name).
+    When a class overrides those methods (e.g. FSDP1), torch's own are used and the list is None.
+    """
+    base = nn.Module
+    root = type(model)
+    if root.named_parameters is not base.named_parameters or root._named_members is not base._named_members:
+        return dict(model.named_modules(remove_duplicate=False)), None
+    checked: set[type] = set()
+    modules: dict[str, nn.Module] = {}
+    params: list[tuple[str, nn.Parameter]] = []
+    seen_modules: set[nn.Module] = set()
+    seen_params: set[nn.Parameter] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        cls = type(module)
+        if cls not in checked:
+            if cls.named_modules is not base.named_modules:
+                raise _Overridden
+            checked.add(cls)
+        modules[prefix] = module
+        if module not in seen_modules:
+            seen_modules.add(module)
+            for key, value in module._parameters.items():
+                if value is None or value in seen_params:
+                    continue
+                seen_params.add(value)
+                params.append((prefix + "." + key if prefix else key, value))
+        for key, sub in module._modules.items():
+            if sub is not None:
+                visit(prefix + "." + key if prefix else key, sub)
+
+    try:
+        visit("", model)
+    except (_Overridden, RecursionError):
+        return dict(model.named_modules(remove_duplicate=False)), None
+    return modules, params
+
+
 def named_modules_map(model: nn.Module) -> dict[str, nn.Module]:
-    return dict(model.named_modules(remove_duplicate=False))
+    """``dict(model.named_modules(remove_duplicate=False))``, computed in one iterative walk."""
+    return _walk(model)[0]
 
 
 def label_parameters(
@@ -414,11 +523,12 @@ def label_parameters(
     if not isinstance(model, nn.Module):
         raise LoraPlusError(f"expected a torch.nn.Module, got {type(model).__name__}")
     user_rules = normalize_rules(rules)
+    named: list[tuple[str, nn.Parameter]] | None = None
     if modules is None:
-        modules = named_modules_map(model)
+        modules, named = _walk(model)
     typed = _declared_roles(modules)
     labels: list[Label] = []
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters() if named is None else named:
         if not param.requires_grad:
             continue
         owner = modules.get(name.rpartition(".")[0])
@@ -447,7 +557,7 @@ def label_parameters(
         if role is None:
             conv = match_convention(name, modules)
             if conv is not None:
-                role, family, source = conv.role, conv.family, f"name {conv.describe()}"
+                role, family, source = conv.role, conv.family, _name_source(conv)
         if role is None:
             role, source = Role.OTHER, "not an adapter factor"
         elif role in (Role.A, Role.B) and not source.startswith(("rule", "declared")):
@@ -495,9 +605,21 @@ def default_no_decay(label: Label) -> bool:
     if label.role is Role.MAGNITUDE:
         return True
     owner = label.module
-    if isinstance(owner, _NORM_TYPES) or _NORM_CLASS.search(type(owner).__name__):
+    is_norm = _NORM_CLASS_CACHE.get(type(owner))
+    if is_norm is None:
+        is_norm = isinstance(owner, _NORM_TYPES) or bool(_NORM_CLASS.search(type(owner).__name__))
+        _NORM_CLASS_CACHE[type(owner)] = is_norm
+    if is_norm:
         return True
-    segs = canonical_name(label.name).split(".")
+    return _no_decay_tail(tuple(canonical_name(label.name).rsplit(".", 3)[-3:]))
+
+
+_NORM_CLASS_CACHE: dict[type, bool] = {}
+
+
+@functools.lru_cache(maxsize=65536)
+def _no_decay_tail(segs: tuple[str, ...]) -> bool:
+    """The name part of :func:`default_no_decay`, on the last three segments (cached: few distinct tails)."""
     for seg in segs[-3:]:
         low = seg.lower()
         if low == "bias" or low.endswith("_bias"):
