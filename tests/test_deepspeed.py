@@ -61,11 +61,10 @@ def _groups(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _schedule_params(groups: list[dict[str, Any]]) -> dict[str, Any]:
-    """WarmupDecayLR with per-group peaks (and floors): the way to keep the ratio (see below)."""
-    peaks = [g["lr"] for g in groups]
+    """WarmupDecayLR with per-group peaks and floors (``loraplus.per_group``): the way to keep the ratio."""
     return {
-        "warmup_min_lr": [0.1 * p for p in peaks],
-        "warmup_max_lr": peaks,
+        "warmup_min_lr": loraplus.per_group(groups, 0.1 * LR),
+        "warmup_max_lr": loraplus.per_group(groups, LR),
         "warmup_num_steps": 2,
         "total_num_steps": STEPS + 1,
         "warmup_type": "linear",
@@ -288,7 +287,8 @@ def test_per_group_lists_or_the_default_keep_the_ratio():
     from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR, WarmupLR
 
     opt = _plain_optimizer()
-    peaks = [g["lr"] for g in opt.param_groups]
+    peaks = loraplus.per_group(opt, LR)
+    assert peaks == [g["lr"] for g in opt.param_groups]
     sched = WarmupDecayLR(opt, total_num_steps=10, warmup_min_lr=0.0, warmup_max_lr=peaks, warmup_num_steps=2)
     for _ in range(6):
         sched.step()
