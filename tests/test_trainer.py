@@ -249,6 +249,20 @@ def test_resume_from_checkpoint_restores_loraplus_groups_and_continues_identical
         torch.testing.assert_close(after[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_resume_with_other_groups_raises_instead_of_loading_by_position(full_run, tmp_path):
+    """Same tensor count, different grouping: torch alone would load the state silently."""
+    checkpoint = full_run["out"] / "checkpoint-2"
+    trainer = LoraPlusTrainer(
+        model=_model(),
+        args=_args(tmp_path),
+        train_dataset=_Tokens(),
+        loraplus_ratio=RATIO,
+        loraplus_no_decay=lambda name, param, module: False,  # the norm copies now decay: group "other"
+    )
+    with pytest.raises(LoraPlusError, match="does not match this optimizer's param groups"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
 def test_core_import_does_not_import_transformers():
     code = (
         "import sys, loraplus, loraplus.integrations; "

@@ -7,7 +7,8 @@ builds a LoRA+ optimizer: the optimizer class and its keyword arguments come fro
 learning rate of the A factors is ``args.learning_rate`` and ``args.weight_decay`` is honoured
 on every decaying group (biases, norm weights and DoRA magnitudes get 0). The Trainer's
 schedulers scale every group by the same factor, so the B/A ratio holds at every step, and
-checkpoints save and restore the named groups.
+checkpoints save and restore the named groups; on resume the saved optimizer state is checked
+against the groups (:func:`loraplus.load_state_dict`) instead of loaded by position alone.
 
 Requires ``transformers`` (``pip install "loraplus[transformers]"``); ``import loraplus``
 alone never imports it.
@@ -17,11 +18,14 @@ See ``docs/integrations.md`` for a full run with a PEFT model, and :class:`LoraP
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from .._checkpoint import load_state_dict
 from .._errors import LoraPlusError
 from .._factory import LoraPlus
 from .._groups import DEFAULT_RATIO, check_number
@@ -141,6 +145,26 @@ class LoraPlusTrainer(transformers.Trainer):
                 **kwargs,
             )
         return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """On resume, check the saved optimizer state against the LoRA+ groups, then load as usual.
+
+        torch matches saved state to parameters by position only; :func:`loraplus.load_state_dict`
+        first compares group names, roles, ``param_names`` and state shapes, and raises
+        :class:`~loraplus.LoraPlusError` when the checkpoint belongs to other groups. DeepSpeed
+        and FSDP checkpoints, which the Trainer loads its own way, are left to it.
+        """
+        if checkpoint is not None and self.optimizer is not None and not self._loads_its_own_way():
+            path = os.path.join(checkpoint, _OPTIMIZER_FILE)
+            if os.path.isfile(path):
+                load_state_dict(self.optimizer, torch.load(path, map_location="cpu", weights_only=True))
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _loads_its_own_way(self) -> bool:
+        return bool(getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False))
+
+
+_OPTIMIZER_FILE = getattr(getattr(transformers, "trainer", None), "OPTIMIZER_NAME", "optimizer.pt")
 
 
 def _is_factory(optimizer_cls: Any) -> bool:
