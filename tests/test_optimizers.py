@@ -362,3 +362,50 @@ def test_assert_loraplus_groups_accepts_float32_tensor_lrs() -> None:
     with pytest.raises(AssertionError, match="expected 4.0"):
         opt.param_groups[1]["lr"] = torch.tensor(LR * 3.9)
         assert_loraplus_groups(opt, model, ratio=RATIO, lr=LR)
+
+
+@pytest.mark.parametrize(("adjust", "low", "high"), [(None, 2.5, 6.0), ("match_rms_adamw", 0.6, 1.6)])
+def test_muon_shape_scaling_adds_to_the_ratio_by_default(adjust: str | None, low: float, high: float) -> None:
+    """Muon's default adjust_lr_fn scales B (out x r) by sqrt(out/r) = 4 here on top of λ; match_rms_adamw does not."""
+    model = tiny_lora_model(d=64, r=4, layers=1, seed=3)
+    with torch.no_grad():
+        model.layers[0].lora_B["default"].weight.normal_(0, 0.05)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    opt = loraplus.LoraPlus(torch.optim.Muon, model, ratio=1.0, lr=0.02, adjust_lr_fn=adjust)
+    before = _snapshot(model)
+    model(torch.randn(16, 64, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    opt.step()
+    norm = {n: (p.detach() - before[n]).norm().item() for n, p in model.named_parameters() if p.requires_grad}
+    b_over_a = norm["layers.0.lora_B.default.weight"] / norm["layers.0.lora_A.default.weight"]
+    assert low < b_over_a < high, b_over_a
+
+
+def _my_doc_sections() -> str:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "compatibility.md").read_text(encoding="utf-8")
+    keep, out = False, []
+    for line in page.splitlines():
+        if line.startswith("## "):
+            keep = line[3:] in {"Optimizers", "Schedulers", "Checkpoint and resume", "torch.compile", "Known traps and their fixes"}
+        elif keep:
+            out.append(line)
+    return "\n".join(out)
+
+
+def test_compatibility_page_names_only_tests_that_exist_and_every_optimizer_case() -> None:
+    import re
+    from pathlib import Path
+
+    text = _my_doc_sections()
+    tests_dir = Path(__file__).resolve().parent
+    defined = set()
+    for path in tests_dir.glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M))
+    cited = set(re.findall(r"`(test_\w+)", text))
+    assert len(cited) > 20
+    assert cited <= defined, f"the page cites tests that do not exist: {sorted(cited - defined)}"
+    optimizer_section = text.split("Muon + AdamW")[0]
+    for case in CASES:
+        assert case.id.split(".")[-1] in optimizer_section, f"optimizer case {case.id} is not in the docs table"
