@@ -118,6 +118,7 @@ def _run_stage(stage: int, rank: int) -> dict[str, Any]:
     x, y = _data()
     rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
     info = [{k: v for k, v in g.items() if k in ("name", "role", "param_names")} for g in opt.param_groups]
+    tensors = [len(g["params"]) for g in opt.param_groups]
     lrs = []
     for _ in range(STEPS):
         lrs.append(_lrs(opt))
@@ -129,6 +130,7 @@ def _run_stage(stage: int, rank: int) -> dict[str, Any]:
         "base_optimizer": type(getattr(opt, "optimizer", opt)).__name__,
         "scheduler": type(sched).__name__,
         "groups": info,
+        "tensors": tensors,
         "lrs": lrs,
         "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
     }
@@ -222,8 +224,12 @@ def test_groups_survive_initialize(runs, stage):
         # one DeepSpeed group per LoRA+ group, same order, extra keys kept (ZeRO 1/2 replace each
         # group's params by one flat partition but keep the other keys)
         assert res["groups"] == expected
-    if stage > 0:
-        assert _ok(runs[stage])[0]["optimizer"] == "DeepSpeedZeroOptimizer"
+        if stage == 0:
+            assert res["tensors"] == [len(g["param_names"]) for g in expected]
+        else:
+            assert res["optimizer"] == "DeepSpeedZeroOptimizer"
+            # ZeRO 1/2 hold one flat fp32 partition per group: param_names no longer pair with params
+            assert res["tensors"] == [1] * len(expected)
 
 
 @pytest.mark.parametrize("stage", STAGES)

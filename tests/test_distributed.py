@@ -27,6 +27,7 @@ from torch import nn
 
 import loraplus
 from loraplus._roles import canonical_name
+from loraplus.compat import peft_param_groups
 from loraplus.testing import tiny_lora_model
 
 WORLD = 2
@@ -152,6 +153,13 @@ def _run_wrapper(kind: str, rank: int) -> dict[str, Any]:
         "local": local,
         "after_groups": _summary(opt),
         "params": _full_params(kind, wrapped),
+        # the PEFT rule (``"lora_B" in name or ndim == 1`` -> B), reproduced by loraplus.compat
+        "peft_rule_b": sorted(
+            canonical_name(n)
+            for g in peft_param_groups(wrapped, lr=LR, loraplus_lr_ratio=RATIO)
+            if g["name"].startswith("groupB")
+            for n in g["param_names"]
+        ),
     }
 
 
@@ -282,8 +290,13 @@ def test_fsdp1_flat_views_do_not_change_the_roles(runs):
     plain = {n: r.value for n, r in loraplus.classify(_model()).items()}
     for r in res:
         assert {canonical_name(n): role for n, role in r["classify"].items()} == plain
-        shape_rule = {canonical_name(n) for n, (_, ndim, _) in r["local"].items() if ndim == 1}
-        assert {n for n, role in plain.items() if role != "B"} <= shape_rule  # what ndim would get wrong
+        # a shape rule misfires here: PEFT's puts every trainable tensor (A factors, head weight) into B
+        assert r["peft_rule_b"] == sorted(plain)
+    for name in ("layers.0.lora_A.default.weight", "head.weight"):
+        assert plain[name] != "B"
+    # on the unwrapped model the same rule leaves A factors and the head weight out of B
+    unwrapped_b = {n for g in peft_param_groups(_model(), lr=LR, loraplus_lr_ratio=RATIO) if g["name"].startswith("groupB") for n in g["param_names"]}
+    assert "layers.0.lora_A.default.weight" not in unwrapped_b and "head.weight" not in unwrapped_b
 
 
 @pytest.mark.parametrize("kind", WRAPPERS)
