@@ -92,6 +92,17 @@ def _check_groups(saved_groups: Sequence[Mapping[str, Any]], groups: Sequence[Ma
     return problems
 
 
+def _state_items(entry: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """A parameter's state entries, including those bitsandbytes packs into one nested dict."""
+    items: list[tuple[str, Any]] = []
+    for field, value in entry.items():
+        if isinstance(value, Mapping):
+            items.extend(value.items())
+        else:
+            items.append((field, value))
+    return items
+
+
 def _check_shapes(state: Mapping[Any, Any], saved_groups: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[str, Any]]) -> list[str]:
     problems: list[str] = []
     for i, (s, g) in enumerate(zip(saved_groups, groups)):
@@ -100,7 +111,7 @@ def _check_shapes(state: Mapping[Any, Any], saved_groups: Sequence[Mapping[str, 
             entry = state.get(key)
             if not isinstance(entry, Mapping):
                 continue
-            for field, value in entry.items():
+            for field, value in _state_items(entry):
                 if field in PARAM_SHAPED_STATE and isinstance(value, torch.Tensor) and value.dim() > 0:
                     if tuple(value.shape) != tuple(param.shape):
                         who = repr(names[j]) if j < len(names) else f"parameter {j}"

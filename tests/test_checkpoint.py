@@ -30,7 +30,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "AdamW+OneCycleLR": {"cls": "AdamW", "kwargs": {"weight_decay": 0.01}, "sched": "onecycle"},
     "SGD-nesterov+StepLR": {"cls": "SGD", "kwargs": {"momentum": 0.9, "nesterov": True}, "sched": "step"},
     "Adafactor+LambdaLR": {"cls": "Adafactor", "kwargs": {}, "sched": "lambda"},
+    # min_8bit_size=1: the tiny factors really get 8-bit state (packed by bnb into a nested dict)
+    "bnb.AdamW8bit+StepLR": {"cls": "bnb.AdamW8bit", "kwargs": {"min_8bit_size": 1}, "sched": "step"},
 }
+
+
+def optimizer_class(name: str) -> Any:
+    if name.startswith("bnb."):
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, name[4:])
+    return getattr(torch.optim, name)
 
 
 def _warmup(t: int) -> float:
@@ -45,7 +55,7 @@ def build(config: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any
         gen = torch.Generator().manual_seed(seed + 7)
         for layer in model.layers:
             layer.lora_B["default"].weight.normal_(0, 0.1, generator=gen)
-    cls = getattr(torch.optim, spec["cls"])
+    cls = optimizer_class(spec["cls"])
     opt = loraplus.LoraPlus(cls, model, ratio=8, lr=1e-2, **spec["kwargs"])
     if spec["sched"] == "onecycle":
         sched: Any = S.OneCycleLR(opt, max_lr=loraplus.per_group(opt, 2e-2), total_steps=K + M + 1)
@@ -141,8 +151,8 @@ def test_resume_in_a_new_process_is_bitwise_identical(config: str, runs: dict) -
 # ------------------------------------------------------------------------- checked loading
 
 
-def _stepped(model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
-    opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=8, lr=1e-3, **kw)
+def _stepped(model: nn.Module, cls: Any = torch.optim.AdamW, **kw: Any) -> torch.optim.Optimizer:
+    opt = loraplus.LoraPlus(cls, model, ratio=8, lr=1e-3, **kw)
     x = torch.randn(2, model.layers[0].base_layer.in_features)
     model(x).square().sum().backward()
     opt.step()
@@ -164,11 +174,18 @@ def test_load_state_dict_accepts_its_own_state_and_restores_it() -> None:
     _assert_same_state(fresh.state_dict(), saved, "optimizer")
 
 
-def test_other_lora_rank_torch_loads_silently_loraplus_refuses() -> None:
-    saved = _stepped(_b_nonzero(tiny_lora_model(r=2))).state_dict()
-    target = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(r=4), ratio=8, lr=1e-3)
-    copy.deepcopy(target).load_state_dict(saved)  # the trap: same names and counts, torch says nothing
-    with pytest.raises(loraplus.LoraPlusError, match=r"'layers.0.lora_A.default.weight' has shape \(4, 8\) but its saved 'exp_avg' has shape \(2, 8\)"):
+@pytest.mark.parametrize(
+    ("cls", "kw", "field"),
+    [(torch.optim.AdamW, {}, "exp_avg"), ("bnb.AdamW8bit", {"min_8bit_size": 1}, "state1")],
+    ids=["AdamW", "bnb.AdamW8bit"],
+)
+def test_other_lora_rank_torch_loads_silently_loraplus_refuses(cls: Any, kw: dict, field: str) -> None:
+    cls = optimizer_class(cls) if isinstance(cls, str) else cls
+    saved = _stepped(_b_nonzero(tiny_lora_model(r=2)), cls, **kw).state_dict()
+    plain = loraplus.LoraPlus(cls, tiny_lora_model(r=4), ratio=8, lr=1e-3, **kw)
+    plain.load_state_dict(saved)  # the trap: same names and counts, torch says nothing
+    target = loraplus.LoraPlus(cls, tiny_lora_model(r=4), ratio=8, lr=1e-3, **kw)
+    with pytest.raises(loraplus.LoraPlusError, match=rf"'layers.0.lora_A.default.weight' has shape \(4, 8\) but its saved '{field}' has shape \(2, 8\)"):
         loraplus.load_state_dict(target, saved)
     assert not target.state, "nothing is loaded when the check fails"
 
