@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -261,6 +262,64 @@ def test_resume_with_other_groups_raises_instead_of_loading_by_position(full_run
     )
     with pytest.raises(LoraPlusError, match="does not match this optimizer's param groups"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+_DEEPSPEED_SCRIPT = """
+import json, os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update({"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                   "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+import deepspeed.ops
+deepspeed.ops.__compatible_ops__ = {}  # no compiler probe, no JIT build of the shm comm kernel
+sys.path.insert(0, sys.argv[1])
+import test_trainer as T
+from loraplus import LoraPlusError
+
+base = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+out = {}
+try:
+    with_optimizer = {**base, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}
+    T._trainer(sys.argv[2] + "/a", deepspeed=with_optimizer, save_strategy="no")
+    out["error"] = None
+except LoraPlusError as err:
+    out["error"] = str(err)
+record = T._RecordLrs()
+trainer = T._trainer(sys.argv[2] + "/b", deepspeed=base, save_strategy="no", callbacks=[record])
+trainer.train()
+inner = trainer.optimizer
+while hasattr(inner, "optimizer"):
+    inner = inner.optimizer
+out["wrappers"] = type(trainer.optimizer).__name__
+out["groups"] = [g.get("name") for g in inner.param_groups]
+out["lrs"] = record.steps
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_trainer_under_deepspeed_hands_the_loraplus_groups_to_the_engine(tmp_path):
+    """Trainer + DeepSpeed ZeRO-2 (1 CPU rank, in a subprocess so no process group leaks here).
+
+    Without an ``optimizer`` section the Trainer passes LoraPlusTrainer's optimizer to DeepSpeed
+    and the groups survive; with one, DeepSpeed would build a single group, so construction raises."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEEPSPEED_SCRIPT, str(Path(__file__).parent), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT") :])
+    assert out["error"] is not None and "'optimizer' section" in out["error"]
+    assert out["groups"] == ["A", "B", "embedding_A", "embedding_B", "other.no_decay"]
+    assert len(out["lrs"]) == 4
+    for step in out["lrs"]:
+        assert step["B"] == pytest.approx(RATIO * step["A"], rel=1e-12)
 
 
 def test_core_import_does_not_import_transformers():

@@ -63,8 +63,12 @@ class LoraPlusTrainer(transformers.Trainer):
         loraplus_no_decay: extra no-decay rules (globs, regexes or callables).
         **kwargs: keyword ``transformers.Trainer`` arguments.
 
+    Under DeepSpeed, leave ``optimizer`` out of the DeepSpeed config: the Trainer then hands the
+    LoRA+ optimizer to DeepSpeed (otherwise DeepSpeed builds a single group, so this raises).
+
     Raises:
-        LoraPlusError: on an invalid LoRA+ option (at construction) or, from
+        LoraPlusError: on an invalid LoRA+ option or a DeepSpeed config with an ``optimizer``
+            section (at construction) or, from
             :meth:`create_optimizer`, a model without adapters or an ``optim`` that builds its
             own parameter groups (GaLore, Apollo, LOMO, layer-wise, Muon/Dion factories).
 
@@ -97,6 +101,13 @@ class LoraPlusTrainer(transformers.Trainer):
         self.loraplus_rules = loraplus_rules
         self.loraplus_no_decay = loraplus_no_decay
         super().__init__(*args, **kwargs)
+        ds_config = getattr(getattr(self.args, "hf_deepspeed_config", None), "config", None)
+        if getattr(self, "is_deepspeed_enabled", False) and isinstance(ds_config, Mapping) and "optimizer" in ds_config:
+            raise LoraPlusError(
+                "the DeepSpeed config has an 'optimizer' section, so the Trainer would let DeepSpeed build one "
+                "optimizer group over all parameters and LoRA+ would silently do nothing; remove 'optimizer' from "
+                "the DeepSpeed config (keep 'scheduler' if you like) so LoraPlusTrainer builds the LoRA+ optimizer"
+            )
 
     def create_optimizer(self, model: nn.Module | None = None) -> Any:
         """Build the LoRA+ optimizer (once) from the training arguments and the LoRA+ settings.
@@ -118,8 +129,9 @@ class LoraPlusTrainer(transformers.Trainer):
         """
         opt_model = self.model if model is None else model
         if self.optimizer is None:
-            if self.optimizer_cls_and_kwargs is not None:
-                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            given = getattr(self, "optimizer_cls_and_kwargs", None)  # transformers >= 4.47
+            if given is not None:
+                optimizer_cls, optimizer_kwargs = given
             else:
                 optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             kwargs = dict(optimizer_kwargs)
