@@ -11,6 +11,8 @@ import peft
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
 import loraplus
@@ -135,14 +137,44 @@ def test_weight_decay_is_honoured_on_every_decaying_group(tmp_path):
     }
 
 
-@pytest.mark.parametrize(
-    ("optim", "cls"), [("sgd", torch.optim.SGD), ("adagrad", torch.optim.Adagrad), ("rmsprop", torch.optim.RMSprop)]
-)
-def test_optim_choice_is_respected(tmp_path, optim, cls):
-    trainer = _trainer(tmp_path, optim=optim)
+OPTIMS = {  # TrainingArguments.optim -> the class the Trainer picks for it
+    "sgd": "torch.optim.sgd.SGD",
+    "adagrad": "torch.optim.adagrad.Adagrad",
+    "rmsprop": "torch.optim.rmsprop.RMSprop",
+    "adamw_torch_fused": "torch.optim.adamw.AdamW",
+    "adafactor": "transformers.optimization.Adafactor",
+    "adamw_bnb_8bit": "bitsandbytes.optim.adamw.AdamW",
+    "lion_8bit": "bitsandbytes.optim.lion.Lion",
+    "schedule_free_adamw": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+}
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """One PEFT model for tests that only build optimizers (building never changes the model)."""
+    return _model()
+
+
+@pytest.mark.parametrize("optim", sorted(OPTIMS))
+def test_optim_choice_is_respected(tmp_path, shared_model, optim):
+    trainer = LoraPlusTrainer(model=shared_model, args=_args(tmp_path, optim=optim), loraplus_ratio=RATIO)
     opt = trainer.create_optimizer()
-    assert type(opt) is cls
-    assert_loraplus_groups(opt, trainer.model, ratio=RATIO, lr=LR, weight_decay=WEIGHT_DECAY)
+    assert f"{type(opt).__module__}.{type(opt).__name__}" == OPTIMS[optim]
+    assert_loraplus_groups(opt, shared_model, ratio=RATIO, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    ratio=st.floats(1.0, 64.0),
+    lr=st.floats(1e-6, 1e-1),
+    weight_decay=st.sampled_from([0.0, 1e-4, 0.01, 0.1]),
+    optim=st.sampled_from(["adamw_torch", "sgd", "adagrad"]),
+)
+def test_any_settings_give_sound_loraplus_groups(tmp_path_factory, shared_model, ratio, lr, weight_decay, optim):
+    args = _args(tmp_path_factory.mktemp("h"), optim=optim, learning_rate=lr, weight_decay=weight_decay)
+    opt = LoraPlusTrainer(model=shared_model, args=args, loraplus_ratio=ratio).create_optimizer()
+    assert_loraplus_groups(opt, shared_model, ratio=ratio, lr=lr, weight_decay=weight_decay)
+    assert {g["role"]: g["lr"] for g in opt.param_groups}["embedding_B"] == lr  # default: the A lr
 
 
 def test_optimizer_cls_and_kwargs_argument_is_used(tmp_path):
