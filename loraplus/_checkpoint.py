@@ -103,7 +103,9 @@ def _state_items(entry: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return items
 
 
-def _check_shapes(state: Mapping[Any, Any], saved_groups: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[str, Any]]) -> list[str]:
+def _check_shapes(
+    state: Mapping[Any, Any], saved_groups: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[str, Any]]
+) -> list[str]:
     problems: list[str] = []
     for i, (s, g) in enumerate(zip(saved_groups, groups)):
         names = list(g.get("param_names", []))

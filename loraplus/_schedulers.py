@@ -15,9 +15,7 @@ __all__ = ["per_group"]
 def _groups_of(optimizer: Any) -> list[Mapping[str, Any]]:
     groups = getattr(optimizer, "param_groups", optimizer)
     if isinstance(groups, Mapping) or not isinstance(groups, Iterable):
-        raise LoraPlusError(
-            f"per_group needs an optimizer or a list of param groups, got {type(optimizer).__name__}"
-        )
+        raise LoraPlusError(f"per_group needs an optimizer or a list of param groups, got {type(optimizer).__name__}")
     groups = list(groups)
     if not groups or not all(isinstance(g, Mapping) and "lr" in g for g in groups):
         raise LoraPlusError(

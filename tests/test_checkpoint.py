@@ -115,13 +115,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, 
             model, opt, sched = build(config, seed=0)
             train(model, opt, sched, range(K))
             ckpt = tmp / f"ckpt{i}.pt"
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, ckpt)
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, ckpt
+            )
             train(model, opt, sched, range(K, K + M))  # the uninterrupted run
             finals[config] = ({"model": model.state_dict(), "optimizer": opt.state_dict()}, ckpt)
     finally:
         torch.set_num_threads(before)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    jobs = [arg for i, config in enumerate(CONFIGS) for arg in (config, str(tmp / f"ckpt{i}.pt"), str(tmp / f"out{i}.pt"))]
+    jobs = [
+        arg for i, config in enumerate(CONFIGS) for arg in (config, str(tmp / f"ckpt{i}.pt"), str(tmp / f"out{i}.pt"))
+    ]
     proc = subprocess.run(
         [sys.executable, __file__, "resume", *jobs], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
     )
@@ -185,7 +189,10 @@ def test_other_lora_rank_torch_loads_silently_loraplus_refuses(cls: Any, kw: dic
     plain = loraplus.LoraPlus(cls, tiny_lora_model(r=4), ratio=8, lr=1e-3, **kw)
     plain.load_state_dict(saved)  # the trap: same names and counts, torch says nothing
     target = loraplus.LoraPlus(cls, tiny_lora_model(r=4), ratio=8, lr=1e-3, **kw)
-    with pytest.raises(loraplus.LoraPlusError, match=rf"'layers.0.lora_A.default.weight' has shape \(4, 8\) but its saved '{field}' has shape \(2, 8\)"):
+    with pytest.raises(
+        loraplus.LoraPlusError,
+        match=rf"'layers.0.lora_A.default.weight' has shape \(4, 8\) but its saved '{field}' has shape \(2, 8\)",
+    ):
         loraplus.load_state_dict(target, saved)
     assert not target.state, "nothing is loaded when the check fails"
 
@@ -199,14 +206,20 @@ def test_other_adapter_names_torch_loads_silently_loraplus_refuses() -> None:
     saved = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("default"), lr=1e-3).state_dict()
     target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("task_x"), lr=1e-3)
     copy.deepcopy(target).load_state_dict(saved)  # the trap
-    with pytest.raises(loraplus.LoraPlusError, match=r"group 0 \('A'\): param_names differ at position 0: saved 'layers.0.lora_A.default.weight', current 'layers.0.lora_A.task_x.weight'"):
+    with pytest.raises(
+        loraplus.LoraPlusError,
+        match=r"group 0 \('A'\): param_names differ at position 0: "
+        r"saved 'layers.0.lora_A.default.weight', current 'layers.0.lora_A.task_x.weight'",
+    ):
         loraplus.load_state_dict(target, saved)
 
 
 def test_more_layers_is_a_clear_count_mismatch() -> None:
     saved = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(layers=2), lr=1e-3).state_dict()
     target = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(layers=3), lr=1e-3)
-    with pytest.raises(loraplus.LoraPlusError, match=r"group 0 \('A'\): the checkpoint has 2 parameters, the optimizer 3"):
+    with pytest.raises(
+        loraplus.LoraPlusError, match=r"group 0 \('A'\): the checkpoint has 2 parameters, the optimizer 3"
+    ):
         loraplus.load_state_dict(target, saved)
 
 
@@ -214,7 +227,11 @@ def test_plain_optimizer_checkpoint_is_a_group_count_mismatch() -> None:
     model = tiny_lora_model()
     saved = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).state_dict()
     target = loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3)
-    with pytest.raises(loraplus.LoraPlusError, match=r"checkpoint has 1 param groups \[\?: 8\] but the optimizer has 4 \[A: 2, B: 2, other: 1, other.no_decay: 3\]"):
+    with pytest.raises(
+        loraplus.LoraPlusError,
+        match=r"checkpoint has 1 param groups \[\?: 8\] "
+        r"but the optimizer has 4 \[A: 2, B: 2, other: 1, other.no_decay: 3\]",
+    ):
         loraplus.load_state_dict(target, saved)
 
 

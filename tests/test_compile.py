@@ -86,7 +86,7 @@ def _compare_compiled_step(prepare: Callable[[torch.optim.Optimizer], Any], step
         runs.append((model, lrs))
     (eager, eager_lrs), (comp, comp_lrs) = runs
     for (name, p), q in zip(eager.named_parameters(), comp.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     for row, want in zip(comp_lrs, eager_lrs):
         assert row == pytest.approx(want, rel=1e-12)
     return comp_lrs

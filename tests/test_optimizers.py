@@ -111,7 +111,11 @@ CASES = [
     Case("Rprop", torch.optim.Rprop, "step sizes start at lr: lr * sign(g)"),
     Case("ASGD", torch.optim.ASGD, "eta starts at lr: p(1 - lambd lr) - lr g"),
     Case("Adagrad", torch.optim.Adagrad, "lr * g/sqrt(sum g^2)"),
-    Case("Adadelta", torch.optim.Adadelta, "lr * sqrt(delta+eps)/sqrt(v+eps) * g", ),
+    Case(
+        "Adadelta",
+        torch.optim.Adadelta,
+        "lr * sqrt(delta+eps)/sqrt(v+eps) * g",
+    ),
     Case("Adafactor", torch.optim.Adafactor, "rho_t = min(lr, 1/sqrt(t)) = lr while lr <= 1"),
     Case("Muon", torch.optim.Muon, "lr * adjust(shape) * NewtonSchulz(g)", trainable="matrices"),
     Case(
@@ -125,11 +129,20 @@ CASES = [
     Case("bnb.Lion8bit", bnb.optim.Lion8bit, "lr * sign(...)"),
     Case("torchao.AdamW8bit", torchao.optim.AdamW8bit, ADAM_LIKE + "; 8-bit states", trainable="adapters"),
     Case("torchao.AdamW4bit", torchao.optim.AdamW4bit, ADAM_LIKE + "; 4-bit states", trainable="adapters"),
-    Case("schedulefree.AdamWScheduleFree", schedulefree.AdamWScheduleFree, "first step: y = z - lr g/sqrt(v)", before_step=_train_mode),
+    Case(
+        "schedulefree.AdamWScheduleFree",
+        schedulefree.AdamWScheduleFree,
+        "first step: y = z - lr g/sqrt(v)",
+        before_step=_train_mode,
+    ),
     Case("lion_pytorch.Lion", lion_pytorch.Lion, "lr * sign(...)"),
     Case("pytorch_optimizer.Adan", pytorch_optimizer.Adan, ADAM_LIKE),
     Case("pytorch_optimizer.CAME", pytorch_optimizer.CAME, "lr * confidence-scaled update, update independent of lr"),
-    Case("pytorch_optimizer.Lamb", pytorch_optimizer.Lamb, "lr * trust_ratio * adam_update, trust ratio independent of lr"),
+    Case(
+        "pytorch_optimizer.Lamb",
+        pytorch_optimizer.Lamb,
+        "lr * trust_ratio * adam_update, trust ratio independent of lr",
+    ),
 ]
 
 
@@ -212,12 +225,16 @@ def test_matches_hand_written_groups_over_three_steps(case: Case, request: pytes
             loss_fn(model, step).backward()
             opt.step()
     for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_quantised_optimizers_really_keep_low_bit_state() -> None:
     """The model is big enough that bitsandbytes/torchao quantise A and B states (else the test above proves less)."""
-    for factory, kind in ((bnb.optim.AdamW8bit, "bnb"), (torchao.optim.AdamW8bit, "ao8"), (torchao.optim.AdamW4bit, "ao4")):
+    for factory, kind in (
+        (bnb.optim.AdamW8bit, "bnb"),
+        (torchao.optim.AdamW8bit, "ao8"),
+        (torchao.optim.AdamW4bit, "ao4"),
+    ):
         model = make_model(trainable="adapters")
         opt = loraplus.LoraPlus(factory, model, ratio=RATIO, lr=LR, weight_decay=WD)
         loss_fn(model, 0).backward()
@@ -273,7 +290,9 @@ def _muon_plus_adamw(model: nn.Module, ratio: float) -> tuple[torch.optim.Muon, 
     roles = loraplus.classify(model)
     on_muon = lambda name, p: p.ndim == 2 and roles[name] in (Role.A, Role.B)  # noqa: E731
     muon_groups, _ = loraplus.split_groups(loraplus.param_groups(model, lr=0.02, ratio=ratio), on_muon)
-    _, adamw_groups = loraplus.split_groups(loraplus.param_groups(model, lr=3e-4, ratio=ratio, weight_decay=WD), on_muon)
+    _, adamw_groups = loraplus.split_groups(
+        loraplus.param_groups(model, lr=3e-4, ratio=ratio, weight_decay=WD), on_muon
+    )
     return torch.optim.Muon(muon_groups, lr=0.02), torch.optim.AdamW(adamw_groups, lr=3e-4)
 
 
@@ -348,7 +367,20 @@ def test_lbfgs_is_rejected() -> None:
 def test_cases_cover_the_claimed_matrix() -> None:
     """The docs table lists these ids; keep them in sync."""
     ids = {c.id for c in CASES}
-    torch_classes = {"SGD", "Adam", "Adamax", "NAdam", "RAdam", "RMSprop", "Rprop", "ASGD", "Adagrad", "Adadelta", "Adafactor", "Muon"}
+    torch_classes = {
+        "SGD",
+        "Adam",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Rprop",
+        "ASGD",
+        "Adagrad",
+        "Adadelta",
+        "Adafactor",
+        "Muon",
+    }
     assert torch_classes <= ids
     assert {"AdamW-foreach", "AdamW-for-loop", "AdamW-fused", "ZeroRedundancyOptimizer"} <= ids
 
@@ -388,7 +420,13 @@ def _my_doc_sections() -> str:
     keep, out = False, []
     for line in page.splitlines():
         if line.startswith("## "):
-            keep = line[3:] in {"Optimizers", "Schedulers", "Checkpoint and resume", "torch.compile", "Known traps and their fixes"}
+            keep = line[3:] in {
+                "Optimizers",
+                "Schedulers",
+                "Checkpoint and resume",
+                "torch.compile",
+                "Known traps and their fixes",
+            }
         elif keep:
             out.append(line)
     return "\n".join(out)

@@ -24,9 +24,7 @@ from loraplus.testing import tiny_lora_model
 def make_opt(ratio: float = 16.0, lr: float = 1e-3, other: float = 0.5) -> torch.optim.Optimizer:
     """SGD with momentum (CyclicLR cycles momentum) over 4 groups: A, B, other, other.no_decay."""
     model = tiny_lora_model()
-    return loraplus.LoraPlus(
-        torch.optim.SGD, model, ratio=ratio, lr=lr, role_lr={Role.OTHER: other * lr}, momentum=0.9
-    )
+    return loraplus.LoraPlus(torch.optim.SGD, model, ratio=ratio, lr=lr, role_lr={Role.OTHER: other * lr}, momentum=0.9)
 
 
 def lrs(opt: torch.optim.Optimizer) -> list[float]:
@@ -93,7 +91,9 @@ def _draw_scheduler(data: st.DataObject, opt: torch.optim.Optimizer, steps: int)
     if kind == "ExponentialLR":
         return kind, S.ExponentialLR(opt, gamma=gamma)
     if kind == "LinearLR":
-        return kind, S.LinearLR(opt, start_factor=d(st.floats(0.01, 1.0)), end_factor=d(st.floats(0.0, 1.0)), total_iters=t_max)
+        return kind, S.LinearLR(
+            opt, start_factor=d(st.floats(0.01, 1.0)), end_factor=d(st.floats(0.0, 1.0)), total_iters=t_max
+        )
     if kind == "ConstantLR":
         return kind, S.ConstantLR(opt, factor=gamma, total_iters=t_max)
     if kind == "PolynomialLR":
@@ -136,7 +136,9 @@ def _draw_scheduler(data: st.DataObject, opt: torch.optim.Optimizer, steps: int)
     steps=st.integers(1, 40),
     data=st.data(),
 )
-def test_every_scheduler_keeps_each_groups_ratio_at_every_step(ratio: float, lr: float, steps: int, data: st.DataObject) -> None:
+def test_every_scheduler_keeps_each_groups_ratio_at_every_step(
+    ratio: float, lr: float, steps: int, data: st.DataObject
+) -> None:
     opt = make_opt(ratio=ratio, lr=lr)
     want = relative(opt)
     assert want is not None and want[1] == pytest.approx(ratio)
@@ -155,7 +157,9 @@ def test_every_scheduler_keeps_each_groups_ratio_at_every_step(ratio: float, lr:
 # --------------------------------------------------------------------------- the traps, and the fix
 
 
-def _trace(opt: torch.optim.Optimizer, sched: Any, steps: int, metric: Callable[[int], float] | None = None) -> list[list[float]]:
+def _trace(
+    opt: torch.optim.Optimizer, sched: Any, steps: int, metric: Callable[[int], float] | None = None
+) -> list[list[float]]:
     out = [lrs(opt)]
     for t in range(steps):
         opt.step()
