@@ -197,7 +197,7 @@ def test_optimizers_that_replace_the_groups_are_rejected(tmp_path):
     trainer = LoraPlusTrainer(
         model=_model(), args=_args(tmp_path), optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-3, "params": []})
     )
-    with pytest.raises(LoraPlusError, match="builds its own parameter groups"):
+    with pytest.raises(LoraPlusError, match=r"optimizer_cls_and_kwargs \(AdamW\) builds its own parameter groups \(params\)"):
         trainer.create_optimizer()
 
 

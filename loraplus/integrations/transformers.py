@@ -137,8 +137,9 @@ class LoraPlusTrainer(transformers.Trainer):
             kwargs = dict(optimizer_kwargs)
             own = [k for k in _OWN_GROUP_KEYS if k in kwargs]
             if own or _is_factory(optimizer_cls):
+                source = "optimizer_cls_and_kwargs" if given is not None else f"optim={str(self.args.optim)!r}"
                 raise LoraPlusError(
-                    f"optim={str(self.args.optim)!r} ({getattr(optimizer_cls, '__name__', optimizer_cls)}) builds its "
+                    f"{source} ({getattr(optimizer_cls, '__name__', optimizer_cls)}) builds its "
                     f"own parameter groups{' (' + ', '.join(own) + ')' if own else ''}, so LoRA+ cannot give B its own "
                     "learning rate; choose an optimizer that takes param groups, e.g. optim='adamw_torch'"
                 )
