@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torchao.optim
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from transformers.optimization import Adafactor as HFAdafactor
 
 import loraplus
 from loraplus import Role
@@ -136,6 +137,12 @@ CASES = [
         before_step=_train_mode,
     ),
     Case("lion_pytorch.Lion", lion_pytorch.Lion, "lr * sign(...)"),
+    Case(
+        "transformers.Adafactor",
+        HFAdafactor,
+        "relative_step=False: lr * RMS(p) * clipped factored update",
+        {"relative_step": False, "scale_parameter": True, "warmup_init": False},
+    ),
     Case("pytorch_optimizer.Adan", pytorch_optimizer.Adan, ADAM_LIKE),
     Case("pytorch_optimizer.CAME", pytorch_optimizer.CAME, "lr * confidence-scaled update, update independent of lr"),
     Case(
@@ -350,6 +357,12 @@ def test_global_lr_optimizers_warn_and_indeed_ignore_the_ratio(cls: type) -> Non
     b = "layers.0.lora_B.default.weight"
     assert deltas[1.0][b].abs().max() > 0
     torch.testing.assert_close(deltas[RATIO][b], deltas[1.0][b])  # λ had no effect at all
+
+
+def test_transformers_adafactor_with_relative_step_is_rejected_with_context() -> None:
+    """Its default relative_step=True computes its own lr and refuses a manual one: LoRA+ needs relative_step=False."""
+    with pytest.raises(loraplus.LoraPlusError, match="Adafactor could not be built.*relative_step"):
+        loraplus.LoraPlus(HFAdafactor, make_model(), ratio=RATIO, lr=LR)
 
 
 def test_supported_optimizers_do_not_warn() -> None:
