@@ -159,15 +159,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-real", action="store_true", help="skip the MiniLM run")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the width sweep")
     ap.add_argument("--real-steps", type=int, default=150)
     ap.add_argument("--real-lr", type=float, default=2e-4)
     ap.add_argument("--every", type=int, default=5)
     args = ap.parse_args()
-    result = {"width_sweep": width_sweep(args)}
+    path = RESULTS / "monitor_width_sweep.json"
+    result = json.loads(path.read_text()) if path.exists() else {}  # keep the part not rerun
+    if not args.no_sweep:
+        result["width_sweep"] = width_sweep(args)
     if not args.no_real:
         result["real_run"] = real_run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "monitor_width_sweep.json"
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"saved {path}")
 

@@ -741,7 +741,7 @@ class Monitor:
             f"({steps[0]}..{steps[-1]}, every {self.every}); {which}; balanced = median ratio within "
             f"[{1 / band:.3g}, {band:g}]"
         ]
-        width = max(len(g) for g in per)
+        width = max(len("layer group"), *(len(g) for g in per))
         lines.append(f"{'layer group'.ljust(width)}  {'A-side':>9}  {'B-side':>9}  {'A/B':>9}  verdict")
         for group, vals in per.items():
             if not vals:
@@ -784,6 +784,7 @@ class Monitor:
                 were asked for but not recorded.
         """
         try:
+            import matplotlib
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError as err:
@@ -800,7 +801,7 @@ class Monitor:
         fig = Figure(figsize=(12, 8), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(2, 2)
-        cmap = fig.colormaps["viridis"] if hasattr(fig, "colormaps") else None
+        cmap = getattr(matplotlib, "colormaps", {}).get("viridis")
         n = len(h["layer"])
 
         def color(j: int) -> Any:
