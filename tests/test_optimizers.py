@@ -10,10 +10,14 @@ hand-written param groups for several steps (the reference implementation).
 from __future__ import annotations
 
 import functools
+import os
 import socket
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import bitsandbytes as bnb
@@ -233,6 +237,82 @@ def test_matches_hand_written_groups_over_three_steps(case: Case, request: pytes
             opt.step()
     for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+_ZERO_RANK = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
+import loraplus
+from loraplus.testing import tiny_lora_model
+
+rank, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+inputs = torch.load(f"{folder}/inputs.pt", weights_only=True)
+model = tiny_lora_model(d=64, r=64, layers=2, n_out=3)
+model.load_state_dict(inputs["model"])
+opt = loraplus.LoraPlus(
+    ZeroRedundancyOptimizer, model, ratio=4.0, lr=1e-3, weight_decay=0.01, optimizer_class=torch.optim.AdamW
+)
+local = [len(g["params"]) for g in opt.optim.param_groups]
+local_names = [len(g["param_names"]) for g in opt.optim.param_groups]
+for x, y in inputs["batches"]:  # same batch on both ranks: no gradient averaging needed
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+opt.consolidate_state_dict(to=0)
+full = opt.state_dict() if rank == 0 else None
+torch.save(
+    {"model": model.state_dict(), "local": local, "local_names": local_names, "full": full}, f"{folder}/rank{rank}.pt"
+)
+dist.destroy_process_group()
+"""
+
+
+def test_zero_redundancy_optimizer_on_two_ranks_matches_single_process(tmp_path: Path) -> None:
+    """Two gloo ranks on 127.0.0.1, each owning part of every LoRA+ group: same result as one AdamW."""
+    model = make_model()
+    batches = []
+    for step in range(2):
+        gen = torch.Generator().manual_seed(100 + step)
+        batches.append((torch.randn(8, D, generator=gen), torch.randn(8, 3, generator=gen)))
+    torch.save({"model": model.state_dict(), "batches": batches}, tmp_path / "inputs.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ZERO_RANK, str(rank), str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out[-3000:]
+
+    opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=RATIO, lr=LR, weight_decay=WD)
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["local"] != [len(g["params"]) for g in opt.param_groups], "the groups really were sharded"
+    assert [a + b for a, b in zip(ranks[0]["local"], ranks[1]["local"])] == [len(g["params"]) for g in opt.param_groups]
+    for rank in ranks:
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(rank["model"][name], value, rtol=1e-6, atol=1e-7, msg=f"{name} differs")
+    full = ranks[0]["full"]["param_groups"]
+    meta = lambda groups: [(g["name"], g["role"], g["lr"]) for g in groups]  # noqa: E731
+    assert meta(full) == meta(opt.param_groups)
+    assert [g["param_names"] for g in full] == [g["param_names"] for g in opt.param_groups]
+    # quirk (documented): each rank's local optimizer holds a shard of the params but the full param_names
+    assert ranks[1]["local_names"] == [len(g["param_names"]) for g in opt.param_groups] != ranks[1]["local"]
 
 
 def test_quantised_optimizers_really_keep_low_bit_state() -> None:
