@@ -290,9 +290,12 @@ class Label:
     module: nn.Module
 
 
+_WRAPPER_SUBSTRING = re.compile("|".join(sorted(map(re.escape, WRAPPER_SEGMENTS))))
+
+
 def _may_have_wrappers(name: str) -> bool:
     # a substring test: when it is False no segment can be a wrapper segment
-    return any(w in name for w in WRAPPER_SEGMENTS)
+    return _WRAPPER_SUBSTRING.search(name) is not None
 
 
 def canonical_name(name: str) -> str:
@@ -376,6 +379,8 @@ def _name_source(conv: Convention) -> str:
 
 def _host_module(name: str, modules: Mapping[str, nn.Module]) -> nn.Module | None:
     """The layer a factor adapts: the module before ``.parametrizations`` (minLoRA), else the owner."""
+    if "parametrizations" not in name:  # fast path: no such segment possible
+        return modules.get(name.rpartition(".")[0])
     segs = name.split(".")
     if "parametrizations" in segs:
         i = segs.index("parametrizations")
@@ -436,13 +441,20 @@ def _declared_roles(
             continue
         modname = cls.__module__ or ""
         if modname.startswith("peft.") and isinstance(getattr(cls, "adapter_layer_names", None), tuple):
+            use_dora = getattr(module, "use_dora", None)
             for attr in module.adapter_layer_names:
                 hit = _PEFT_LAYER_ROLES.get(attr)
                 sub = module._modules.get(attr)
                 if hit is None or sub is None:
                     continue
-                for _, p in sub.named_parameters():
-                    by_type[id(p)] = (hit[0], hit[1], f"PEFT {cls.__name__}.{attr}")
+                for local, p in sub.named_parameters():
+                    family = hit[1]
+                    if attr in ("lora_A", "lora_B"):  # shared by LoRA, DoRA and AdaLoRA layers
+                        if modname.startswith("peft.tuners.adalora."):
+                            family = "adalora"
+                        elif isinstance(use_dora, Mapping) and use_dora.get(local.split(".")[0]):
+                            family = "dora"
+                    by_type[id(p)] = (hit[0], family, f"PEFT {cls.__name__}.{attr}")
         elif modname.startswith("torchtune.") and callable(getattr(cls, "adapter_params", None)):
             for local in module.adapter_params():
                 hit = _TORCHTUNE_ROLES.get(local.split(".")[0])
@@ -477,7 +489,7 @@ def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, nn.Pa
     modules: dict[str, nn.Module] = {}
     params: list[tuple[str, nn.Parameter]] = []
     seen_modules: set[nn.Module] = set()
-    seen_params: set[nn.Parameter] = set()
+    seen_params: set[int] = set()  # ids: Tensor.__hash__ is id() in Python, this skips the call
 
     def visit(prefix: str, module: nn.Module) -> None:
         cls = type(module)
@@ -489,9 +501,9 @@ def _walk(model: nn.Module) -> tuple[dict[str, nn.Module], list[tuple[str, nn.Pa
         if module not in seen_modules:
             seen_modules.add(module)
             for key, value in module._parameters.items():
-                if value is None or value in seen_params:
+                if value is None or id(value) in seen_params:
                     continue
-                seen_params.add(value)
+                seen_params.add(id(value))
                 params.append((prefix + "." + key if prefix else key, value))
         for key, sub in module._modules.items():
             if sub is not None:
