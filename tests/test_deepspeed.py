@@ -1,11 +1,11 @@
 """LoRA+ param groups through ``deepspeed.initialize`` (ZeRO stages 0, 1, 2) on CPU, 2 gloo ranks.
 
 ``deepspeed.initialize(model_parameters=loraplus.param_groups(...))`` with DeepSpeed's own
-AdamW (``"torch_adam": true``) and its ``WarmupDecayLR`` scheduler: each stage must keep one
+AdamW (``"torch_adam": true``) and its ``WarmupLR`` / ``WarmupDecayLR`` schedulers: each stage must keep one
 optimizer group per LoRA+ group (same order, ``role``/``name`` keys intact), give B
 ``ratio`` × A's lr at every step of the schedule, and train exactly like a single-process
 torch AdamW driven by the same schedule. One spawn (127.0.0.1, a free port, a deadline) runs
-all three stages; the scheduler traps are pinned in-process on a plain optimizer.
+all six cases; the scheduler traps are pinned in-process on a plain optimizer.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from loraplus.testing import tiny_lora_model  # noqa: E402
 
 WORLD = 2
 STAGES = (0, 1, 2)
+SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
+CASES = [(stage, kind) for stage in STAGES for kind in SCHEDULERS]
+CASE_IDS = [f"zero{stage}-{kind}" for stage, kind in CASES]
 STEPS = 4
 LR = 1e-2
 RATIO = 8.0
@@ -60,25 +63,26 @@ def _groups(model: nn.Module) -> list[dict[str, Any]]:
     return loraplus.param_groups(model, lr=LR, ratio=RATIO, weight_decay=WEIGHT_DECAY)
 
 
-def _schedule_params(groups: list[dict[str, Any]]) -> dict[str, Any]:
-    """WarmupDecayLR with per-group peaks and floors (``loraplus.per_group``): the way to keep the ratio."""
-    return {
+def _schedule_params(kind: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-group warmup floors and peaks (``loraplus.per_group``): the way to keep the ratio."""
+    params: dict[str, Any] = {
         "warmup_min_lr": loraplus.per_group(groups, 0.1 * LR),
         "warmup_max_lr": loraplus.per_group(groups, LR),
-        "warmup_num_steps": 2,
-        "total_num_steps": STEPS + 1,
         "warmup_type": "linear",
     }
+    if kind == "WarmupLR":
+        return {**params, "warmup_num_steps": STEPS}
+    return {**params, "warmup_num_steps": 2, "total_num_steps": STEPS + 1}
 
 
-def _config(stage: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
+def _config(stage: int, kind: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 10**9,
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY, "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": _schedule_params(groups)},
+        "scheduler": {"type": kind, "params": _schedule_params(kind, groups)},
         "zero_optimization": {"stage": stage},
     }
 
@@ -87,14 +91,14 @@ def _lrs(opt: Any) -> list[float]:
     return [float(g["lr"]) for g in opt.param_groups]
 
 
-def _reference() -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+def _reference(kind: str) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
     """Single process, full batch, torch AdamW + DeepSpeed's scheduler class: the expected run."""
-    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+    from deepspeed.runtime import lr_schedules
 
     model = _model()
     groups = _groups(model)
     opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY)
-    sched = WarmupDecayLR(opt, **_schedule_params(groups))
+    sched = getattr(lr_schedules, kind)(opt, **_schedule_params(kind, groups))
     x, y = _data()
     lrs = []
     for _ in range(STEPS):
@@ -109,12 +113,12 @@ def _reference() -> tuple[list[list[float]], dict[str, torch.Tensor]]:
 # --------------------------------------------------------------------------- worker (runs in each rank)
 
 
-def _run_stage(stage: int, rank: int) -> dict[str, Any]:
+def _run_case(stage: int, kind: str, rank: int) -> dict[str, Any]:
     import deepspeed
 
     model = _model()
     groups = _groups(model)
-    engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=groups, config=_config(stage, groups))
+    engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=groups, config=_config(stage, kind, groups))
     x, y = _data()
     rows = slice(rank * MICRO_BATCH, (rank + 1) * MICRO_BATCH)
     info = [{k: v for k, v in g.items() if k in ("name", "role", "param_names")} for g in opt.param_groups]
@@ -158,12 +162,12 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist_backend="gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
     )
     try:
-        for stage in STAGES:
+        for stage, kind in CASES:
             try:
-                result: dict[str, Any] = _run_stage(stage, rank)
+                result: dict[str, Any] = _run_case(stage, kind, rank)
             except Exception:
                 result = {"error": traceback.format_exc()}
-            torch.save(result, Path(outdir) / f"stage{stage}.rank{rank}.pt")
+            torch.save(result, Path(outdir) / f"zero{stage}.{kind}.rank{rank}.pt")
             if "error" in result:
                 break
     finally:
@@ -180,7 +184,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], list[dict[str, Any]]]:
     import torch.multiprocessing as mp
 
     outdir = tmp_path_factory.mktemp("deepspeed")
@@ -195,15 +199,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
             if p.is_alive():
                 p.kill()
     out = {}
-    for stage in STAGES:
-        files = [outdir / f"stage{stage}.rank{r}.pt" for r in range(WORLD)]
-        out[stage] = [torch.load(f, weights_only=False) if f.exists() else {"error": "no result"} for f in files]
+    for stage, kind in CASES:
+        files = [outdir / f"zero{stage}.{kind}.rank{r}.pt" for r in range(WORLD)]
+        out[(stage, kind)] = [torch.load(f, weights_only=False) if f.exists() else {"error": "no result"} for f in files]
     return out
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[list[list[float]], dict[str, torch.Tensor]]:
-    return _reference()
+def reference() -> dict[str, tuple[list[list[float]], dict[str, torch.Tensor]]]:
+    return {kind: _reference(kind) for kind in SCHEDULERS}
 
 
 def _ok(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,12 +219,12 @@ def _ok(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_groups_survive_initialize(runs, stage):
+@pytest.mark.parametrize(("stage", "kind"), CASES, ids=CASE_IDS)
+def test_groups_survive_initialize(runs, stage, kind):
     expected = [{k: g[k] for k in ("name", "role", "param_names")} for g in _groups(_model())]
-    for res in _ok(runs[stage]):
+    for res in _ok(runs[(stage, kind)]):
         assert res["base_optimizer"] == "AdamW"
-        assert res["scheduler"] == "WarmupDecayLR"
+        assert res["scheduler"] == kind
         # one DeepSpeed group per LoRA+ group, same order, extra keys kept (ZeRO 1/2 replace each
         # group's params by one flat partition but keep the other keys)
         assert res["groups"] == expected
@@ -232,11 +236,11 @@ def test_groups_survive_initialize(runs, stage):
             assert res["tensors"] == [1] * len(expected)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_per_group_lrs_follow_the_schedule_with_the_ratio_kept(runs, reference, stage):
-    ref_lrs, _ = reference
+@pytest.mark.parametrize(("stage", "kind"), CASES, ids=CASE_IDS)
+def test_per_group_lrs_follow_the_schedule_with_the_ratio_kept(runs, reference, stage, kind):
+    ref_lrs, _ = reference[kind]
     names = [g["role"] for g in _groups(_model())]
-    for res in _ok(runs[stage]):
+    for res in _ok(runs[(stage, kind)]):
         assert len(res["lrs"]) == len(ref_lrs)
         for got, want in zip(res["lrs"], ref_lrs):
             assert got == pytest.approx(want, rel=1e-12)
@@ -247,11 +251,11 @@ def test_per_group_lrs_follow_the_schedule_with_the_ratio_kept(runs, reference, 
     assert len({tuple(s) for s in ref_lrs}) >= 3  # the schedule really changes the lrs
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_training_matches_single_process_torch_adamw(runs, reference, stage):
-    _, ref_params = reference
+@pytest.mark.parametrize(("stage", "kind"), CASES, ids=CASE_IDS)
+def test_training_matches_single_process_torch_adamw(runs, reference, stage, kind):
+    _, ref_params = reference[kind]
     before = dict(_model().named_parameters())
-    results = _ok(runs[stage])
+    results = _ok(runs[(stage, kind)])
     for rank, res in enumerate(results):
         for name, ref in ref_params.items():
             torch.testing.assert_close(res["params"][name], ref, rtol=1e-4, atol=1e-5, msg=f"stage {stage} rank {rank} {name}")
