@@ -140,6 +140,18 @@ def _run_case(stage: int, kind: str, rank: int) -> dict[str, Any]:
     }
 
 
+def _empty_group_case(stage: int) -> list[Any]:
+    """PEFT-style groups with an empty one in front: what does the engine's optimizer keep?"""
+    import deepspeed
+
+    model = _model()
+    empty = {"params": [], "param_names": [], "name": "embedding", "lr": 1e-6}
+    config = _config(stage, "WarmupLR", _groups(model))
+    del config["scheduler"]
+    _, opt, _, _ = deepspeed.initialize(model=model, model_parameters=[empty, *_groups(model)], config=config)
+    return [g.get("name") for g in opt.param_groups]
+
+
 def _worker(rank: int, port: int, outdir: str) -> None:
     warnings.simplefilter("ignore")
     os.environ.update(
@@ -170,6 +182,12 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             torch.save(result, Path(outdir) / f"zero{stage}.{kind}.rank{rank}.pt")
             if "error" in result:
                 break
+        else:
+            try:
+                kept: Any = {stage: _empty_group_case(stage) for stage in STAGES}
+            except Exception:
+                kept = {"error": traceback.format_exc()}
+            torch.save(kept, Path(outdir) / f"empty.rank{rank}.pt")
     finally:
         import torch.distributed as dist
 
@@ -184,7 +202,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], list[dict[str, Any]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[Any, list[Any]]:
     import torch.multiprocessing as mp
 
     outdir = tmp_path_factory.mktemp("deepspeed")
@@ -202,6 +220,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], list
     for stage, kind in CASES:
         files = [outdir / f"zero{stage}.{kind}.rank{r}.pt" for r in range(WORLD)]
         out[(stage, kind)] = [torch.load(f, weights_only=False) if f.exists() else {"error": "no result"} for f in files]
+    files = [outdir / f"empty.rank{r}.pt" for r in range(WORLD)]
+    out["empty"] = [torch.load(f, weights_only=False) if f.exists() else {"error": "no result"} for f in files]
     return out
 
 
@@ -263,6 +283,15 @@ def test_training_matches_single_process_torch_adamw(runs, reference, stage, kin
                 assert not torch.equal(ref, before[name].detach()), f"{name} did not move"
     for name in ref_params:
         assert torch.equal(results[0]["params"][name], results[1]["params"][name]), name
+
+
+def test_trap_deepspeed_drops_empty_param_groups(runs):
+    """PEFT's LoRA+ always emits four groups, some empty; DeepSpeed drops the empty ones, so a
+    per-group list (scheduler bounds, logging) no longer lines up. loraplus never emits one."""
+    lora_plus = [g["name"] for g in _groups(_model())]
+    for kept in _ok(runs["empty"]):
+        assert kept == {stage: lora_plus for stage in STAGES}  # "embedding" (empty) is gone
+    assert all(g["params"] for g in _groups(_model()))
 
 
 # --------------------------------------------------------------------------- scheduler traps (in-process)
