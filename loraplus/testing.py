@@ -171,6 +171,54 @@ def _minlora_linear(d_in: int, d_out: int, r: int, reg: _Reg) -> nn.Module:
     return layer
 
 
+class _PeftOtherAdapter(nn.Module):
+    """PEFT AdaLoRA / LoHa / LoKr / VeRA naming: raw ``ParameterDict`` entries ``<factor>.<adapter>``.
+
+    ``variant`` adds the optional tensors of each family: LoHa's Tucker cores ``hada_t1/t2``,
+    LoKr's decomposed first factor ``lokr_w1_a/_b`` (instead of the full ``lokr_w1``).
+    """
+
+    def __init__(self, family: str, d_in: int, d_out: int, r: int, adapters: list[str], reg: _Reg, variant: bool):
+        super().__init__()
+        self.base_layer = _frozen(nn.Linear(d_in, d_out))
+
+        def add(attr: str, shape: tuple[int, ...], role: Role | None) -> None:
+            table = nn.ParameterDict({a: nn.Parameter(torch.randn(*shape) * 0.1) for a in adapters})
+            setattr(self, attr, table)
+            for a in adapters:
+                if role is None:  # e.g. AdaLoRA's ranknum: a frozen parameter
+                    table[a].requires_grad_(False)
+                else:
+                    reg(table[a], role)
+
+        if family == "adalora":
+            add("lora_A", (r, d_in), Role.A)
+            add("lora_B", (d_out, r), Role.B)
+            add("lora_E", (r, 1), Role.CORE)
+            add("ranknum", (1,), None)
+        elif family == "loha":
+            for i in (1, 2):
+                add(f"hada_w{i}_a", (d_out, r), Role.B)
+                add(f"hada_w{i}_b", (r, d_in), Role.A)
+                if variant:
+                    add(f"hada_t{i}", (r, r, 1, 1), Role.CORE)
+        elif family == "lokr":
+            if variant:
+                add("lokr_w1_a", (1, r), Role.B)
+                add("lokr_w1_b", (r, 1), Role.A)
+            else:
+                add("lokr_w1", (1, 1), Role.CORE)
+            add("lokr_w2_a", (d_out, r), Role.B)
+            add("lokr_w2_b", (r, d_in), Role.A)
+        elif family == "vera":
+            add("vera_lambda_b", (d_out,), Role.B)
+            add("vera_lambda_d", (r,), Role.A)
+            self.register_buffer("vera_A", torch.randn(r, d_in))  # shared frozen projections
+            self.register_buffer("vera_B", torch.randn(d_out, r))
+        else:  # pragma: no cover
+            raise ValueError(family)
+
+
 class _DeclaredLinear(nn.Module):
     """Hand-written LoRA layer with unconventional names that declares its roles."""
 
@@ -191,6 +239,10 @@ CONVENTION_NAMES = (
     "peft",
     "peft_dora",
     "peft_embedding",
+    "peft_adalora",
+    "peft_loha",
+    "peft_lokr",
+    "peft_vera",
     "loralib",
     "loralib_embedding",
     "torchtune",
@@ -212,6 +264,8 @@ def _adapted_layer(conv: str, d_in: int, d_out: int, r: int, adapters: list[str]
         return _PeftLinear(d_in, d_out, r, adapters, reg, dora=conv == "peft_dora", lora_bias=lora_bias)
     if conv == "peft_embedding":
         return _PeftEmbedding(d_in + 3, d_out, r, adapters, reg)
+    if conv in ("peft_adalora", "peft_loha", "peft_lokr", "peft_vera"):
+        return _PeftOtherAdapter(conv[5:], d_in, d_out, r, adapters, reg, variant=lora_bias)
     if conv == "loralib":
         return _LoralibLinear(d_in, d_out, r, reg)
     if conv == "loralib_embedding":
