@@ -1,0 +1,71 @@
+"""Does LoRA+ transfer to other adapters? PEFT DoRA, AdaLoRA, LoHa, LoKr and VeRA on MiniLM.
+
+Same harness and task as ``minilm_convergence.py`` (all-MiniLM-L6-v2, query/value, the hard
+``order`` task), every optimizer built by ``loraplus.LoraPlus`` with the roles loraplus gives
+each family's parameters (see docs/adapters.md). For each family: λ = 1 against λ ∈ {4, 16},
+each at the better of two learning rates, 3 seeds, 40 steps (λ=16 only if time allows: it
+comes last in the queue). For DoRA also the magnitude
+vector at lr vs λ·lr, and with weight decay on it (λ=4, lr=3e-3).
+
+Usage::
+
+    python benchmarks/adapters.py run       # benchmarks/results/adapters.json (resumes)
+    python benchmarks/adapters.py report    # markdown table + docs/img/adapters.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _minilm as H  # noqa: E402
+
+STEPS = 40
+SEEDS = (0, 1, 2)
+RATIOS = (1, 4, 16)
+FAMILIES = ("dora", "adalora", "loha", "lokr", "vera")
+#: Learning rates of A (and every non-B role) by ratio: larger ratios get smaller base rates,
+#: so each ratio is tried around where LoRA's best lr(A) lies for it (a diagonal band of the
+#: (lr_A, lr_B) plane rather than a full grid, to fit the budget).
+LR_BY_RATIO = {1: (3e-3, 1e-2), 4: (1e-3, 3e-3), 16: (3e-4, 1e-3)}
+#: Per-family scale of those rates (VeRA trains only scaling vectors and needs larger rates).
+FAMILY_LR_SCALE = {"dora": 1.0, "adalora": 1.0, "loha": 1.0, "lokr": 1.0, "vera": 10.0}
+DORA_MAGNITUDE_RATIO = 4
+DORA_LR = 3e-3
+DORA_WEIGHT_DECAY = 0.1  # on the magnitude only (every other group is exempt in those runs)
+
+
+def configs() -> list[H.RunConfig]:
+    """In priority order (the sweep is cut short when the budget runs out): λ=1 and 4 for every
+    family, then DoRA's magnitude variants, then λ=16."""
+
+    def runs(fam: str, lam: int, lrs: tuple[float, ...] | None = None, **kw: object) -> list[H.RunConfig]:
+        lrs = lrs or tuple(lr * FAMILY_LR_SCALE[fam] for lr in LR_BY_RATIO[lam])
+        return [H.RunConfig(task="order", family=fam, init="B0", ratio=float(lam), lr=lr, seed=seed, steps=STEPS, **kw)
+                for lr in lrs for seed in SEEDS]
+
+    out = [c for lam in (1, 4) for fam in FAMILIES for c in runs(fam, lam)]
+    lam = DORA_MAGNITUDE_RATIO
+    out += runs("dora", lam, (DORA_LR,), magnitude="B")
+    out += runs("dora", lam, (DORA_LR,), magnitude="A", magnitude_decay=True, weight_decay=DORA_WEIGHT_DECAY)
+    out += [c for fam in FAMILIES for c in runs(fam, 16)]
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["run"]:
+        H.sweep(configs(), H.RESULTS / "adapters.json", meta={"steps": STEPS, "seeds": SEEDS,
+                "lr_by_ratio": {str(k): v for k, v in LR_BY_RATIO.items()}, "family_lr_scale": FAMILY_LR_SCALE,
+                "command": "python benchmarks/adapters.py run"})
+    elif argv[:1] == ["report"]:
+        import _report
+
+        _report.adapters_report()
+    else:
+        print(__doc__)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""LoRA vs LoRA+ on a real pretrained model: all-MiniLM-L6-v2, λ × learning rate × seed sweeps.
+
+Usage (each part saves ``benchmarks/results/minilm_<part>.json`` and resumes if interrupted)::
+
+    python benchmarks/minilm_convergence.py run main        # r=8 on query/value, hard task, PEFT init (B=0)
+    python benchmarks/minilm_convergence.py run a0          # the same with the paper's init (A=0), λ=1 vs 16
+    python benchmarks/minilm_convergence.py run all_linear  # r=8 on every linear layer, hard task
+    python benchmarks/minilm_convergence.py run easy        # easy control task (source of a docstring)
+    python benchmarks/minilm_convergence.py report          # tables (markdown) + docs/img/minilm_*.png
+
+The harness (model, tasks, training loop) is ``benchmarks/_minilm.py``; every optimizer is
+built by ``loraplus.LoraPlus``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _minilm as H  # noqa: E402
+
+STEPS = 60
+SEEDS = (0, 1, 2)
+RATIOS = (1, 2, 4, 8, 16, 32)
+
+PARTS = {
+    "main": dict(task="order", targets=H.QV, inits=("B0",), ratios=RATIOS),
+    "a0": dict(task="order", targets=H.QV, inits=("A0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
+    "all_linear": dict(task="order", targets=H.ALL_LINEAR, inits=("B0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
+    "easy": dict(task="source", targets=H.QV, inits=("B0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
+}
+
+
+#: Learning rates of A tried for each λ. Cells whose B rate λ·lr is far above the best B rate of
+#: smaller λ are left out (λ=2…8 all diverge or stall from λ·lr ≈ 0.04 up): 2–4 rates per λ.
+LR_GRID = {
+    1: (1e-3, 3e-3, 1e-2, 3e-2),
+    2: (1e-3, 3e-3, 1e-2, 3e-2),
+    4: (1e-3, 3e-3, 1e-2),
+    8: (1e-3, 3e-3, 1e-2),
+    16: (3e-4, 1e-3, 3e-3),
+    32: (3e-4, 1e-3),
+}
+
+
+def lr_grid(ratio: float) -> tuple[float, ...]:
+    return LR_GRID[int(ratio)]
+
+
+def configs(part: str) -> list[H.RunConfig]:
+    p = PARTS[part]
+    return [
+        H.RunConfig(task=p["task"], family="lora", init=init, targets=tuple(p["targets"]), ratio=float(lam), lr=lr,
+                    seed=seed, steps=STEPS)
+        for init in p["inits"]
+        for lam in p["ratios"]
+        for lr, seed in itertools.product(p.get("lrs") or lr_grid(lam), SEEDS)
+    ]
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) >= 2 and argv[0] == "run":
+        for part in argv[1:]:
+            H.sweep(configs(part), H.RESULTS / f"minilm_{part}.json", meta={"part": part, "steps": STEPS,
+                    "lr_grid": {str(k): v for k, v in LR_GRID.items()}, "seeds": SEEDS, "command": f"python benchmarks/minilm_convergence.py run {part}"})
+    elif argv[:1] == ["report"]:
+        import _report
+
+        _report.minilm_report()
+    else:
+        print(__doc__)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
