@@ -79,14 +79,22 @@ def toy_run(n: int, ratio: float, seed: int, steps: int, lr: float) -> dict[str,
 
 def width_sweep(args: argparse.Namespace) -> dict:
     widths = [64, 128, 256, 512, 1024, 2048, 4096]
-    schemes = {"λ = 1 (one shared lr)": lambda n: 1.0, "λ = 16 (fixed)": lambda n: 16.0, "λ = n/64 (∝ width)": lambda n: n / 64}
+    schemes = {
+        "λ = 1 (one shared lr)": lambda n: 1.0,
+        "λ = 16 (fixed)": lambda n: 16.0,
+        "λ = n/64 (∝ width)": lambda n: n / 64,
+    }
     out: dict = {"widths": widths, "seeds": args.seeds, "steps": args.steps, "lr": args.lr, "schemes": {}}
     for name, lam in schemes.items():
         rows = []
         for n in widths:
             runs = [toy_run(n, lam(n), s, args.steps, args.lr) for s in range(args.seeds)]
-            rows.append({k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"ratio_min": min(r["ratio"] for r in runs), "ratio_max": max(r["ratio"] for r in runs)})
-            print(f"{name:<24} n={n:<5} A-side {rows[-1]['A_side']:.3g}  B-side {rows[-1]['B_side']:.3g}  ratio {rows[-1]['ratio']:.3g}")
+            row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            row["ratio_min"] = min(r["ratio"] for r in runs)
+            row["ratio_max"] = max(r["ratio"] for r in runs)
+            rows.append(row)
+            a_side, b_side = row["A_side"], row["B_side"]
+            print(f"{name:<24} n={n:<5} A-side {a_side:.3g}  B-side {b_side:.3g}  ratio {row['ratio']:.3g}")
         out["schemes"][name] = rows
     out["drift"] = {}
     for name, rows in out["schemes"].items():
@@ -102,7 +110,8 @@ def width_sweep(args: argparse.Namespace) -> dict:
     ax1, ax2 = fig.subplots(1, 2)
     for (name, rows), color in zip(out["schemes"].items(), ("C3", "C1", "C0")):
         ax1.plot(widths, [r["ratio"] for r in rows], "o-", color=color, label=name)
-        ax1.fill_between(widths, [r["ratio_min"] for r in rows], [r["ratio_max"] for r in rows], color=color, alpha=0.15)
+        lo, hi = [r["ratio_min"] for r in rows], [r["ratio_max"] for r in rows]
+        ax1.fill_between(widths, lo, hi, color=color, alpha=0.15)
         ax2.plot(widths, [r["A_side"] for r in rows], "o-", color=color, label=f"A-side, {name}")
         ax2.plot(widths, [r["B_side"] for r in rows], "s--", color=color, label=f"B-side, {name}")
     ax1.set(xscale="log", yscale="log", xlabel="width n", ylabel="RMS(B·ΔA·x) / RMS(ΔB·A·x)")
@@ -112,7 +121,8 @@ def width_sweep(args: argparse.Namespace) -> dict:
     ax2.set_title("the two terms (median over steps and seeds)")
     ax2.legend(fontsize=6.5, ncol=1)
     fig.suptitle(
-        f"Paper toy (d=5, r=4), Adam lr(A)={args.lr:g}, {args.steps} full-batch steps, {args.seeds} seeds (band = min..max)"
+        f"Paper toy (d=5, r=4), Adam lr(A)={args.lr:g}, {args.steps} full-batch steps, "
+        f"{args.seeds} seeds (band = min..max)"
     )
     IMG.mkdir(parents=True, exist_ok=True)
     fig.savefig(IMG / "monitor_width_sweep.png", dpi=110)
@@ -129,7 +139,12 @@ def real_run(args: argparse.Namespace) -> dict:
     for ratio in (16.0, 1.0):
         model = mm.adapted_model("lora", "B0", mm.QV, seed=0)
         opt = loraplus.LoraPlus(
-            torch.optim.AdamW, model, ratio=ratio, lr=args.real_lr, role_lr={loraplus.Role.OTHER: mm.HEAD_LR}, betas=(0.9, 0.99)
+            torch.optim.AdamW,
+            model,
+            ratio=ratio,
+            lr=args.real_lr,
+            role_lr={loraplus.Role.OTHER: mm.HEAD_LR},
+            betas=(0.9, 0.99),
         )
         train_idx, _ = mm.split("order")
         gen = torch.Generator().manual_seed(0)
@@ -147,7 +162,10 @@ def real_run(args: argparse.Namespace) -> dict:
         out[f"ratio={ratio:g}"] = {"summary": text, "adapters": len(mon.pairs), "records": len(mon.records)}
         if ratio == 16.0:
             fig = mon.plot(IMG / "monitor_example.png")
-            fig.suptitle(f"all-MiniLM-L6-v2, PEFT LoRA r=8 on query/value, LoRA+ λ=16, AdamW lr(A)={args.real_lr:g}: every {args.every} steps")
+            fig.suptitle(
+                f"all-MiniLM-L6-v2, PEFT LoRA r=8 on query/value, LoRA+ λ=16, AdamW lr(A)={args.real_lr:g}: "
+                f"every {args.every} steps"
+            )
             fig.savefig(IMG / "monitor_example.png", dpi=110)
             print(f"saved {IMG / 'monitor_example.png'}")
     return out

@@ -222,6 +222,7 @@ def pair_factors(labels: Sequence[Label]) -> tuple[list[Pair], dict[str, str]]:
 
 def _labels_from_groups(optimizer: torch.optim.Optimizer) -> list[Label]:
     labels: list[Label] = []
+    holder = nn.Module()  # no model: names and roles come from the groups
     for i, g in enumerate(optimizer.param_groups):
         names = g.get("param_names")
         role = g.get("role")
@@ -231,7 +232,7 @@ def _labels_from_groups(optimizer: torch.optim.Optimizer) -> list[Label]:
                 "tell A from B without the model; pass the model: loraplus.Monitor(optimizer, model)"
             )
         for name, p in zip(names, g["params"]):
-            labels.append(Label(name, p, Role.coerce(role), None, f"group {g.get('name', i)}", nn.Module()))
+            labels.append(Label(name, p, Role.coerce(role), None, f"group {g.get('name', i)}", holder))
     return labels
 
 
@@ -327,11 +328,16 @@ class Monitor:
         if model is not None and not isinstance(model, nn.Module):
             raise LoraPlusError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self.activations and model is None:
-            raise LoraPlusError("activations=True needs the model (to hook its adapted layers): Monitor(opt, model, ...)")
+            raise LoraPlusError(
+                "activations=True needs the model (to hook its adapted layers): Monitor(opt, model, ...)"
+            )
         self.optimizer = optimizer
         self.model = model
         modules = named_modules_map(model) if model is not None else {}
-        labels = label_parameters(model, rules, modules=modules) if model is not None else _labels_from_groups(optimizer)
+        if model is not None:
+            labels = label_parameters(model, rules, modules=modules)
+        else:
+            labels = _labels_from_groups(optimizer)
         pairs, unpaired = pair_factors(labels)
 
         # keep only pairs whose factors this optimizer updates
@@ -455,7 +461,8 @@ class Monitor:
                 continue
             seen.setdefault(id(host), []).append(i)
             if len(seen[id(host)]) == 1:
-                self._fwd_handles.append(host.register_forward_pre_hook(self._make_capture(seen[id(host)]), with_kwargs=True))
+                hook = self._make_capture(seen[id(host)])
+                self._fwd_handles.append(host.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _disarm(self) -> None:
         for h in self._fwd_handles:
@@ -682,7 +689,7 @@ class Monitor:
         for lr_row in self.lrs:
             groups += [g for g in lr_row if g != "step" and g not in groups]
         out["lr"] = {
-            g: torch.tensor([float(lr_row.get(g, math.nan)) for lr_row in self.lrs], dtype=torch.float64) for g in groups
+            g: torch.tensor([float(row.get(g, math.nan)) for row in self.lrs], dtype=torch.float64) for g in groups
         }
         return out
 
@@ -788,7 +795,9 @@ class Monitor:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError as err:
-            raise LoraPlusError(f"plot() needs matplotlib ({err}); pip install matplotlib (or loraplus[plot])") from None
+            raise LoraPlusError(
+                f"plot() needs matplotlib ({err}); pip install matplotlib (or loraplus[plot])"
+            ) from None
         if not self.records:
             raise LoraPlusError("nothing to plot yet: no sampled optimizer step has been recorded")
         use_act = self.activations if activations is None else bool(activations)
@@ -821,7 +830,8 @@ class Monitor:
             ax.set_title(f"A-side {lab}" if key == a_key else f"B-side {lab}")
             ax.set_xlabel("step")
         ax = axes[1, 0]
-        for key, lab in ((a_key, a_lab), (b_key, b_lab), ("delta_A", "‖ΔA‖"), ("delta_B", "‖ΔB‖"), ("delta_BA", "‖Δ(BA)‖")):
+        curves = ((a_key, a_lab), (b_key, b_lab), ("delta_A", "‖ΔA‖"), ("delta_B", "‖ΔB‖"), ("delta_BA", "‖Δ(BA)‖"))
+        for key, lab in curves:
             ax.plot(steps, positive(torch.nanmedian(h[key], dim=1).values), lw=1.8, label=lab)
         ax.set_yscale("log")
         ax.set_title(f"median over {n} adapters")
