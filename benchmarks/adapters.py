@@ -9,7 +9,8 @@ vector at lr vs λ·lr, and with weight decay on it (λ=4, lr=3e-3).
 
 Usage::
 
-    python benchmarks/adapters.py run       # benchmarks/results/adapters.json (resumes)
+    python benchmarks/adapters.py run core  # λ = 1 and 4 (+ DoRA magnitude): benchmarks/results/adapters.json
+    python benchmarks/adapters.py run       # everything, λ = 16 included (resumes where core stopped)
     python benchmarks/adapters.py report    # markdown table + docs/img/adapters.png
 """
 
@@ -55,7 +56,10 @@ def configs() -> list[H.RunConfig]:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["run"]:
-        H.sweep(configs(), H.RESULTS / "adapters.json", meta={"steps": STEPS, "seeds": SEEDS,
+        todo = configs()
+        if argv[1:] == ["core"]:  # everything but the λ=16 runs
+            todo = [c for c in todo if c.ratio != 16]
+        H.sweep(todo, H.RESULTS / "adapters.json", meta={"steps": STEPS, "seeds": SEEDS,
                 "lr_by_ratio": {str(k): v for k, v in LR_BY_RATIO.items()}, "family_lr_scale": FAMILY_LR_SCALE,
                 "command": "python benchmarks/adapters.py run"})
     elif argv[:1] == ["report"]:

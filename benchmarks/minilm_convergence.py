@@ -28,7 +28,7 @@ RATIOS = (1, 2, 4, 8, 16, 32)
 
 PARTS = {
     "main": dict(task="order", targets=H.QV, inits=("B0",), ratios=RATIOS),
-    "a0": dict(task="order", targets=H.QV, inits=("A0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
+    "a0": dict(task="order", targets=H.QV, inits=("A0",), ratios=(1, 16), lrs={1: (1e-3, 3e-3, 1e-2), 16: (3e-4, 1e-3, 3e-3)}),
     "all_linear": dict(task="order", targets=H.ALL_LINEAR, inits=("B0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
     "easy": dict(task="source", targets=H.QV, inits=("B0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
 }
@@ -50,6 +50,13 @@ def lr_grid(ratio: float) -> tuple[float, ...]:
     return LR_GRID[int(ratio)]
 
 
+def _lrs(part: dict, ratio: float) -> tuple[float, ...]:
+    lrs = part.get("lrs")
+    if lrs is None:
+        return lr_grid(ratio)
+    return lrs[ratio] if isinstance(lrs, dict) else lrs
+
+
 def configs(part: str) -> list[H.RunConfig]:
     p = PARTS[part]
     return [
@@ -57,7 +64,7 @@ def configs(part: str) -> list[H.RunConfig]:
                     seed=seed, steps=STEPS)
         for init in p["inits"]
         for lam in p["ratios"]
-        for lr, seed in itertools.product(p.get("lrs") or lr_grid(lam), SEEDS)
+        for lr, seed in itertools.product(_lrs(p, lam), SEEDS)
     ]
 
 

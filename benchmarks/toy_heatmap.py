@@ -10,8 +10,8 @@ Every grid point and seed is trained at once (the grid is a batch dimension), in
 
 Usage::
 
-    python benchmarks/toy_heatmap.py paper B0   # writes benchmarks/results/toy_heatmap_<init>.json
-                                                #    and docs/img/toy_heatmap_<init>.png
+    python benchmarks/toy_heatmap.py            # writes benchmarks/results/toy_heatmap_paper.json
+                                                #    and docs/img/toy_heatmap_paper.png
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def train(seed: int, grid: list[float] = GRID, steps: tuple[int, ...] = STEPS, init: str = "paper") -> dict[int, dict[str, torch.Tensor]]:
     """Train one seed at every (η_A, η_B) of ``grid`` at once; losses at each step in ``steps``.
 
-    ``init``: ``"paper"`` (A ~ N(0, 1/n), B ~ N(0, 1), as stated in the paper) or ``"B0"``
-    (the same A, B = 0: PEFT's default LoRA init, the regime LoRA+'s theory analyses).
+    ``init``: only ``"paper"`` (A ~ N(0, 1/n), B ~ N(0, 1)). This toy has no pretrained weight
+    under the adapter, so a zero factor (PEFT's B = 0) would feed exactly 0 into the ReLU, whose
+    derivative there is 0: nothing would ever train (measured: every grid cell stays at its
+    initial loss).
 
     Returns ``{t: {"train": (len(grid), len(grid)), "test": ...}}`` indexed ``[i_A, i_B]``;
     diverged runs are ``inf``.
@@ -51,8 +53,6 @@ def train(seed: int, grid: list[float] = GRID, steps: tuple[int, ...] = STEPS, i
     w_out = torch.randn(N, generator=g, dtype=DTYPE) / math.sqrt(N)
     a0 = torch.randn(R, N, generator=g, dtype=DTYPE) / math.sqrt(N)
     b0 = torch.randn(N, R, generator=g, dtype=DTYPE)
-    if init == "B0":  # PEFT's LoRA init: the output-side factor starts at zero
-        b0.zero_()
     h = torch.relu(x @ w_in.T)  # (samples, n): fixed features
     h_tr, h_te, y_tr, y_te = h[:N_TRAIN], h[N_TRAIN:], y[:N_TRAIN], y[N_TRAIN:]
 
@@ -148,7 +148,7 @@ def main(init: str = "paper") -> dict:
     per_seed = [train(s, init=init) for s in SEEDS]
     result: dict = {
         "setup": {"init": init, "d": D, "n": N, "r": R, "n_train": N_TRAIN, "n_test": N_TEST, "steps": STEPS, "seeds": SEEDS,
-                  "command": f"python benchmarks/toy_heatmap.py {init}", "machine": "2 shared CPU cores"},
+                  "command": "python benchmarks/toy_heatmap.py", "machine": "2 shared CPU cores"},
         "grid": GRID,
         "test": {str(t): [r[t]["test"].tolist() for r in per_seed] for t in STEPS},
         "train": {str(t): [r[t]["train"].tolist() for r in per_seed] for t in STEPS},
@@ -177,8 +177,8 @@ def main(init: str = "paper") -> dict:
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or ["paper", "B0"]:
-        if name not in ("paper", "B0"):
-            raise SystemExit(f"unknown init {name!r}: use paper or B0")
+    for name in sys.argv[1:] or ["paper"]:
+        if name != "paper":
+            raise SystemExit(f"unknown init {name!r}: only 'paper' (see train())")
         main(name)
     sys.exit(0)
