@@ -236,6 +236,18 @@ def _labels_from_groups(optimizer: torch.optim.Optimizer) -> list[Label]:
     return labels
 
 
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside wrappers that expose it as ``.optimizer`` (accelerate)."""
+    for _ in range(8):
+        if hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            break
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
 def _check_every(every: Any) -> int:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise LoraPlusError(f"every must be a positive int (record every n-th optimizer step), got {every!r}")
@@ -269,7 +281,9 @@ class Monitor:
     adapted layer's input, before any LoRA dropout; embeddings use their token ids.
 
     Args:
-        optimizer: a ``torch.optim.Optimizer`` (any subclass); built by :func:`loraplus.LoraPlus` or not.
+        optimizer: a ``torch.optim.Optimizer`` (any subclass), built by :func:`loraplus.LoraPlus` or
+            not; wrappers exposing it as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``) are
+            unwrapped.
         model: the model; optional when the optimizer was built by LoraPlus (its groups carry
             ``param_names`` and ``role``), required for ``activations=True``.
         every: record every n-th ``optimizer.step()`` call (0-based, starting with the first).
@@ -314,11 +328,11 @@ class Monitor:
         rules: RuleSpec | None = None,
         tensorboard: Any = None,
     ) -> None:
-        if not callable(getattr(optimizer, "register_step_pre_hook", None)) or not hasattr(optimizer, "param_groups"):
+        optimizer = _unwrap_optimizer(optimizer)
+        if not hasattr(optimizer, "_optimizer_step_pre_hooks") or not hasattr(optimizer, "param_groups"):
             raise LoraPlusError(
                 f"Monitor needs a torch.optim.Optimizer (it attaches with register_step_pre_hook), "
-                f"got {type(optimizer).__name__}; wrapped optimizers (accelerate, DeepSpeed) expose the "
-                "real one as .optimizer"
+                f"got {type(optimizer).__name__}"
             )
         self.every = _check_every(every)
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:

@@ -410,6 +410,22 @@ def test_optimizer_built_by_loraplus_is_enough_without_the_model():
     without.close()
 
 
+def test_accelerate_wrapped_optimizer_is_unwrapped():
+    from accelerate import Accelerator
+
+    model = tiny_lora_model()
+    opt = loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3)
+    acc = Accelerator(cpu=True)
+    model, wrapped = acc.prepare(model, opt)
+    assert wrapped is not opt and wrapped.optimizer is opt
+    mon = Monitor(wrapped, model)
+    assert mon.optimizer is opt
+    acc.backward(model(torch.randn(4, 8)).sum())
+    wrapped.step()
+    assert [r["step"] for r in mon.records] == [0, 0]
+    mon.close()
+
+
 # --------------------------------------------------------------------------- hooks, numerics
 
 
