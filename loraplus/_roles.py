@@ -356,7 +356,10 @@ def match_convention(
     name: str, modules: Mapping[str, nn.Module], conventions_index: Mapping[tuple[int, str], list[Convention]] = _INDEX
 ) -> Convention | None:
     """The first (longest) convention whose trailing pattern matches ``name``."""
-    segs, kept = _kept_segments(name)
+    wrapped = _may_have_wrappers(name)
+    segs = name.split(".")
+    if wrapped:
+        segs, kept = _kept_segments(name)
     n = len(segs)
     best: Convention | None = None
     for conv in _matching_tail(segs, conventions_index):
@@ -364,7 +367,7 @@ def match_convention(
         if best is not None and len(best.pattern) >= k:
             continue
         if conv.sibling is not None:
-            start = kept[n - k]
+            start = kept[n - k] if wrapped else n - k
             parent = ".".join(name.split(".")[:start])
             if not _has_attr(modules.get(parent), conv.sibling):
                 continue
@@ -668,7 +671,7 @@ def normalize_no_decay(no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None) -> 
 
 def is_no_decay(label: Label, user: Sequence[NoDecaySpec]) -> bool:
     """User ``no_decay`` rules first (a callable may return False to force decay), then the default."""
-    canon = canonical_name(label.name)
+    canon = canonical_name(label.name) if user else ""
     for item in user:
         if isinstance(item, (str, re.Pattern)):
             if match_pattern(item, label.name, canon):
