@@ -379,9 +379,15 @@ class Monitor:
                 "each adapted layer has one A and one B factor"
             )
         self._hosts: dict[int, nn.Module | None] = {}
+        self._notes: dict[str, str] = {}  # adapter key -> why its activation terms are missing
         if self.activations:
             for i, e in enumerate(self._entries):
-                self._hosts[i] = modules.get(e.pair.host)
+                host = modules.get(e.pair.host)
+                if isinstance(getattr(host, "base_layer", host), nn.MultiheadAttention) or e.a.dim() > 2:
+                    # MHA takes (query, key, value); conv inputs are not rows of in-features
+                    self._notes[e.pair.key] = "activation terms are measured for Linear and Embedding adapters only"
+                    host = None
+                self._hosts[i] = host
 
         # shape buckets: factors of equal shapes are stacked and measured with one batched matmul
         buckets: dict[tuple[Any, ...], list[int]] = {}
@@ -397,7 +403,6 @@ class Monitor:
         self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._captured: dict[int, list[torch.Tensor]] = {}
         self._fwd_handles: list[Any] = []
-        self._notes: dict[str, str] = {}
         self._writer, self._own_writer = self._open_writer(tensorboard)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -646,6 +651,12 @@ class Monitor:
             gu, gv = u.t() @ u, v.t() @ v
             denom = float(max(1, x.shape[0]) * n_out)  # rows x out-features: RMS over entries
             out[i] = torch.stack([(gu * gb).sum(), (gv * gdb).sum(), (gu * gdb).sum()]).clamp_min(0).div(denom).sqrt()
+        for i, host in self._hosts.items():
+            if host is not None and i not in out:
+                self._notes.setdefault(
+                    self._entries[i].pair.key,
+                    "no input captured: the layer did not run a forward with gradients before this step",
+                )
         if not out:
             return {}
         keys = list(out)

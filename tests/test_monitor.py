@@ -245,6 +245,31 @@ def test_real_peft_linear_embedding_conv_match_get_delta_weight(dora):
             assert rec["act_B_dA"] > 0 and rec["act_dB_A"] > 0
 
 
+def test_real_peft_multihead_attention_gets_weight_space_terms_only():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0].sum()
+
+    torch.manual_seed(0)
+    model = get_peft_model(Attn(), LoraConfig(target_modules=["attn"], r=2, init_lora_weights="gaussian"))
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
+    mon = Monitor(opt, model, activations=True)
+    assert sorted(p.key for p in mon.pairs) == [
+        "base_model.model.attn.base_layer.out_proj[default]",
+        "base_model.model.attn[default]",
+    ]
+    snap = _snapshot(model)
+    model(torch.randn(3, 4, 8)).backward()
+    opt.step()
+    _check_records(mon, snap, _snapshot(model))
+    assert all(math.isnan(r["act_dB_A"]) and r["dB_A"] > 0 for r in mon.records)
+    assert "activation terms missing for 2 adapters" in mon.summary()
+
+
 def test_real_peft_activation_terms_use_the_steps_inputs():
     model = _peft_model(target_modules=["q"], lora_dropout=0.0)
     opt = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.05)
