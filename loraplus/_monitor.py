@@ -95,6 +95,15 @@ def _std(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t if t.dim() == 2 else t.flatten(1)
 
 
+def _stack(factors: Sequence[torch.Tensor], transposed: bool) -> torch.Tensor:
+    """Copy equally shaped factors, in standard orientation, into one (k, rows, cols) tensor (under no_grad)."""
+    if transposed:
+        return torch.stack([f.t() for f in factors])
+    if factors[0].dim() == 2:
+        return torch.stack(list(factors))
+    return torch.stack([f.flatten(1) for f in factors])
+
+
 def _chain_reason(a: torch.Tensor, b: torch.Tensor, orientation: str) -> str | None:
     """Why A and B cannot be read as ΔW = B·A in this orientation (None if they can)."""
     if a.dim() < 2 or b.dim() < 2:
@@ -396,6 +405,18 @@ class Monitor:
             a, b = _std(e.a, t), _std(e.b, t)
             buckets.setdefault((tuple(a.shape), tuple(b.shape), a.dtype, a.device, b.dtype, t), []).append(i)
         self._buckets = list(buckets.values())
+        self._bucket_factors = [
+            (
+                [self._entries[i].a for i in bucket],
+                [self._entries[i].b for i in bucket],
+                self._entries[bucket[0]].pair.orientation == "transposed",
+            )
+            for bucket in self._buckets
+        ]
+        self._static = [
+            {"layer": e.pair.layer, "adapter": e.pair.adapter, "layer_group": e.pair.layer_group}
+            for e in self._entries
+        ]
 
         self.records: list[dict[str, Any]] = []
         self.lrs: list[dict[str, Any]] = []
@@ -535,14 +556,8 @@ class Monitor:
             return None
         with torch.no_grad():
             snap: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for bucket in self._buckets:
-                t = self._entries[bucket[0]].pair.orientation == "transposed"
-                snap.append(
-                    (
-                        torch.stack([_std(self._entries[i].a, t) for i in bucket]),
-                        torch.stack([_std(self._entries[i].b, t) for i in bucket]),
-                    )
-                )
+            for a_list, b_list, t in self._bucket_factors:
+                snap.append((_stack(a_list, t), _stack(b_list, t)))
         self._snapshot = snap
         return None
 
@@ -568,10 +583,8 @@ class Monitor:
             parts: list[torch.Tensor] = []
             order: list[int] = []
             grams: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
-            for bucket, (a0, b0) in zip(self._buckets, self._snapshot):
-                t = self._entries[bucket[0]].pair.orientation == "transposed"
-                a1 = torch.stack([_std(self._entries[i].a, t) for i in bucket])
-                b1 = torch.stack([_std(self._entries[i].b, t) for i in bucket])
+            for bucket, (a_list, b_list, t), (a0, b0) in zip(self._buckets, self._bucket_factors, self._snapshot):
+                a1, b1 = _stack(a_list, t), _stack(b_list, t)
                 work = torch.float64 if a0.dtype == torch.float64 else torch.float32
                 a0, b0, a1, b1 = (z.to(work) for z in (a0, b0, a1, b1))
                 da, db = a1 - a0, b1 - b0
@@ -613,23 +626,20 @@ class Monitor:
             acts = self._activation_terms(grams) if self.activations else {}
 
         lr_row: dict[str, Any] = {"step": step}
+        group_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         for gi, g in enumerate(self.optimizer.param_groups):
-            lr_row[str(g.get("name", f"group{gi}"))] = float(g["lr"])
+            lr_row[str(g.get("name", f"group{gi}"))] = group_lrs[gi]
         self.lrs.append(lr_row)
         new: list[dict[str, Any]] = []
-        for i, e in enumerate(self._entries):
+        missing = (math.nan,) * len(ACTIVATION_METRICS)
+        for i, static in enumerate(self._static):
             ga, gb_ = self._group_of[i]
-            rec: dict[str, Any] = {
-                "step": step,
-                "layer": e.pair.layer,
-                "adapter": e.pair.adapter,
-                "layer_group": e.pair.layer_group,
-            }
+            rec: dict[str, Any] = {"step": step, **static}
             rec.update(zip(WEIGHT_METRICS, values[i]))
             if self.activations:
-                rec.update(zip(ACTIVATION_METRICS, acts.get(i, (math.nan,) * 3)))
-            rec["lr_A"] = float(self.optimizer.param_groups[ga]["lr"])
-            rec["lr_B"] = float(self.optimizer.param_groups[gb_]["lr"])
+                rec.update(zip(ACTIVATION_METRICS, acts.get(i, missing)))
+            rec["lr_A"] = group_lrs[ga]
+            rec["lr_B"] = group_lrs[gb_]
             new.append(rec)
         self.records.extend(new)
         if self._writer is not None:
