@@ -23,10 +23,21 @@ from ._roles import (
     normalize_no_decay,
 )
 
-__all__ = ["DEFAULT_RATIO", "build_groups", "check_number", "param_groups", "role_lrs", "split_groups"]
+__all__ = ["DEFAULT_RATIO", "FAMILY_RATIO", "build_groups", "check_number", "param_groups", "role_lrs", "split_groups"]
 
-#: The default B/A learning-rate ratio λ (see docs/benchmarks.md for the measurements behind it).
-DEFAULT_RATIO = 16.0
+class _DefaultRatio(float):
+    """The default ratio: a plain float that also tells :func:`prepare` the user did not choose one."""
+
+    __slots__ = ()
+
+
+#: The default B/A learning-rate ratio λ (see docs/convergence.md for the measurements behind it).
+DEFAULT_RATIO: float = _DefaultRatio(16.0)
+
+#: Default ratio of the B factors of adapter families where it differs from :data:`DEFAULT_RATIO`,
+#: used only when the caller leaves ``ratio`` (and ``role_lr[B]``) at the default. Each entry cites
+#: a measurement in docs/adapters.md; families not listed use :data:`DEFAULT_RATIO`.
+FAMILY_RATIO: Mapping[str, float] = {}
 
 _ROLE_ORDER = {role: i for i, role in enumerate(Role)}
 
@@ -128,27 +139,35 @@ def build_groups(
     *,
     weight_decay: float | None,
     no_decay: Sequence[NoDecaySpec] = (),
+    b_lr_by_family: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Group labelled parameters by (role, decays?) in Role order, decaying group first.
 
     Every group carries ``params``, ``param_names``, ``role`` (the Role's value), ``name``
     and ``lr``; ``weight_decay`` is set to 0.0 for no-decay groups and to the user's value
     for decaying groups (left to the optimizer's default when the user gave none).
+    ``b_lr_by_family`` gives the B factors of those families their own rate; when a model mixes
+    families with different B rates, the other families' B groups are named ``B.<family>``.
     """
-    buckets: dict[tuple[Role, bool], dict[str, list[Any]]] = {}
+    fam_lr = dict(b_lr_by_family or {})
+    b_rates = {fam_lr.get(lab.family or "", lrs[Role.B]) for lab in labels if lab.role is Role.B}
+    buckets: dict[tuple[Role, bool, str], dict[str, list[Any]]] = {}
     for lab in labels:
-        key = (lab.role, is_no_decay(lab, no_decay))
+        fam = (lab.family or "") if lab.role is Role.B and (lab.family or "") in fam_lr else ""
+        key = (lab.role, is_no_decay(lab, no_decay), fam)
         bucket = buckets.setdefault(key, {"params": [], "param_names": []})
         bucket["params"].append(lab.param)
         bucket["param_names"].append(lab.name)
     groups: list[dict[str, Any]] = []
-    for (role, nd), bucket in sorted(buckets.items(), key=lambda kv: (_ROLE_ORDER[kv[0][0]], kv[0][1])):
+    order = sorted(buckets.items(), key=lambda kv: (_ROLE_ORDER[kv[0][0]], kv[0][2], kv[0][1]))
+    for (role, nd, fam), bucket in order:
+        tag = f"{role.value}.{fam}" if fam and len(b_rates) > 1 else role.value
         group: dict[str, Any] = {
             "params": bucket["params"],
             "param_names": bucket["param_names"],
             "role": role.value,
-            "name": f"{role.value}.no_decay" if nd else role.value,
-            "lr": lrs[role],
+            "name": f"{tag}.no_decay" if nd else tag,
+            "lr": fam_lr[fam] if fam else lrs[role],
         }
         if nd:
             group["weight_decay"] = 0.0
@@ -186,7 +205,11 @@ def prepare(
     nd = normalize_no_decay(no_decay)
     labels = label_parameters(model, rules)
     validate_labels(labels, rules_given=rules is not None)
-    return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd)
+    by_family: dict[str, float] = {}
+    user_b = role_lr is not None and any(Role.coerce(k) is Role.B for k in role_lr)
+    if isinstance(ratio, _DefaultRatio) and not user_b:  # the user chose neither ratio nor lr(B)
+        by_family = {fam: r * lr_f for fam, r in FAMILY_RATIO.items() if r != ratio_f}
+    return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd, b_lr_by_family=by_family)
 
 
 def param_groups(
@@ -209,7 +232,9 @@ def param_groups(
     Args:
         model: the model with its adapters attached; frozen parameters are left out.
         lr: learning rate of the A factors (and of every non-B role unless overridden).
-        ratio: λ, the B/A learning-rate ratio; B factors get ``ratio * lr``.
+        ratio: λ, the B/A learning-rate ratio; B factors get ``ratio * lr``. Left at the
+            default, the B factors of families listed in ``FAMILY_RATIO`` (measured to gain
+            nothing from LoRA+, see docs/adapters.md) get that family's ratio instead.
         lr_embedding: learning rate of both embedding-adapter factors (default: ``lr``).
         role_lr: per-role overrides, e.g. ``{Role.MAGNITUDE: 1e-4}``.
         weight_decay: decay of every decaying group; biases, norm weights and magnitudes get 0.

@@ -190,3 +190,63 @@ def test_generated_models_in_new_conventions_get_their_roles(gen) -> None:
 def test_generated_models_in_new_conventions_get_loraplus_groups(gen) -> None:
     opt = loraplus.LoraPlus(torch.optim.SGD, gen.model, ratio=4, lr=0.1, weight_decay=0.0)
     assert_loraplus_groups(opt, gen.model, ratio=4, lr=0.1, expected_roles=gen.expected)
+
+
+# --------------------------------------------------------------------------- per-family default ratios
+
+
+class Mixed(nn.Module):
+    """A PEFT-named LoRA layer next to a PEFT-named VeRA layer (naming conventions only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from loraplus.testing import build_model
+
+        spec = dict(d_in=4, d_out=4, r=2, adapters=["default"], lora_bias=False)
+        self.inner = build_model([dict(conv="peft", **spec), dict(conv="peft_vera", **spec)], head=False).model
+
+
+@pytest.fixture
+def vera_ratio_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loraplus._groups, "FAMILY_RATIO", {"vera": 1.0})
+
+
+def test_family_default_applies_only_when_ratio_is_left_at_default(vera_ratio_1: None) -> None:
+    model = peft_model(FAMILIES["vera"][0]())
+    default = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3)}
+    assert default["B"] == 1e-3 and default["A"] == 1e-3
+    explicit = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3, ratio=16)}
+    assert explicit["B"] == 16e-3
+    by_role = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3, role_lr={"B": 5e-3})}
+    assert by_role["B"] == 5e-3
+
+
+def test_family_default_splits_b_groups_of_mixed_models_and_keeps_lora_ratio_exact(vera_ratio_1: None) -> None:
+    model = Mixed()
+    groups = loraplus.param_groups(model, lr=1e-3)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs["B"] == loraplus.DEFAULT_RATIO * 1e-3 and lrs["B.vera"] == 1e-3
+    names = [g["name"] for g in groups]
+    assert names.index("A") < names.index("B") < names.index("B.vera") < names.index("other.no_decay")
+    assert all("vera" in n for g in groups if g["name"] == "B.vera" for n in g["param_names"])
+    assert not any("vera" in n for g in groups if g["name"] == "B" for n in g["param_names"])
+    # an explicit ratio puts every B factor back into one group
+    assert [g["name"] for g in loraplus.param_groups(model, lr=1e-3, ratio=4)].count("B") == 1
+
+
+def test_default_ratio_is_a_plain_number() -> None:
+    assert loraplus.DEFAULT_RATIO == float(loraplus.DEFAULT_RATIO)
+    assert f"{loraplus.DEFAULT_RATIO:g}" == f"{float(loraplus.DEFAULT_RATIO):g}"
+
+
+def test_documented_family_ratios() -> None:
+    # docs/adapters.md lists these defaults with the measurement behind each
+    assert dict(loraplus._groups.FAMILY_RATIO) == DOCUMENTED_FAMILY_RATIO
+    for fam, ratio in DOCUMENTED_FAMILY_RATIO.items():
+        make = FAMILIES[fam][0]
+        model = peft_model(make())
+        lrs = {g["role"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3)}
+        assert math.isclose(lrs["B"], ratio * 1e-3), fam
+
+
+DOCUMENTED_FAMILY_RATIO: dict[str, float] = {}
