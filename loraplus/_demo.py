@@ -19,6 +19,7 @@ order, so the features must change.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -273,8 +274,8 @@ class _MlpTask:
 
 
 MINILM_PRESETS = {
-    "quick": DemoConfig(steps=24, lrs=(1e-3, 3e-3), seeds=(0,), eval_every=6, batch=16, rank=8),
-    "full": DemoConfig(steps=120, lrs=(3e-4, 1e-3, 3e-3), seeds=(0,), eval_every=10, batch=32, rank=8),
+    "quick": DemoConfig(steps=16, lrs=(1e-3, 3e-3), seeds=(0,), eval_every=8, batch=16, rank=8),
+    "full": DemoConfig(steps=90, lrs=(3e-4, 1e-3, 3e-3), seeds=(0,), eval_every=10, batch=32, rank=8),
 }
 
 
@@ -334,9 +335,10 @@ class _MiniLMTask:
         except ImportError:
             raise LoraPlusError("--model minilm needs transformers: pip install transformers") from None
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         self.cfg = cfg
-        self.path = path
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        self.encoder = transformers.AutoModel.from_pretrained(str(path))  # loaded once, copied per run
         length = 14
         sents = torch.tensor(_sentences(self.tokenizer, length, 4096))
         gen = torch.Generator().manual_seed(1234)
@@ -359,12 +361,9 @@ class _MiniLMTask:
         tick(0)
 
     def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> list[float]:
-        import transformers
-
         cfg = self.cfg
         torch.manual_seed(seed)
-        encoder = transformers.AutoModel.from_pretrained(str(self.path))
-        m = _MiniLMLora(encoder, cfg.rank)
+        m = _MiniLMLora(copy.deepcopy(self.encoder), cfg.rank)
         m.train()
         opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(100 + seed)

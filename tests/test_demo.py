@@ -24,6 +24,13 @@ def _run(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedPro
     )
 
 
+def _table_rows(out: str) -> list[str]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("----"))
+    end = lines.index("", start)
+    return lines[start + 1 : end]
+
+
 def test_quick_demo_prints_the_table_and_writes_the_png(tmp_path):
     png = tmp_path / "curves.png"
     proc = _run("demo", "--quick", "--out", str(png), cwd=tmp_path)
@@ -32,7 +39,8 @@ def test_quick_demo_prints_the_table_and_writes_the_png(tmp_path):
     header = next(line for line in out.splitlines() if line.startswith("method"))
     for column in ("lr(A)", "lr(B)", "final loss", "steps to", "speed-up"):
         assert column in header
-    rows = [line for line in out.splitlines() if line.startswith("LoRA")]
+    rows = _table_rows(out)
+    assert len(rows) == 2
     assert rows[0].startswith("LoRA ") and rows[0].rstrip().endswith("1.00x")
     assert rows[1].startswith(f"LoRA+ (ratio {loraplus.DEFAULT_RATIO:g})")
     assert "task: MLP" in out and "total time" in out
@@ -117,3 +125,11 @@ def test_an_honest_negative_result_is_reported_as_such():
     assert "not reached" in _demo.format_table(res)
     assert res.speedup is None
     assert "did NOT beat" in _demo.verdict(res)
+
+
+def test_minilm_quick_demo_runs_on_the_real_weights(tmp_path):
+    proc = _run("demo", "--model", "minilm", "--quick", "--no-plot", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "all-MiniLM-L6-v2 + LoRA r=8 on query/value" in proc.stdout
+    rows = _table_rows(proc.stdout)
+    assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x")
