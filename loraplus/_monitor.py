@@ -104,6 +104,19 @@ def _stack(factors: Sequence[torch.Tensor], transposed: bool) -> torch.Tensor:
     return torch.stack([f.flatten(1) for f in factors])
 
 
+def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+
+def _act_from_grams(
+    u: torch.Tensor, v: torch.Tensor, gb: torch.Tensor, gdb: torch.Tensor, entries: int
+) -> torch.Tensor:
+    """(m, 3) RMS of B·ΔA·x, ΔB·A·x, ΔB·ΔA·x from U = X·ΔAᵀ, V = X·Aᵀ (m, N, r) and BᵀB, ΔBᵀΔB (m, r, r)."""
+    gu, gv = u.transpose(1, 2) @ u, v.transpose(1, 2) @ v
+    sq = torch.stack([(gu * gb).sum((1, 2)), (gv * gdb).sum((1, 2)), (gu * gdb).sum((1, 2))], dim=1)
+    return sq.clamp_min(0).div(max(1, entries)).sqrt()
+
+
 def _chain_reason(a: torch.Tensor, b: torch.Tensor, orientation: str) -> str | None:
     """Why A and B cannot be read as ΔW = B·A in this orientation (None if they can)."""
     if a.dim() < 2 or b.dim() < 2:
@@ -413,6 +426,8 @@ class Monitor:
             )
             for bucket in self._buckets
         ]
+        self._out_dims = [_std(e.b, e.pair.orientation == "transposed").shape[0] for e in self._entries]
+        self._in_dims = [_std(e.a, e.pair.orientation == "transposed").shape[1] for e in self._entries]
         self._static = [
             {"layer": e.pair.layer, "adapter": e.pair.adapter, "layer_group": e.pair.layer_group}
             for e in self._entries
@@ -527,20 +542,20 @@ class Monitor:
 
     def _rows(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         e = self._entries[i]
-        have = sum(t.shape[0] for t in self._captured.get(i, ()))
-        room = self.max_rows - have
+        captured = self._captured.get(i)
+        room = self.max_rows - (sum(t.shape[0] for t in captured) if captured else 0)
         if room <= 0:
             return None
-        a = _std(e.a, e.pair.orientation == "transposed")
         if e.pair.embedding:
             if x.is_floating_point() or x.is_complex():
                 self._notes[e.pair.key] = f"embedding input is {x.dtype}, expected token ids"
                 return None
             flat = x.detach().reshape(-1)
         else:
-            if a.dim() != 2 or x.dim() < 1 or x.shape[-1] != a.shape[1]:
+            n_in = self._in_dims[i]
+            if x.dim() < 1 or x.shape[-1] != n_in:
                 self._notes[e.pair.key] = (
-                    f"layer input of shape {tuple(x.shape)} does not end in the adapter's in-features {a.shape[1]}"
+                    f"layer input of shape {tuple(x.shape)} does not end in the adapter's in-features {n_in}"
                 )
                 return None
             flat = x.detach().reshape(-1, x.shape[-1])
@@ -582,7 +597,7 @@ class Monitor:
         with torch.no_grad():
             parts: list[torch.Tensor] = []
             order: list[int] = []
-            grams: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+            grams: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
             for bucket, (a_list, b_list, t), (a0, b0) in zip(self._buckets, self._bucket_factors, self._snapshot):
                 a1, b1 = _stack(a_list, t), _stack(b_list, t)
                 work = torch.float64 if a0.dtype == torch.float64 else torch.float32
@@ -618,8 +633,7 @@ class Monitor:
                 parts.append(sq.clamp_min(0).sqrt().to("cpu", torch.float64))
                 order.extend(bucket)
                 if self.activations:
-                    for j, i in enumerate(bucket):
-                        grams[i] = (a0[j], da[j], gb[j], gdb[j], b0.shape[1])
+                    grams.append((bucket, a0, da, gb, gdb))
             flat = torch.cat(parts).tolist()  # one host sync for every weight metric
             for i, row in zip(order, flat):
                 values[i] = row
@@ -646,21 +660,36 @@ class Monitor:
             self._write_tensorboard(step, new, lr_row)
 
     def _activation_terms(
-        self, grams: Mapping[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]]
+        self, grams: Sequence[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> dict[int, tuple[float, float, float]]:
+        """RMS of B·ΔA·x, ΔB·A·x, ΔB·ΔA·x per adapter, from the captured inputs and the r×r Grams.
+
+        ‖X·ΔAᵀ·Bᵀ‖² = ⟨UᵀU, BᵀB⟩ with U = X·ΔAᵀ (N, r): again only r×r products. Adapters of one
+        shape bucket whose inputs have the same number of rows are measured with batched matmuls.
+        """
         out: dict[int, torch.Tensor] = {}
-        for i, rows in self._captured.items():
-            a0, da, gb, gdb, n_out = grams[i]
-            e = self._entries[i]
-            x = torch.cat(rows)
-            if e.pair.embedding:
-                u, v = da[:, x].t(), a0[:, x].t()  # one-hot inputs select columns
-            else:
-                x = x.to(a0.dtype)
-                u, v = x @ da.t(), x @ a0.t()  # (N, r)
-            gu, gv = u.t() @ u, v.t() @ v
-            denom = float(max(1, x.shape[0]) * n_out)  # rows x out-features: RMS over entries
-            out[i] = torch.stack([(gu * gb).sum(), (gv * gdb).sum(), (gu * gdb).sum()]).clamp_min(0).div(denom).sqrt()
+        for bucket, a0, da, gb, gdb in grams:
+            rows = {j: _cat(self._captured[i]) for j, i in enumerate(bucket) if i in self._captured}
+            if not rows:
+                continue
+            dense = [j for j in rows if not self._entries[bucket[j]].pair.embedding]
+            if len(dense) == len(rows) and len({rows[j].shape[0] for j in dense}) == 1:
+                idx = torch.tensor(dense, device=a0.device)
+                x = torch.stack([rows[j] for j in dense]).to(a0.dtype)  # (m, N, in)
+                u = x @ da[idx].transpose(1, 2)  # (m, N, r)
+                v = x @ a0[idx].transpose(1, 2)
+                terms = _act_from_grams(u, v, gb[idx], gdb[idx], x.shape[1] * self._out_dims[bucket[0]])
+                for j, row in zip(dense, terms):
+                    out[bucket[j]] = row
+                continue
+            for j, x in rows.items():
+                if self._entries[bucket[j]].pair.embedding:
+                    u, v = da[j][:, x].t(), a0[j][:, x].t()  # one-hot inputs select columns
+                else:
+                    x = x.to(a0.dtype)
+                    u, v = x @ da[j].t(), x @ a0[j].t()  # (N, r)
+                n = x.shape[0] * self._out_dims[bucket[0]]
+                out[bucket[j]] = _act_from_grams(u[None], v[None], gb[j : j + 1], gdb[j : j + 1], n)[0]
         for i, host in self._hosts.items():
             if host is not None and i not in out:
                 self._notes.setdefault(
