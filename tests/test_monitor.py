@@ -301,6 +301,30 @@ def test_real_peft_activation_terms_use_the_steps_inputs():
     assert _close(rec["act_dB_dA"], rms(x @ da.t() @ db.t()))
 
 
+@pytest.mark.parametrize("n2", [5, 7])  # equal row counts: one batched product; unequal: per adapter
+def test_activation_terms_batched_and_per_adapter_agree_with_explicit_products(n2):
+    model = tiny_lora_model(layers=2)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.lora_B["default"].weight.normal_()
+    opt = loraplus.LoraPlus(torch.optim.Adam, model, ratio=4, lr=1e-2)
+    mon = Monitor(opt, model, activations=True)
+    xs = [torch.randn(5, 8), torch.randn(n2, 8)]
+    snap = _snapshot(model)
+    sum(model.layers[i](xs[i]).square().sum() for i in range(2)).backward()
+    opt.step()
+    after = _snapshot(model)
+    rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    for i, rec in enumerate(mon.records):
+        a0, b0 = snap[f"layers.{i}.lora_A.default.weight"], snap[f"layers.{i}.lora_B.default.weight"]
+        da = after[f"layers.{i}.lora_A.default.weight"] - a0
+        db = after[f"layers.{i}.lora_B.default.weight"] - b0
+        assert _close(rec["act_B_dA"], rms(xs[i] @ da.t() @ b0.t()))
+        assert _close(rec["act_dB_A"], rms(xs[i] @ a0.t() @ db.t()))
+        assert _close(rec["act_dB_dA"], rms(xs[i] @ da.t() @ db.t()))
+    mon.close()
+
+
 def test_real_loralib_linear_embedding_and_merged_linear():
     torch.manual_seed(0)
     model = nn.Module()
