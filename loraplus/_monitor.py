@@ -822,9 +822,9 @@ class Monitor:
             med_a, med_b = t[:, 0].median().item(), t[:, 1].median().item()
             ratio = (t[:, 0] / t[:, 1]).median().item()
             if ratio > band:
-                verdict = "A-side dominates: B learns too slowly (raise the ratio)"
+                verdict = "A-side dominates: B's updates move the features too little"
             elif ratio < 1 / band:
-                verdict = "B-side dominates: lower the ratio (or the lr)"
+                verdict = "B-side dominates: A's updates move the features too little"
             else:
                 verdict = "balanced"
             lines.append(f"{group.ljust(width)}  {_fmt(med_a):>9}  {_fmt(med_b):>9}  {_fmt(ratio):>9}  {verdict}")
