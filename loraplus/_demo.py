@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -539,7 +539,7 @@ def verdict(result: DemoResult) -> str:
     )
 
 
-def report(result: DemoResult, seeds: Sequence[int] | None = None) -> str:
+def report(result: DemoResult) -> str:
     """The full text the CLI prints."""
     lines = [
         f"task: {result.task}",

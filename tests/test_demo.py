@@ -133,3 +133,14 @@ def test_minilm_quick_demo_runs_on_the_real_weights(tmp_path):
     assert "all-MiniLM-L6-v2 + LoRA r=8 on query/value" in proc.stdout
     rows = _table_rows(proc.stdout)
     assert len(rows) == 2 and rows[0].rstrip().endswith("1.00x")
+
+
+def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    bar = _demo._progress(4, "LoRA", enabled=True)
+    assert isinstance(bar, _demo._TextBar)
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "LoRA [" in err and "100.0%" in err
