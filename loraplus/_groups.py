@@ -205,11 +205,17 @@ def prepare(
     nd = normalize_no_decay(no_decay)
     labels = label_parameters(model, rules)
     validate_labels(labels, rules_given=rules is not None)
-    by_family: dict[str, float] = {}
-    user_b = role_lr is not None and any(Role.coerce(k) is Role.B for k in role_lr)
-    if isinstance(ratio, _DefaultRatio) and not user_b:  # the user chose neither ratio nor lr(B)
-        by_family = {fam: r * lr_f for fam, r in FAMILY_RATIO.items() if r != ratio_f}
+    by_family = {fam: r * lr_f for fam, r in family_ratios(labels, ratio, role_lr).items()}
     return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd, b_lr_by_family=by_family)
+
+
+def family_ratios(labels: Sequence[Label], ratio: Any, role_lr: Mapping[Role | str, float] | None) -> dict[str, float]:
+    """The :data:`FAMILY_RATIO` entries that apply: families present among the B factors, when the
+    caller left both ``ratio`` and ``role_lr[B]`` at their defaults."""
+    if not isinstance(ratio, _DefaultRatio) or (role_lr and any(Role.coerce(k) is Role.B for k in role_lr)):
+        return {}
+    present = {lab.family for lab in labels if lab.role is Role.B}
+    return {fam: r for fam, r in FAMILY_RATIO.items() if fam in present and r != float(ratio)}
 
 
 def param_groups(

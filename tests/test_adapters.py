@@ -250,3 +250,9 @@ def test_documented_family_ratios() -> None:
 
 
 DOCUMENTED_FAMILY_RATIO: dict[str, float] = {}
+
+
+def test_explain_names_the_family_defaults_in_use(vera_ratio_1: None) -> None:
+    model = peft_model(FAMILIES["vera"][0]())
+    assert "family defaults: vera B at ratio 1" in loraplus.explain(model, lr=1e-3)
+    assert "family defaults" not in loraplus.explain(model, lr=1e-3, ratio=16)
