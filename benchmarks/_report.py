@@ -92,8 +92,9 @@ def ratio_table(runs: list[dict], title: str) -> tuple[str, dict[float, dict[str
     base = bests.get(1.0)
     # target: the loss plain LoRA (λ=1, its best lr) reaches at 75 % of the run, so that λ=1 itself
     # reaches it by construction and faster configurations show as a speed-up > 1
-    base_steps = math.ceil(0.75 * len(base["curve"])) if base and base["curve"] else None
-    target = min(base["curve"][:base_steps]) if base_steps else None
+    at = math.ceil(0.75 * len(base["curve"])) if base and base["curve"] else None
+    target = min(base["curve"][:at]) if at else None
+    base_steps = steps_to(base["curve"], target) if target is not None else None
     for lam, b in bests.items():
         edge = " (grid edge)" if b["lr_on_edge"] else ""
         s = steps_to(b["curve"], target) if target is not None else None
@@ -105,8 +106,8 @@ def ratio_table(runs: list[dict], title: str) -> tuple[str, dict[float, dict[str
         )
     lines.append("")
     lines.append(
-        f"({bests[next(iter(bests))]['seeds']} seeds per cell; target = the smoothed training loss λ=1 reaches at "
-        f"step {base_steps}, i.e. {target:.3f}.)" if target is not None else ""
+        f"({bests[next(iter(bests))]['seeds']} seeds per cell; target = the lowest smoothed training loss λ=1 "
+        f"reaches by 75 % of the run: {target:.3f}, at step {base_steps}.)" if target is not None else ""
     )
     return "\n".join(lines), bests
 
@@ -229,7 +230,8 @@ def adapters_report() -> dict[str, Any]:
         base = fb.get(1.0)
         for lam, b in fb.items():
             delta = f"{b['mean'] - base['mean']:+.3f}" if base and lam != 1.0 else "–"
-            lines.append(f"| {fam} | {lam:g} | {b['lr']:g} | {fmt(b)} | {delta} | {b['acc']:.3f} |")
+            edge = " (grid edge)" if b["lr_on_edge"] else ""
+            lines.append(f"| {fam} | {lam:g} | {b['lr']:g}{edge} | {fmt(b)} | {delta} | {b['acc']:.3f} |")
         summary["families"][fam] = {str(k): {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in fb.items()}
     print("\n".join(lines))
     # DoRA magnitude variants at one (λ, lr)

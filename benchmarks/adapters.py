@@ -3,8 +3,8 @@
 Same harness and task as ``minilm_convergence.py`` (all-MiniLM-L6-v2, query/value, the hard
 ``order`` task), every optimizer built by ``loraplus.LoraPlus`` with the roles loraplus gives
 each family's parameters (see docs/adapters.md). For each family: λ = 1 against λ ∈ {4, 16},
-each at the better of two learning rates, 3 seeds, 40 steps (λ=16 only if time allows: it
-comes last in the queue). For DoRA also the magnitude
+each at the best of its learning-rate grid (3–5 rates ×3 apart, extended upwards wherever the
+best rate sat at the top of the grid), 3 seeds, 40 steps. For DoRA also the magnitude
 vector at lr vs λ·lr, and with weight decay on it (λ=4, lr=3e-3).
 
 Usage::
@@ -32,6 +32,14 @@ FAMILIES = ("dora", "adalora", "loha", "lokr", "vera")
 LR_BY_RATIO = {1: (3e-3, 1e-2), 4: (1e-3, 3e-3), 16: (3e-4, 1e-3)}
 #: Per-family scale of those rates (VeRA trains only scaling vectors and needs larger rates).
 FAMILY_LR_SCALE = {"dora": 1.0, "adalora": 1.0, "loha": 1.0, "lokr": 1.0, "vera": 10.0}
+EXTRA_LR = {1: 3e-2, 4: 1e-2}
+EXTRA_ROUND_2 = [
+    *((fam, lam, lrs) for fam in ("adalora", "loha", "lokr") for lam, lrs in ((1, (1e-1,)), (4, (3e-2,)), (16, (3e-3, 1e-2)))),
+    ("vera", 16, (3e-2,)),
+    ("dora", 16, (3e-3,)),
+    ("dora", 4, (1e-2,)),
+    ("lokr", 4, (1e-1,)),
+]
 DORA_MAGNITUDE_RATIO = 4
 DORA_LR = 3e-3
 DORA_WEIGHT_DECAY = 0.1  # on the magnitude only (every other group is exempt in those runs)
@@ -50,7 +58,14 @@ def configs() -> list[H.RunConfig]:
     lam = DORA_MAGNITUDE_RATIO
     out += runs("dora", lam, (DORA_LR,), magnitude="B")
     out += runs("dora", lam, (DORA_LR,), magnitude="A", magnitude_decay=True, weight_decay=DORA_WEIGHT_DECAY)
+    # AdaLoRA, LoHa, LoKr and VeRA were best at the top of both grids: one rate higher for each
+    for fam in FAMILIES[1:]:
+        for lam in (1, 4):
+            out += runs(fam, lam, (EXTRA_LR[lam] * FAMILY_LR_SCALE[fam],))
     out += [c for fam in FAMILIES for c in runs(fam, 16)]
+    # second round: every best rate that still sat at the top of its grid gets the next one up
+    for fam, lam, lrs in EXTRA_ROUND_2:
+        out += runs(fam, lam, lrs)
     return out
 
 

@@ -3,7 +3,7 @@
 Usage (each part saves ``benchmarks/results/minilm_<part>.json`` and resumes if interrupted)::
 
     python benchmarks/minilm_convergence.py run main        # r=8 on query/value, hard task, PEFT init (B=0)
-    python benchmarks/minilm_convergence.py run a0          # the same with the paper's init (A=0), λ=1 vs 16
+    python benchmarks/minilm_convergence.py run a0          # the same with the paper's init (A=0), λ ∈ {1,4,16,32}
     python benchmarks/minilm_convergence.py run all_linear  # r=8 on every linear layer, hard task
     python benchmarks/minilm_convergence.py run easy        # easy control task (source of a docstring)
     python benchmarks/minilm_convergence.py report          # tables (markdown) + docs/img/minilm_*.png
@@ -28,9 +28,12 @@ RATIOS = (1, 2, 4, 8, 16, 32)
 
 PARTS = {
     "main": dict(task="order", targets=H.QV, inits=("B0",), ratios=RATIOS),
-    "a0": dict(task="order", targets=H.QV, inits=("A0",), ratios=(1, 16), lrs={1: (1e-3, 3e-3, 1e-2), 16: (3e-4, 1e-3, 3e-3)}),
-    "all_linear": dict(task="order", targets=H.ALL_LINEAR, inits=("B0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
-    "easy": dict(task="source", targets=H.QV, inits=("B0",), ratios=(1, 16), lrs=(3e-3, 1e-2)),
+    "a0": dict(task="order", targets=H.QV, inits=("A0",), ratios=(1, 4, 16, 32),
+               lrs={1: (1e-3, 3e-3, 1e-2), 4: (1e-3, 3e-3, 1e-2), 16: (3e-4, 1e-3, 3e-3), 32: (3e-4, 1e-3, 3e-3)}),
+    "all_linear": dict(task="order", targets=H.ALL_LINEAR, inits=("B0",), ratios=(1, 16),
+                       lrs={1: (1e-3, 3e-3, 1e-2), 16: (3e-4, 1e-3, 3e-3, 1e-2)}),
+    "easy": dict(task="source", targets=H.QV, inits=("B0",), ratios=(1, 16),
+                 lrs={1: (3e-3, 1e-2, 3e-2), 16: (3e-4, 1e-3, 3e-3, 1e-2)}),
 }
 
 
@@ -42,7 +45,7 @@ LR_GRID = {
     4: (1e-3, 3e-3, 1e-2),
     8: (1e-3, 3e-3, 1e-2),
     16: (3e-4, 1e-3, 3e-3),
-    32: (3e-4, 1e-3),
+    32: (3e-4, 1e-3, 3e-3),
 }
 
 

@@ -121,8 +121,12 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(STEPS), figsize=(5.2 * len(STEPS), 4.4))
     for ax, t in zip(axes, STEPS):
         mean = torch.tensor(result["mean_test"][str(t)])
-        shown = torch.log10(torch.clamp(torch.nan_to_num(mean, nan=1e3, posinf=1e3), max=1.0))
-        im = ax.imshow(shown.numpy(), origin="lower", cmap="viridis", aspect="auto")
+        import numpy as np
+
+        shown = np.ma.masked_invalid(torch.log10(mean).numpy())  # diverged cells (inf) shown grey
+        cmap = matplotlib.colormaps["viridis"].copy()
+        cmap.set_bad("lightgrey")
+        im = ax.imshow(shown, origin="lower", cmap=cmap, aspect="auto")
         ticks = list(range(0, k, 3))
         ax.set_xticks(ticks, [f"{grid[i]:.0e}" for i in ticks])
         ax.set_yticks(ticks, [f"{grid[i]:.0e}" for i in ticks])
@@ -135,7 +139,7 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(grid.index(s["best_eta_B"]), grid.index(s["best_eta_A"]), "r*", ms=14,
                 label=f"best: η_B/η_A = {s['best_ratio']:.3g}")
         ax.set_title(f"{result['setup']['init']} init: test loss at t={t} (log10, {len(SEEDS)} seeds)", fontsize=9)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8, title="grey: diverged", title_fontsize=8)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,12 @@ class _DefaultRatio(float):
 
 
 #: The default B/A learning-rate ratio λ (see docs/convergence.md for the measurements behind it).
-DEFAULT_RATIO: float = _DefaultRatio(16.0)
+DEFAULT_RATIO: float = _DefaultRatio(4.0)
 
 #: Default ratio of the B factors of adapter families where it differs from :data:`DEFAULT_RATIO`,
 #: used only when the caller leaves ``ratio`` (and ``role_lr[B]``) at the default. Each entry cites
 #: a measurement in docs/adapters.md; families not listed use :data:`DEFAULT_RATIO`.
-FAMILY_RATIO: Mapping[str, float] = {}
+FAMILY_RATIO: Mapping[str, float] = {"dora": 1.0, "adalora": 1.0, "loha": 1.0, "lokr": 1.0, "vera": 1.0}
 
 _ROLE_ORDER = {role: i for i, role in enumerate(Role)}
 
