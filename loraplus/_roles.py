@@ -459,10 +459,12 @@ def _declared_roles(
                             family = "dora"
                     by_type[id(p)] = (hit[0], family, f"PEFT {cls.__name__}.{attr}")
         elif modname.startswith("torchtune.") and callable(getattr(cls, "adapter_params", None)):
+            dora = "magnitude" in module.adapter_params()  # DoRALinear: its factors belong to family "dora"
             for local in module.adapter_params():
                 hit = _TORCHTUNE_ROLES.get(local.split(".")[0])
                 if hit is not None:
-                    by_type[id(module.get_parameter(local))] = (hit[0], hit[1], f"torchtune {cls.__name__}")
+                    family = "dora" if dora else hit[1]
+                    by_type[id(module.get_parameter(local))] = (hit[0], family, f"torchtune {cls.__name__}")
         elif modname.startswith("loralib."):
             for attr, hit in _LORALIB_ROLES.items():
                 p = module._parameters.get(attr)

@@ -155,6 +155,10 @@ def test_torchtune_dora_roles_and_lrs() -> None:
     opt = loraplus.LoraPlus(torch.optim.AdamW, layer, ratio=4, lr=1e-3, weight_decay=0.01)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"A": 1e-3, "B": 4e-3, "magnitude.no_decay": 1e-3}
+    # same family as PEFT DoRA, so the same default multiplier
+    assert {lab.family for lab in label_parameters(layer)} == {"dora"}
+    by_default = {g["name"]: g["lr"] for g in loraplus.param_groups(layer, lr=1e-3)}
+    assert by_default["B"] == loraplus._groups.FAMILY_RATIO["dora"] * 1e-3
 
 
 class NemoDoraAdapter(nn.Module):
