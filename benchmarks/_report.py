@@ -153,7 +153,7 @@ def _plot_ratio(series: list[tuple[str, dict[float, dict]]], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     for label, bests in series:
         lams = list(bests)
         ax.errorbar(lams, [bests[l]["mean"] for l in lams], yerr=[bests[l]["std"] for l in lams], marker="o",
@@ -161,7 +161,7 @@ def _plot_ratio(series: list[tuple[str, dict[float, dict]]], path: Path) -> None
     ax.set_xscale("log", base=2)
     ax.set_xlabel("λ = lr(B) / lr(A)")
     ax.set_ylabel("held-out loss, each λ at its best lr (mean ± sd)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
