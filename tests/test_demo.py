@@ -40,11 +40,14 @@ def test_quick_demo_prints_the_table_and_writes_the_png(tmp_path):
     for column in ("lr(A)", "lr(B)", "final loss", "steps to", "speed-up"):
         assert column in header
     rows = _table_rows(out)
-    assert len(rows) == 2
+    assert len(rows) == 3  # plain LoRA, then LoRA+ at the library default and at the paper's 16
     assert rows[0].startswith("LoRA ") and rows[0].rstrip().endswith("1.00x")
     assert rows[1].startswith(f"LoRA+ (ratio {loraplus.DEFAULT_RATIO:g})")
+    assert rows[2].startswith("LoRA+ (ratio 16)")
     assert "task: MLP" in out and "total time" in out
-    assert ("sooner" in out) != ("did NOT beat" in out)  # exactly one verdict
+    for ratio in (f"{loraplus.DEFAULT_RATIO:g}", "16"):  # exactly one verdict per ratio
+        verdicts = [line for line in out.splitlines() if line.startswith(f"LoRA+ (ratio {ratio}) ") and "plain LoRA" in line]
+        assert len(verdicts) == 1 and (("sooner" in verdicts[0]) != ("did NOT beat" in verdicts[0])), verdicts
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot written to {png}" in out
     assert "%" in proc.stderr  # the progress bar goes to stderr, the table to stdout
@@ -93,8 +96,8 @@ def test_demo_is_deterministic_and_both_methods_use_loraplus_groups(monkeypatch)
         return opt
 
     monkeypatch.setattr(_demo, "LoraPlus", spy)
-    first = _demo.run_demo(quick=True, progress=False, ratio=8)
-    second = _demo.run_demo(quick=True, progress=False, ratio=8)
+    first = _demo.run_demo(quick=True, progress=False, ratios=(8,))
+    second = _demo.run_demo(quick=True, progress=False, ratios=(8,))
     assert first.lora.curve == second.lora.curve and first.loraplus.curve == second.loraplus.curve
     assert len(first.lora.curve) == 2 and first.lora.steps == [10, 20]
     assert {lrs["B"] / lrs["A"] for lrs in built} == {1.0, 8.0}
@@ -105,7 +108,7 @@ def _result(lora_curve, plus_curve):
     steps = [10 * (i + 1) for i in range(len(lora_curve))]
     lora = _demo.MethodResult("LoRA", 1.0, 1e-3, lora_curve, steps, {1e-3: lora_curve[-1]}, [lora_curve[-1]])
     plus = _demo.MethodResult("LoRA+ (ratio 16)", 16.0, 1e-4, plus_curve, steps, {1e-4: plus_curve[-1]}, [0.1, 0.3])
-    return _demo.DemoResult("mlp", "toy", lora, plus, 1.0)
+    return _demo.DemoResult("mlp", "toy", lora, [plus], 1.0)
 
 
 def test_table_counts_steps_to_plain_loras_final_loss():
@@ -128,7 +131,7 @@ def test_an_honest_negative_result_is_reported_as_such():
 
 
 def test_minilm_quick_demo_runs_on_the_real_weights(tmp_path):
-    proc = _run("demo", "--model", "minilm", "--quick", "--no-plot", "--no-progress", cwd=tmp_path)
+    proc = _run("demo", "--model", "minilm", "--quick", "--ratio", "4", "--no-plot", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "all-MiniLM-L6-v2 + LoRA r=8 on query/value" in proc.stdout
     rows = _table_rows(proc.stdout)
