@@ -5,22 +5,16 @@ rate, weight decay and group membership for every parameter — without importin
 transformers and without PEFT's empty groups. It deliberately keeps PEFT's choices, which
 differ from :func:`loraplus.LoraPlus`:
 
-============================  ===============================  ======================================
-parameter                     PEFT / ``compat``                 ``loraplus.LoraPlus``
-============================  ===============================  ======================================
-B factors                     ``ratio * lr``                    ``ratio * lr``
-any other 1-D parameter       ``ratio * lr`` (``ndim == 1``)    ``lr`` (biases, norms, DoRA magnitude)
-embedding adapters (A and B)  ``loraplus_lr_embedding`` = 1e-6  ``lr`` (``lr_embedding=`` to change)
-weight decay                  ``loraplus_weight_decay`` = 0.0;  the user's ``weight_decay`` on every
-                              a ``weight_decay=`` kwarg is      decaying group; 0 for biases, norm
-                              ignored by the groups             weights, magnitudes
-no-decay test                 "bias" substring, nn.LayerNorm    bias/norm names, any ``*Norm`` class
-recognised names              ``lora_B`` substring, PEFT        every convention in ``CONVENTIONS``
-                              Embedding layers                  and user ``rules=``
-empty groups                  always 4 groups                   never (same here)
-bitsandbytes side effect      registers 32-bit overrides for    none (same here)
-                              every nn.Embedding
-============================  ===============================  ======================================
+| parameter | PEFT / ``compat`` | ``loraplus.LoraPlus`` |
+|---|---|---|
+| B factors | ``ratio * lr`` | ``ratio * lr`` |
+| any other 1-D parameter | ``ratio * lr`` (``ndim == 1``) | ``lr`` (biases, norms, DoRA magnitudes) |
+| embedding adapters (A and B) | ``loraplus_lr_embedding``, default 1e-6 | ``lr`` (``lr_embedding=`` to change) |
+| weight decay | ``loraplus_weight_decay`` (default 0.0); a ``weight_decay=`` kwarg is ignored by the groups | the user's ``weight_decay`` on every decaying group; 0 for biases, norm weights, magnitudes |
+| no-decay test | "bias" substring, inside an ``nn.LayerNorm`` | bias/norm names, torch norm types, any ``*Norm`` class |
+| recognised names | ``lora_B`` substring, PEFT LoRA ``Embedding`` layers | every convention in ``CONVENTIONS``, module types, ``rules=`` |
+| empty groups | always 4 groups | never (same here) |
+| bitsandbytes side effect | registers 32-bit overrides for every ``nn.Embedding`` | none (same here) |
 """
 
 from __future__ import annotations
