@@ -166,6 +166,13 @@ def load_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, A
     if groups is None or not hasattr(optimizer, "load_state_dict"):
         raise LoraPlusError(f"expected a torch optimizer, got {type(optimizer).__name__}")
     saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)) or not all(
+        isinstance(g, Mapping) and "params" in g for g in saved_groups
+    ):
+        raise LoraPlusError(
+            "the state dict's 'param_groups' must be a list of dicts with 'params' (as optimizer.state_dict() "
+            f"writes it), got {type(saved_groups).__name__}"
+        )
     problems = _check_groups(saved_groups, groups)
     if not problems:
         problems = _check_shapes(state_dict["state"], saved_groups, groups)

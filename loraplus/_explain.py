@@ -88,6 +88,11 @@ def explain(
     right = {4, 5}
     if isinstance(target, nn.Module):
         relative = lr is None
+        if relative and (role_lr or lr_embedding is not None):
+            raise LoraPlusError(
+                "role_lr and lr_embedding are absolute learning rates: pass lr= too, so explain() can show "
+                "every group's rate (without lr=, rates are shown as multiples of lr)"
+            )
         labels, groups = prepare(
             target,
             lr=1.0 if lr is None else lr,

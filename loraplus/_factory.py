@@ -84,7 +84,10 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         optimizer_cls: an optimizer class (``torch.optim.AdamW``, ``bnb.optim.AdamW8bit``, …) or a
             callable such as ``functools.partial(cls, ...)`` taking param groups first.
         model: the model with its adapters attached.
-        ratio: λ, the B/A learning-rate ratio (B factors get ``ratio * lr``).
+        ratio: λ, the B/A learning-rate ratio (B factors get ``ratio * lr``). Left at its default
+            (:data:`DEFAULT_RATIO`, 4), the B factors of adapter families measured to gain nothing
+            from LoRA+ (DoRA, AdaLoRA, LoHa, LoKr, VeRA: :data:`FAMILY_RATIO`) get that family's
+            ratio, 1, and ``explain()`` says so; pass ``ratio=`` explicitly to use one ratio for all.
         lr: learning rate of the A factors and, unless overridden, of every non-B role.
         lr_embedding: learning rate of both embedding-adapter factors (default ``lr``).
         role_lr: per-role learning-rate overrides, e.g. ``{loraplus.Role.MAGNITUDE: 1e-4}``.

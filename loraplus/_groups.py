@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -146,11 +146,11 @@ def build_groups(
     Every group carries ``params``, ``param_names``, ``role`` (the Role's value), ``name``
     and ``lr``; ``weight_decay`` is set to 0.0 for no-decay groups and to the user's value
     for decaying groups (left to the optimizer's default when the user gave none).
-    ``b_lr_by_family`` gives the B factors of those families their own rate; when a model mixes
-    families with different B rates, the other families' B groups are named ``B.<family>``.
+    ``b_lr_by_family`` gives the B factors of those families their own rate; when a model has B
+    factors of several such families (or of one next to plain LoRA), their groups are named
+    ``B.<family>``, so group names stay unique.
     """
     fam_lr = dict(b_lr_by_family or {})
-    b_rates = {fam_lr.get(lab.family or "", lrs[Role.B]) for lab in labels if lab.role is Role.B}
     buckets: dict[tuple[Role, bool, str], dict[str, list[Any]]] = {}
     for lab in labels:
         fam = (lab.family or "") if lab.role is Role.B and (lab.family or "") in fam_lr else ""
@@ -160,8 +160,9 @@ def build_groups(
         bucket["param_names"].append(lab.name)
     groups: list[dict[str, Any]] = []
     order = sorted(buckets.items(), key=lambda kv: (_ROLE_ORDER[kv[0][0]], kv[0][2], kv[0][1]))
+    several_b = len({key[2] for key in buckets if key[0] is Role.B}) > 1  # then every family's group is named
     for (role, nd, fam), bucket in order:
-        tag = f"{role.value}.{fam}" if fam and len(b_rates) > 1 else role.value
+        tag = f"{role.value}.{fam}" if fam and several_b else role.value
         group: dict[str, Any] = {
             "params": bucket["params"],
             "param_names": bucket["param_names"],
@@ -307,6 +308,16 @@ def split_groups(
         (['A', 'B', 'other'], ['other.no_decay'])
         >>> muon = torch.optim.Muon(matrices, lr=0.02)
     """
+    if not callable(where):
+        raise LoraPlusError(f"split_groups needs where=(name, param) -> bool, got {type(where).__name__}")
+    if isinstance(groups, (Mapping, nn.Module)) or not isinstance(groups, Iterable):
+        raise LoraPlusError(
+            f"split_groups takes a list of param groups (from loraplus.param_groups), got {type(groups).__name__}"
+        )
+    groups = list(groups)
+    bad = [i for i, g in enumerate(groups) if not (isinstance(g, Mapping) and "params" in g)]
+    if bad:
+        raise LoraPlusError(f"split_groups: group(s) {bad} are not dicts with 'params' (from loraplus.param_groups)")
     selected: list[dict[str, Any]] = []
     rest: list[dict[str, Any]] = []
     for i, group in enumerate(groups):

@@ -260,7 +260,7 @@ def normalize_rules(rules: RuleSpec | None) -> list[_Rule]:
             desc = getattr(item, "__qualname__", None) or repr(item)
             out.append(_Rule(f"rule {desc}", None, None, item))
             continue
-        if not (isinstance(item, tuple) and len(item) == 2):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):  # lists: rules loaded from YAML/JSON
             raise LoraPlusError(
                 f"cannot use {item!r} as a rule: give (pattern, role) pairs, e.g. ('*.my_up', loraplus.Role.B), "
                 "or a callable (name, param, module) -> Role | None"

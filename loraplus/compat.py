@@ -60,6 +60,8 @@ def peft_param_groups(
     emb_f = check_number("loraplus_lr_embedding", loraplus_lr_embedding)
     wd_f = check_number("loraplus_weight_decay", loraplus_weight_decay, allow_zero=True)
     assert lr_f is not None and ratio_f is not None and emb_f is not None and wd_f is not None
+    if not isinstance(model, nn.Module):
+        raise LoraPlusError(f"expected a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules(remove_duplicate=False))
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {k: [] for k in ("groupA", "embedding", "groupB", "groupB_no_decay")}
     for name, param in model.named_parameters():
@@ -129,4 +131,8 @@ def create_loraplus_optimizer(
         loraplus_lr_embedding=loraplus_lr_embedding,
         loraplus_weight_decay=loraplus_weight_decay,
     )
-    return optimizer_cls(groups, lr=lr, **kwargs)
+    try:
+        return optimizer_cls(groups, lr=lr, **kwargs)
+    except Exception as err:  # context once, at the public entry point
+        shown = getattr(optimizer_cls, "__name__", repr(optimizer_cls))
+        raise LoraPlusError(f"{shown} could not be built over PEFT's LoRA+ groups: {type(err).__name__}: {err}") from err

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._errors import LoraPlusError
 from ._roles import Role, RuleSpec, label_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -216,7 +217,7 @@ class _PeftOtherAdapter(nn.Module):
             self.register_buffer("vera_A", torch.randn(r, d_in))  # shared frozen projections
             self.register_buffer("vera_B", torch.randn(d_out, r))
         else:  # pragma: no cover
-            raise ValueError(family)
+            raise LoraPlusError(f"unknown adapter family {family!r}")
 
 
 class _DeclaredLinear(nn.Module):
@@ -284,7 +285,7 @@ def _adapted_layer(conv: str, d_in: int, d_out: int, r: int, adapters: list[str]
         return _minlora_linear(d_in, d_out, r, reg)
     if conv == "declared":
         return _DeclaredLinear(d_in, d_out, r, reg)
-    raise ValueError(f"unknown convention {conv!r}")
+    raise LoraPlusError(f"unknown convention {conv!r}; choose one of {CONVENTION_NAMES}")
 
 
 class _Wrapper(nn.Module):
@@ -305,6 +306,8 @@ _WRAPPER_ATTR = {
 
 
 def _wrap(module: nn.Module, wrapper: str) -> nn.Module:
+    if wrapper != "none" and wrapper not in _WRAPPER_ATTR:
+        raise LoraPlusError(f"unknown wrapper {wrapper!r}; choose one of {WRAPPER_NAMES}")
     return module if wrapper == "none" else _Wrapper(module, _WRAPPER_ATTR[wrapper])
 
 
@@ -395,7 +398,7 @@ def lora_models(
 
     unknown = set(conventions) - set(CONVENTION_NAMES)
     if unknown or not conventions:
-        raise ValueError(f"conventions must be a non-empty subset of {CONVENTION_NAMES}, got {conventions}")
+        raise LoraPlusError(f"conventions must be a non-empty subset of {CONVENTION_NAMES}, got {conventions}")
     adapter_names = st.sampled_from([["default"], ["default_0"], ["task_x"], ["default", "other"]])
     layer = st.fixed_dictionaries(
         {
@@ -477,6 +480,8 @@ def assert_loraplus_groups(
     Raises:
         AssertionError: listing every problem found.
     """
+    if not isinstance(model, nn.Module):
+        raise LoraPlusError(f"assert_loraplus_groups(optimizer, model): model must be an nn.Module, got {type(model).__name__}")
     problems: list[str] = []
     groups = getattr(optimizer, "param_groups", optimizer)
     named = dict(model.named_parameters())

@@ -539,3 +539,55 @@ def test_warnings_free_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LoraPlus(torch.optim.AdamW, tiny_lora_model(), 16, lr=1e-3, weight_decay=0.01)
+
+
+# --------------------------------------------------------------------------- review regressions
+
+
+def test_group_names_are_unique_when_two_families_share_a_default_rate():
+    layers = [
+        {"conv": conv, "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}
+        for conv in ("peft_loha", "peft_vera")
+    ]
+    groups = param_groups(build_model(layers, head=False, norm=False).model, lr=1.0)
+    names = [g["name"] for g in groups]
+    assert len(names) == len(set(names)), names
+    assert {"B.loha", "B.vera"} <= set(names)
+
+
+def test_rules_may_be_lists_as_loaded_from_yaml():
+    roles = classify(tiny_lora_model(), [["*.lora_A.*", "A"], ["*.lora_B.*", "B"]])
+    assert roles["layers.0.lora_A.default.weight"] is Role.A
+
+
+def test_explain_refuses_absolute_rates_shown_relative():
+    with pytest.raises(LoraPlusError, match="role_lr and lr_embedding are absolute learning rates: pass lr="):
+        explain(tiny_lora_model(), role_lr={"other": 1e-4})
+    assert "0.0001" in explain(tiny_lora_model(), lr=1e-3, role_lr={"other": 1e-4})
+
+
+def test_public_helpers_raise_loraplus_error():
+    from loraplus.compat import create_loraplus_optimizer, peft_param_groups
+    from loraplus.testing import lora_models
+
+    model = tiny_lora_model()
+    groups = param_groups(model, lr=1.0)
+    with pytest.raises(LoraPlusError, match="needs where="):
+        loraplus.split_groups(groups, None)
+    with pytest.raises(LoraPlusError, match="takes a list of param groups"):
+        loraplus.split_groups(model, lambda n, p: True)
+    with pytest.raises(LoraPlusError, match=r"group\(s\) \[0\] are not dicts"):
+        loraplus.split_groups([{"lr": 1.0}], lambda n, p: True)
+    opt = LoraPlus(torch.optim.AdamW, model, lr=1.0)
+    with pytest.raises(LoraPlusError, match="'param_groups' must be a list of dicts"):
+        loraplus.load_state_dict(opt, {"state": {}, "param_groups": None})
+    with pytest.raises(LoraPlusError, match="expected a torch.nn.Module, got dict"):
+        peft_param_groups({}, lr=1.0, loraplus_lr_ratio=2.0)
+    with pytest.raises(LoraPlusError, match="could not be built over PEFT's LoRA\\+ groups: TypeError"):
+        create_loraplus_optimizer(model, torch.optim.AdamW, lr=1.0, loraplus_lr_ratio=2.0, bogus=1)
+    with pytest.raises(LoraPlusError, match="conventions must be a non-empty subset"):
+        lora_models(("nope",))
+    with pytest.raises(LoraPlusError, match="unknown wrapper 'x'"):
+        build_model([], wrapper="x")
+    with pytest.raises(LoraPlusError, match="model must be an nn.Module"):
+        assert_loraplus_groups([], "x")

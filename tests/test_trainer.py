@@ -206,6 +206,26 @@ def test_bad_loraplus_settings_fail_at_construction(tmp_path):
         LoraPlusTrainer(model=_model(), args=_args(tmp_path), loraplus_ratio="16")
 
 
+def test_bad_rules_role_lr_and_no_decay_also_fail_at_construction(tmp_path):
+    with pytest.raises(LoraPlusError, match="unknown role 'beta'"):
+        LoraPlusTrainer(model=_model(), args=_args(tmp_path), loraplus_role_lr={"beta": 1.0})
+    with pytest.raises(LoraPlusError, match="cannot use"):
+        LoraPlusTrainer(model=_model(), args=_args(tmp_path), loraplus_rules=[("x",)])
+    with pytest.raises(LoraPlusError, match="no_decay entries must be"):
+        LoraPlusTrainer(model=_model(), args=_args(tmp_path), loraplus_no_decay=[3])
+
+
+def test_default_ratio_keeps_the_family_defaults_as_loraplus_does(tmp_path):
+    """Regression: the Trainer once turned the default-ratio marker into a plain float."""
+    from loraplus.testing import build_model
+
+    spec = {"conv": "peft_loha", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}
+    model = build_model([spec], head=False, norm=False).model
+    trainer = LoraPlusTrainer(model=model, args=_args(tmp_path, optim="sgd", learning_rate=1.0))
+    expected = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1.0)}
+    assert _lrs(trainer.create_optimizer()) == expected == {"A": 1.0, "B": 1.0}
+
+
 def test_model_without_adapters_gives_loraplus_error(tmp_path):
     trainer = LoraPlusTrainer(model=torch.nn.Linear(2, 2), args=_args(tmp_path))
     with pytest.raises(LoraPlusError, match="no LoRA adapter parameters"):

@@ -28,7 +28,8 @@ from torch import nn
 from .._checkpoint import load_state_dict
 from .._errors import LoraPlusError
 from .._factory import LoraPlus
-from .._groups import DEFAULT_RATIO, check_number
+from .._groups import DEFAULT_RATIO, check_number, role_lrs
+from .._roles import normalize_no_decay, normalize_rules
 from .._roles import NoDecaySpec, Role, RuleSpec
 
 try:
@@ -95,8 +96,12 @@ class LoraPlusTrainer(transformers.Trainer):
         **kwargs: Any,
     ) -> None:
         # fail at construction, not after the Trainer has set everything up
-        self.loraplus_ratio = check_number("loraplus_ratio", loraplus_ratio)
+        check_number("loraplus_ratio", loraplus_ratio)
+        self.loraplus_ratio = loraplus_ratio  # as given: the default marks "not chosen" (family defaults apply)
         self.loraplus_lr_embedding = check_number("loraplus_lr_embedding", loraplus_lr_embedding, allow_none=True)
+        role_lrs(1.0, 1.0, None, loraplus_role_lr)
+        normalize_rules(loraplus_rules)
+        normalize_no_decay(loraplus_no_decay)
         self.loraplus_role_lr = loraplus_role_lr
         self.loraplus_rules = loraplus_rules
         self.loraplus_no_decay = loraplus_no_decay
