@@ -14,7 +14,7 @@ from ._errors import LoraPlusError
 from ._groups import DEFAULT_RATIO, prepare
 from ._roles import NoDecaySpec, Role, RuleSpec
 
-__all__ = ["LoraPlus", "GLOBAL_LR_OPTIMIZERS"]
+__all__ = ["GLOBAL_LR_OPTIMIZERS", "LoraPlus", "build_optimizer"]
 
 O = TypeVar("O")
 
@@ -124,11 +124,16 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         rules=rules,
         no_decay=no_decay,
     )
+    return build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
+
+
+def build_optimizer(
+    optimizer_cls: Callable[..., O], groups: list[dict[str, Any]], lr: float, kwargs: Mapping[str, Any], what: str
+) -> O:
+    """Call the optimizer factory on ``groups``; wrap whatever it raises in a LoraPlusError with context."""
     try:
-        return optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+        return optimizer_cls(groups, lr=lr, **kwargs)
     except Exception as err:  # add context once, at the public entry point
         shown = getattr(_unwrap(optimizer_cls), "__name__", repr(optimizer_cls))
         kinds = ", ".join(f"{g['name']} ({len(g['params'])} tensors)" for g in groups)
-        raise LoraPlusError(
-            f"{shown} could not be built over the LoRA+ groups [{kinds}]: {type(err).__name__}: {err}"
-        ) from err
+        raise LoraPlusError(f"{shown} could not be built over {what} [{kinds}]: {type(err).__name__}: {err}") from err

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ._errors import LoraPlusError
+from ._factory import build_optimizer
 from ._groups import check_number
 
 __all__ = ["create_loraplus_optimizer", "peft_param_groups"]
@@ -131,8 +132,4 @@ def create_loraplus_optimizer(
         loraplus_lr_embedding=loraplus_lr_embedding,
         loraplus_weight_decay=loraplus_weight_decay,
     )
-    try:
-        return optimizer_cls(groups, lr=lr, **kwargs)
-    except Exception as err:  # context once, at the public entry point
-        shown = getattr(optimizer_cls, "__name__", repr(optimizer_cls))
-        raise LoraPlusError(f"{shown} could not be built over PEFT's LoRA+ groups: {type(err).__name__}: {err}") from err
+    return build_optimizer(optimizer_cls, groups, lr, kwargs, "PEFT's LoRA+ groups")

@@ -583,7 +583,7 @@ def test_public_helpers_raise_loraplus_error():
         loraplus.load_state_dict(opt, {"state": {}, "param_groups": None})
     with pytest.raises(LoraPlusError, match="expected a torch.nn.Module, got dict"):
         peft_param_groups({}, lr=1.0, loraplus_lr_ratio=2.0)
-    with pytest.raises(LoraPlusError, match="could not be built over PEFT's LoRA\\+ groups: TypeError"):
+    with pytest.raises(LoraPlusError, match=r"could not be built over PEFT's LoRA\+ groups \[groupA \(3 tensors\).*\]: TypeError"):
         create_loraplus_optimizer(model, torch.optim.AdamW, lr=1.0, loraplus_lr_ratio=2.0, bogus=1)
     with pytest.raises(LoraPlusError, match="conventions must be a non-empty subset"):
         lora_models(("nope",))
