@@ -260,23 +260,31 @@ class _MlpTask:
         return m
 
     def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> list[float]:
-        cfg = self.cfg
-        m = self.model(seed)
-        opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(100 + seed)
-        curve = []
-        for step in range(1, cfg.steps + 1):
-            idx = torch.randint(0, len(self.x), (cfg.batch,), generator=gen)
-            loss = nn.functional.cross_entropy(m(self.x[idx]), self.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tick(1)
-            if step % cfg.eval_every == 0:
-                with torch.no_grad():
-                    val = nn.functional.cross_entropy(m(self.x_eval), self.y_eval).item()
-                curve.append(val if math.isfinite(val) else float("inf"))
-        return curve
+        return _train(self.model(seed), self, lr, ratio, seed, tick)
+
+
+def _train(m: nn.Module, task: Any, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> list[float]:
+    """AdamW through LoraPlus on ``task``'s data (``x``, ``y``, ``x_eval``, ``y_eval``, ``cfg``);
+    returns the held-out loss every ``cfg.eval_every`` steps (``inf`` once it diverges)."""
+    cfg = task.cfg
+    m.train()
+    opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(100 + seed)
+    curve = []
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(task.x), (cfg.batch,), generator=gen)
+        loss = nn.functional.cross_entropy(m(task.x[idx]), task.y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tick(1)
+        if step % cfg.eval_every == 0:
+            m.eval()
+            with torch.no_grad():
+                val = nn.functional.cross_entropy(m(task.x_eval), task.y_eval).item()
+            m.train()
+            curve.append(val if math.isfinite(val) else float("inf"))
+    return curve
 
 
 # --------------------------------------------------------------------------- the MiniLM task
@@ -369,27 +377,9 @@ class _MiniLMTask:
         tick(0)
 
     def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> list[float]:
-        cfg = self.cfg
         torch.manual_seed(seed)
-        m = _MiniLMLora(copy.deepcopy(self.encoder), cfg.rank)
-        m.train()
-        opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(100 + seed)
-        curve = []
-        for step in range(1, cfg.steps + 1):
-            idx = torch.randint(0, len(self.x), (cfg.batch,), generator=gen)
-            loss = nn.functional.cross_entropy(m(self.x[idx]), self.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tick(1)
-            if step % cfg.eval_every == 0:
-                m.eval()
-                with torch.no_grad():
-                    val = nn.functional.cross_entropy(m(self.x_eval), self.y_eval).item()
-                m.train()
-                curve.append(val if math.isfinite(val) else float("inf"))
-        return curve
+        m = _MiniLMLora(copy.deepcopy(self.encoder), self.cfg.rank)
+        return _train(m, self, lr, ratio, seed, tick)
 
 
 # --------------------------------------------------------------------------- the comparison
