@@ -19,6 +19,7 @@ from ._explain import explain
 from ._factory import LoraPlus
 from ._groups import DEFAULT_RATIO, FAMILY_RATIO, param_groups, split_groups
 from ._monitor import Monitor
+from ._pairs import Pair, Pairs, Unpaired, pairs
 from ._roles import CONVENTIONS, Convention, Role, classify
 from ._schedulers import per_group
 
@@ -30,10 +31,14 @@ __all__ = [
     "LoraPlus",
     "LoraPlusError",
     "Monitor",
+    "Pair",
+    "Pairs",
+    "Unpaired",
     "Role",
     "classify",
     "explain",
     "load_state_dict",
+    "pairs",
     "param_groups",
     "per_group",
     "split_groups",

@@ -19,7 +19,6 @@ import csv
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,27 +27,10 @@ import torch
 from torch import nn
 
 from ._errors import LoraPlusError
-from ._roles import Label, Role, RuleSpec, _kept_segments, canonical_name, label_parameters, named_modules_map
+from ._pairs import Pair, pair_labels, stack_factors as _stack, std_factor as _std
+from ._roles import Label, Role, RuleSpec, label_parameters, named_modules_map
 
-__all__ = ["Monitor", "Pair"]
-
-#: Factor segment of the A side -> (B-side segment, convention shown in reports, orientation).
-#: "standard": A is (r, in) and B is (out, r), ΔW = B·A. "transposed": stored as A (in, r),
-#: B (r, out) and applied as x·A·B, so ΔW = (A·B)ᵀ.
-_FACTOR_SEGMENTS: dict[str, tuple[str, str, str]] = {
-    "lora_A": ("lora_B", "PEFT/loralib/litgpt/minLoRA", "standard"),
-    "lora_embedding_A": ("lora_embedding_B", "PEFT embedding", "standard"),
-    "lora_a": ("lora_b", "torchtune", "standard"),
-    "lora_down": ("lora_up", "kohya/mmpretrain", "standard"),
-    "down": ("up", "diffusers", "standard"),
-    "linear_in": ("linear_out", "NeMo", "standard"),
-    "lora_right_weight": ("lora_left_weight", "DeepSpeed-Chat", "transposed"),
-}
-_B_SEGMENTS = {b: a for a, (b, _, _) in _FACTOR_SEGMENTS.items()}
-_A_SIDE = (Role.A, Role.EMBEDDING_A)
-_B_SIDE = (Role.B, Role.EMBEDDING_B)
-#: Adapter families whose update is not a single B·A product.
-_NOT_A_PRODUCT = {"loha": "LoHa", "lokr": "LoKr", "vera": "VeRA", "adalora": "AdaLoRA"}
+__all__ = ["Monitor"]
 
 #: Weight-space metrics, in record order.
 WEIGHT_METRICS = ("norm_A", "norm_B", "delta_A", "delta_B", "B_dA", "dB_A", "dB_dA", "delta_BA")
@@ -56,52 +38,11 @@ WEIGHT_METRICS = ("norm_A", "norm_B", "delta_A", "delta_B", "B_dA", "dB_A", "dB_
 ACTIVATION_METRICS = ("act_B_dA", "act_dB_A", "act_dB_dA")
 
 
-@dataclass(frozen=True)
-class Pair:
-    """One monitored adapter: an A factor, its B factor, and how to read them as ΔW = B·A."""
-
-    layer: str
-    adapter: str
-    a_name: str
-    b_name: str
-    convention: str
-    orientation: str  # "standard" | "transposed"
-    embedding: bool
-    host: str  # module whose first input is the layer input x ("" when unknown)
-
-    @property
-    def key(self) -> str:
-        """``layer`` or ``layer[adapter]``: unique per monitored adapter."""
-        return f"{self.layer}[{self.adapter}]" if self.adapter else self.layer
-
-    @property
-    def layer_group(self) -> str:
-        """The layer name with numeric segments replaced by ``*`` (``blocks.*.attn.q``)."""
-        return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", self.layer) or "<root>"
-
-
 @dataclass
 class _Entry:
     pair: Pair
     a: torch.Tensor
     b: torch.Tensor
-
-
-def _std(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The factor as a 2-D matrix in standard orientation (A: (r, in), B: (out, r)); a view."""
-    t = t.detach()
-    if transposed:
-        return t.t()
-    return t if t.dim() == 2 else t.flatten(1)
-
-
-def _stack(factors: Sequence[torch.Tensor], transposed: bool) -> torch.Tensor:
-    """Copy equally shaped factors, in standard orientation, into one (k, rows, cols) tensor (under no_grad)."""
-    if transposed:
-        return torch.stack([f.t() for f in factors])
-    if factors[0].dim() == 2:
-        return torch.stack(list(factors))
-    return torch.stack([f.flatten(1) for f in factors])
 
 
 def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -115,131 +56,6 @@ def _act_from_grams(
     gu, gv = u.transpose(1, 2) @ u, v.transpose(1, 2) @ v
     sq = torch.stack([(gu * gb).sum((1, 2)), (gv * gdb).sum((1, 2)), (gu * gdb).sum((1, 2))], dim=1)
     return sq.clamp_min(0).div(max(1, entries)).sqrt()
-
-
-def _chain_reason(a: torch.Tensor, b: torch.Tensor, orientation: str) -> str | None:
-    """Why A and B cannot be read as ΔW = B·A in this orientation (None if they can)."""
-    if a.dim() < 2 or b.dim() < 2:
-        return f"not matrices (A {tuple(a.shape)}, B {tuple(b.shape)})"
-    if orientation == "transposed":
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-            return f"shapes do not chain as x·A·B (A {tuple(a.shape)}, B {tuple(b.shape)})"
-        return None
-    if any(s != 1 for s in b.shape[2:]):
-        return f"B {tuple(b.shape)} is not a 1x1 projection"
-    if a.shape[0] != b.shape[1]:
-        return (
-            f"shapes do not chain as B·A (A {tuple(a.shape)}, B {tuple(b.shape)}); merged or grouped "
-            "adapters (loralib MergedLinear, litgpt merged QKV) are not monitored"
-        )
-    return None
-
-
-def _find_factor(label: Label) -> tuple[int, str] | None:
-    """(index among the kept segments, segment) of the factor segment of an adapter label."""
-    segs, _ = _kept_segments(label.name)
-    table = _FACTOR_SEGMENTS if label.role in _A_SIDE else _B_SEGMENTS
-    for i in range(len(segs) - 1, max(len(segs) - 4, -1), -1):
-        if segs[i] in table:
-            return i, segs[i]
-    return None
-
-
-def pair_factors(labels: Sequence[Label]) -> tuple[list[Pair], dict[str, str]]:
-    """Pair each A factor with its B factor; return the pairs and ``{name: reason}`` for the rest.
-
-    Named conventions pair by the canonical name with the factor segment swapped
-    (``lora_A.<adapter>.weight`` ↔ ``lora_B.<adapter>.weight``, ``lora_down`` ↔ ``lora_up``, …).
-    Factors without a known segment (declared roles, user rules) pair within their module, then
-    within its parent, only when exactly one A and one B share it. Nothing is guessed.
-    """
-    unpaired: dict[str, str] = {}
-    by_key: dict[tuple[str, ...], dict[str, Label]] = {}
-    meta: dict[tuple[str, ...], tuple[str, str, str, str, str]] = {}
-    loose: list[Label] = []
-    for lab in labels:
-        if lab.role not in _A_SIDE and lab.role not in _B_SIDE:
-            continue
-        if lab.family in _NOT_A_PRODUCT:
-            unpaired[lab.name] = f"{_NOT_A_PRODUCT[lab.family]} factors do not form one B·A product"
-            continue
-        found = _find_factor(lab)
-        if found is None:
-            loose.append(lab)
-            continue
-        i, seg = found
-        segs, kept = _kept_segments(lab.name)
-        a_seg = seg if lab.role in _A_SIDE else _B_SEGMENTS[seg]
-        key = (*segs[:i], f"<{a_seg}>", *segs[i + 1 :])
-        side = "A" if lab.role in _A_SIDE else "B"
-        if side in by_key.setdefault(key, {}):
-            unpaired[lab.name] = f"a second {side} factor under the same name as {by_key[key][side].name!r}"
-            continue
-        by_key[key][side] = lab
-        orig = lab.name.split(".")
-        prefix = segs[:i]
-        host_end = kept[i]
-        if "parametrizations" in prefix:  # minLoRA: the adapted layer sits before .parametrizations
-            j = prefix.index("parametrizations")
-            host_end = kept[j]
-            prefix = prefix[:j]
-        suffix = [s for s in segs[i + 1 :] if s not in ("weight",)]
-        _, conv, orientation = _FACTOR_SEGMENTS[a_seg]
-        if a_seg == "lora_A":
-            conv = "PEFT" if suffix else "minLoRA" if "parametrizations" in segs else "loralib/litgpt"
-        if "parametrizations" in segs and lab.role in (Role.EMBEDDING_A, Role.EMBEDDING_B):
-            orientation, conv = "transposed", "minLoRA embedding"
-        meta[key] = (canonical_name(".".join(prefix)), ".".join(suffix), conv, orientation, ".".join(orig[:host_end]))
-
-    pairs: list[Pair] = []
-    for key, sides in by_key.items():
-        layer, adapter, conv, orientation, host = meta[key]
-        if "A" not in sides or "B" not in sides:
-            (side, lab), = sides.items()
-            missing = "B" if side == "A" else "A"
-            reason = f"no {missing} factor named like it"
-            if lab.name.split(".")[-1] == "bias":
-                reason = "an adapter bias, not a factor"
-            unpaired[lab.name] = reason
-            continue
-        a, b = sides["A"], sides["B"]
-        why = _chain_reason(a.param, b.param, orientation)
-        if why is not None:
-            unpaired[a.name] = unpaired[b.name] = why
-            continue
-        emb = a.role is Role.EMBEDDING_A
-        pairs.append(Pair(layer, adapter, a.name, b.name, conv, orientation, emb, host))
-
-    # factors without a known factor segment: pair inside the same module, then its parent
-    for depth in (1, 2):
-        groups: dict[str, list[Label]] = {}
-        for lab in loose:
-            segs = lab.name.split(".")
-            groups.setdefault(".".join(segs[:-depth]) if len(segs) > depth else "", []).append(lab)
-        loose = []
-        for prefix, labs in groups.items():
-            a_side = [lab for lab in labs if lab.role in _A_SIDE]
-            b_side = [lab for lab in labs if lab.role in _B_SIDE]
-            if len(a_side) == 1 and len(b_side) == 1:
-                a, b = a_side[0], b_side[0]
-                orientation = "standard"
-                if _chain_reason(a.param, b.param, "standard") is not None:
-                    orientation = "transposed"
-                if _chain_reason(a.param, b.param, orientation) is None:
-                    emb = a.role is Role.EMBEDDING_A
-                    source = "declared roles" if a.source.startswith("declared") else "same module"
-                    pairs.append(Pair(canonical_name(prefix), "", a.name, b.name, source, orientation, emb, prefix))
-                    continue
-            loose.extend(labs)
-    for lab in loose:
-        side = "A" if lab.role in _A_SIDE else "B"
-        unpaired[lab.name] = (
-            f"no unique {'B' if side == 'A' else 'A'} factor in its module; pass rules= naming both factors "
-            "of one layer, or declare them with loraplus_roles()"
-        )
-    order = {lab.name: i for i, lab in enumerate(labels)}
-    pairs.sort(key=lambda p: order[p.a_name])
-    return pairs, unpaired
 
 
 def _labels_from_groups(optimizer: torch.optim.Optimizer) -> list[Label]:
@@ -374,7 +190,7 @@ class Monitor:
             labels = label_parameters(model, rules, modules=modules)
         else:
             labels = _labels_from_groups(optimizer)
-        pairs, unpaired = pair_factors(labels)
+        pairs, unpaired = pair_labels(labels, modules)
 
         # keep only pairs whose factors this optimizer updates
         where: dict[int, int] = {}
