@@ -17,7 +17,7 @@ from ._checkpoint import load_state_dict
 from ._errors import LoraPlusError
 from ._explain import explain
 from ._factory import LoraPlus
-from ._groups import DEFAULT_RATIO, FAMILY_RATIO, param_groups, split_groups
+from ._groups import DEFAULT_RATIO, param_groups, split_groups
 from ._monitor import Monitor
 from ._pairs import Pair, Pairs, Unpaired, pairs
 from ._roles import CONVENTIONS, Convention, Role, classify
@@ -27,7 +27,6 @@ __all__ = [
     "CONVENTIONS",
     "Convention",
     "DEFAULT_RATIO",
-    "FAMILY_RATIO",
     "LoraPlus",
     "LoraPlusError",
     "Monitor",

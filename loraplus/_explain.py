@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ._errors import LoraPlusError
-from ._groups import DEFAULT_RATIO, family_ratios, prepare
+from ._groups import DEFAULT_RATIO, prepare
 from ._roles import NoDecaySpec, Role, RuleSpec, is_no_decay, normalize_no_decay
 
 __all__ = ["explain"]
@@ -110,10 +110,6 @@ def explain(
         for lab in labels:
             counts[lab.role.value] = counts.get(lab.role.value, 0) + 1
         parts.append("tensors per role: " + ", ".join(f"{r.value} {counts[r.value]}" for r in Role if r.value in counts))
-        fams = family_ratios(labels, ratio, role_lr)
-        if fams:  # per-family defaults (docs/adapters.md) replace the ratio for those B factors
-            shown = ", ".join(f"{fam} B at ratio {r:g}" for fam, r in fams.items())
-            parts.append(f"family defaults: {shown} (pass ratio= to use one ratio for every B factor)")
         parts.append(
             f"frozen (not in the optimizer): {len(frozen)} tensors, {sum(p.numel() for _, p in frozen):,} elements"
         )

@@ -84,10 +84,8 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         optimizer_cls: an optimizer class (``torch.optim.AdamW``, ``bnb.optim.AdamW8bit``, …) or a
             callable such as ``functools.partial(cls, ...)`` taking param groups first.
         model: the model with its adapters attached.
-        ratio: λ, the B/A learning-rate ratio (B factors get ``ratio * lr``). Left at its default
-            (:data:`DEFAULT_RATIO`, 4), the B factors of adapter families measured to gain nothing
-            from LoRA+ (DoRA, AdaLoRA, LoHa, LoKr, VeRA: :data:`FAMILY_RATIO`) get that family's
-            ratio, 1, and ``explain()`` says so; pass ``ratio=`` explicitly to use one ratio for all.
+        ratio: λ, the B/A learning-rate ratio: every B factor gets ``ratio`` times its A
+            factor's rate (``ratio * role_lr[A]`` when that is given), whatever the adapter family.
         lr: learning rate of the A factors and, unless overridden, of every non-B role.
         lr_embedding: learning rate of both embedding-adapter factors (default ``lr``).
         role_lr: per-role learning-rate overrides, e.g. ``{loraplus.Role.MAGNITUDE: 1e-4}``.
@@ -102,7 +100,13 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
 
     Raises:
         LoraPlusError: on invalid options, a model without adapters, an optimizer that cannot
-            take param groups (LBFGS), or when the optimizer rejects the groups.
+            take param groups (LBFGS), or when the optimizer rejects its arguments (its
+            ``TypeError``/``ValueError``, chained as the cause).
+
+    Warns:
+        UserWarning: once, when LoRA+ cannot act as asked: B factors at A's rate without
+            ``ratio=1`` (through ``role_lr``), no B factor at all, or adapter factors without a
+            partner in their layer (see :func:`loraplus.pairs`).
 
     Example:
         >>> import torch, loraplus
@@ -130,10 +134,14 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
 def build_optimizer(
     optimizer_cls: Callable[..., O], groups: list[dict[str, Any]], lr: float, kwargs: Mapping[str, Any], what: str
 ) -> O:
-    """Call the optimizer factory on ``groups``; wrap whatever it raises in a LoraPlusError with context."""
+    """Call the optimizer factory on ``groups``.
+
+    What it raises about its arguments (``TypeError``, ``ValueError``) becomes a LoraPlusError
+    with context; anything else (out of memory, interrupts, CUDA errors) passes through untouched.
+    """
     try:
         return optimizer_cls(groups, lr=lr, **kwargs)
-    except Exception as err:  # add context once, at the public entry point
+    except (TypeError, ValueError) as err:  # add context once, at the public entry point
         shown = getattr(_unwrap(optimizer_cls), "__name__", repr(optimizer_cls))
         kinds = ", ".join(f"{g['name']} ({len(g['params'])} tensors)" for g in groups)
         raise LoraPlusError(f"{shown} could not be built over {what} [{kinds}]: {type(err).__name__}: {err}") from err

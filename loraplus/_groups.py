@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ._errors import LoraPlusError
+from ._pairs import NO_PARTNER, pair_labels
 from ._roles import (
     ADAPTER_ROLES,
     CONVENTIONS,
@@ -20,24 +21,14 @@ from ._roles import (
     RuleSpec,
     is_no_decay,
     label_parameters,
+    named_modules_map,
     normalize_no_decay,
 )
 
-__all__ = ["DEFAULT_RATIO", "FAMILY_RATIO", "build_groups", "check_number", "param_groups", "role_lrs", "split_groups"]
-
-class _DefaultRatio(float):
-    """The default ratio: a plain float that also tells :func:`prepare` the user did not choose one."""
-
-    __slots__ = ()
-
+__all__ = ["DEFAULT_RATIO", "build_groups", "check_number", "param_groups", "role_lrs", "split_groups"]
 
 #: The default B/A learning-rate ratio λ (see docs/convergence.md for the measurements behind it).
-DEFAULT_RATIO: float = _DefaultRatio(4.0)
-
-#: Default ratio of the B factors of adapter families where it differs from :data:`DEFAULT_RATIO`,
-#: used only when the caller leaves ``ratio`` (and ``role_lr[B]``) at the default. Each entry cites
-#: a measurement in docs/adapters.md; families not listed use :data:`DEFAULT_RATIO`.
-FAMILY_RATIO: Mapping[str, float] = {"dora": 1.0, "adalora": 1.0, "loha": 1.0, "lokr": 1.0, "vera": 1.0}
+DEFAULT_RATIO: float = 4.0
 
 _ROLE_ORDER = {role: i for i, role in enumerate(Role)}
 
@@ -68,21 +59,30 @@ def role_lrs(
     lr_embedding: float | None = None,
     role_lr: Mapping[Role | str, float] | None = None,
 ) -> dict[Role, float]:
-    """The learning rate of every role: A, MAGNITUDE, CORE, OTHER at ``lr``; B at ``ratio * lr``;
-    embedding factors at ``lr_embedding`` (default ``lr``); ``role_lr`` overrides any of them."""
+    """The learning rate of every role.
+
+    A, MAGNITUDE, CORE and OTHER run at ``lr``, embedding factors at ``lr_embedding`` (default
+    ``lr``); ``role_lr`` overrides any of them. B runs at ``ratio`` times A's rate *after* the
+    override (``ratio * role_lr[A]`` when A's rate is overridden), unless ``role_lr[B]`` is given.
+    """
     emb = lr if lr_embedding is None else lr_embedding
     out = {role: lr for role in Role}
-    out[Role.B] = ratio * lr
     out[Role.EMBEDDING_A] = emb
     out[Role.EMBEDDING_B] = emb
+    given: dict[Role, float] = {}
     if role_lr is not None:
         if not isinstance(role_lr, Mapping):
             raise LoraPlusError(f"role_lr must be a mapping {{Role: lr}}, got {type(role_lr).__name__}")
         for key, value in role_lr.items():
             role = Role.coerce(key)
+            if role in given:
+                raise LoraPlusError(f"role_lr names {role.value!r} twice (as {key!r} and another spelling)")
             checked = check_number(f"role_lr[{role.value!r}]", value)
             assert checked is not None
-            out[role] = checked
+            given[role] = checked
+    out.update(given)
+    if Role.B not in given:
+        out[Role.B] = ratio * out[Role.A]
     return out
 
 
@@ -139,36 +139,26 @@ def build_groups(
     *,
     weight_decay: float | None,
     no_decay: Sequence[NoDecaySpec] = (),
-    b_lr_by_family: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Group labelled parameters by (role, decays?) in Role order, decaying group first.
 
     Every group carries ``params``, ``param_names``, ``role`` (the Role's value), ``name``
     and ``lr``; ``weight_decay`` is set to 0.0 for no-decay groups and to the user's value
     for decaying groups (left to the optimizer's default when the user gave none).
-    ``b_lr_by_family`` gives the B factors of those families their own rate; when a model has B
-    factors of several such families (or of one next to plain LoRA), their groups are named
-    ``B.<family>``, so group names stay unique.
     """
-    fam_lr = dict(b_lr_by_family or {})
-    buckets: dict[tuple[Role, bool, str], dict[str, list[Any]]] = {}
+    buckets: dict[tuple[Role, bool], dict[str, list[Any]]] = {}
     for lab in labels:
-        fam = (lab.family or "") if lab.role is Role.B and (lab.family or "") in fam_lr else ""
-        key = (lab.role, is_no_decay(lab, no_decay), fam)
-        bucket = buckets.setdefault(key, {"params": [], "param_names": []})
+        bucket = buckets.setdefault((lab.role, is_no_decay(lab, no_decay)), {"params": [], "param_names": []})
         bucket["params"].append(lab.param)
         bucket["param_names"].append(lab.name)
     groups: list[dict[str, Any]] = []
-    order = sorted(buckets.items(), key=lambda kv: (_ROLE_ORDER[kv[0][0]], kv[0][2], kv[0][1]))
-    several_b = len({key[2] for key in buckets if key[0] is Role.B}) > 1  # then every family's group is named
-    for (role, nd, fam), bucket in order:
-        tag = f"{role.value}.{fam}" if fam and several_b else role.value
+    for (role, nd), bucket in sorted(buckets.items(), key=lambda kv: (_ROLE_ORDER[kv[0][0]], kv[0][1])):
         group: dict[str, Any] = {
             "params": bucket["params"],
             "param_names": bucket["param_names"],
             "role": role.value,
-            "name": f"{tag}.no_decay" if nd else tag,
-            "lr": fam_lr[fam] if fam else lrs[role],
+            "name": f"{role.value}.no_decay" if nd else role.value,
+            "lr": lrs[role],
         }
         if nd:
             group["weight_decay"] = 0.0
@@ -204,19 +194,52 @@ def prepare(
     wd = check_number("weight_decay", weight_decay, allow_none=True, allow_zero=True)
     lrs = role_lrs(lr_f, ratio_f, emb, role_lr)
     nd = normalize_no_decay(no_decay)
-    labels = label_parameters(model, rules)
+    modules = named_modules_map(model) if isinstance(model, nn.Module) else None
+    labels = label_parameters(model, rules, modules=modules)
     validate_labels(labels, rules_given=rules is not None)
-    by_family = {fam: r * lr_f for fam, r in family_ratios(labels, ratio, role_lr).items()}
-    return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd, b_lr_by_family=by_family)
+    warn_where_loraplus_does_not_apply(labels, lrs, ratio_f, modules or {})
+    return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd)
 
 
-def family_ratios(labels: Sequence[Label], ratio: Any, role_lr: Mapping[Role | str, float] | None) -> dict[str, float]:
-    """The :data:`FAMILY_RATIO` entries that apply: families present among the B factors, when the
-    caller left both ``ratio`` and ``role_lr[B]`` at their defaults."""
-    if not isinstance(ratio, _DefaultRatio) or (role_lr and any(Role.coerce(k) is Role.B for k in role_lr)):
-        return {}
-    present = {lab.family for lab in labels if lab.role is Role.B}
-    return {fam: r for fam, r in FAMILY_RATIO.items() if fam in present and r != float(ratio)}
+def warn_where_loraplus_does_not_apply(
+    labels: Sequence[Label], lrs: Mapping[Role, float], ratio: float, modules: Mapping[str, nn.Module]
+) -> None:
+    """One warning when the B factors end up at A's rate or adapter factors lack their partner.
+
+    B at A's rate is not warned about when the caller asked for ``ratio=1``. Factors of adapters
+    that are not one B·A product (LoHa, LoKr, VeRA, AdaLoRA) are never "without a partner".
+    """
+    problems: list[str] = []
+    roles = {lab.role for lab in labels}
+    if ratio != 1:
+        if Role.B in roles:
+            if lrs[Role.B] == lrs[Role.A]:
+                problems.append(
+                    f"role_lr gives the B factors the A factors' learning rate ({lrs[Role.A]:g}), so LoRA+ changes "
+                    "nothing; pass ratio=1 if that is what you want"
+                )
+        elif Role.EMBEDDING_B in roles:
+            if lrs[Role.EMBEDDING_B] == lrs[Role.EMBEDDING_A]:
+                problems.append(
+                    "the model's only adapters are embedding adapters, whose two factors both train at lr_embedding, "
+                    "so the ratio changes nothing; set role_lr={loraplus.Role.EMBEDDING_B: ...} to give their B "
+                    "factor its own rate"
+                )
+        else:
+            problems.append(
+                f"no B factor was found ({_role_counts(labels)}), so the ratio changes nothing; label the "
+                "output-side factors with rules= if they exist"
+            )
+    _, unpaired = pair_labels(labels, modules)
+    lonely = [name for name, why in unpaired.items() if why.startswith(NO_PARTNER)]
+    if lonely:
+        shown = ", ".join(lonely[:5]) + (f" (and {len(lonely) - 5} more)" if len(lonely) > 5 else "")
+        problems.append(
+            f"{len(lonely)} adapter factor(s) have no partner factor in their layer: {shown}; they train at their "
+            "role's rate, but check that the other factor is trainable and labelled (rules=, loraplus.pairs(model))"
+        )
+    if problems:
+        warnings.warn("LoRA+ may not do what you expect: " + "; ".join(problems), UserWarning, stacklevel=4)
 
 
 def param_groups(
@@ -239,9 +262,8 @@ def param_groups(
     Args:
         model: the model with its adapters attached; frozen parameters are left out.
         lr: learning rate of the A factors (and of every non-B role unless overridden).
-        ratio: λ, the B/A learning-rate ratio; B factors get ``ratio * lr``. Left at the
-            default, the B factors of families listed in ``FAMILY_RATIO`` (measured to gain
-            nothing from LoRA+, see docs/adapters.md) get that family's ratio instead.
+        ratio: λ, the B/A learning-rate ratio: B factors of every adapter family get ``ratio``
+            times the A factors' rate (``ratio * role_lr[A]`` when that is given).
         lr_embedding: learning rate of both embedding-adapter factors (default: ``lr``).
         role_lr: per-role overrides, e.g. ``{Role.MAGNITUDE: 1e-4}``.
         weight_decay: decay of every decaying group; biases, norm weights and magnitudes get 0.

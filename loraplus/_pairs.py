@@ -281,7 +281,12 @@ def pair_labels(
         suffix = [s for s in segs[i + 1 :] if s not in ("weight",)]
         _, conv, orientation = _FACTOR_SEGMENTS[a_seg]
         if a_seg == "lora_A":
-            conv = "PEFT" if suffix else "minLoRA" if "parametrizations" in segs else "loralib/litgpt"
+            if suffix:
+                conv = "PEFT"
+            elif "parametrizations" in segs:
+                conv = "minLoRA"
+            else:
+                conv = "hand-written nn.Linear" if segs[i + 1 :] == ["weight"] else "loralib/litgpt"
         if "parametrizations" in segs and lab.role in (Role.EMBEDDING_A, Role.EMBEDDING_B):
             orientation, conv = "transposed", "minLoRA embedding"
         meta[key] = (

@@ -93,15 +93,18 @@ class Convention:
     role: Role
     family: str = "lora"
     sibling: str | None = None
+    bottleneck: bool = False
 
     def describe(self) -> str:
         pat = ".".join("<adapter>" if s == "*" else s for s in self.pattern)
-        extra = f" (next to {self.sibling!r})" if self.sibling else ""
+        extra = f" (next to {self.sibling!r}{', rank bottleneck' if self.bottleneck else ''})" if self.sibling else ""
         return f"{self.library}: …{pat}{extra}"
 
 
-def _c(library: str, pattern: str, role: Role, family: str = "lora", sibling: str | None = None) -> Convention:
-    return Convention(library, tuple(pattern.split(".")), role, family, sibling)
+def _c(
+    library: str, pattern: str, role: Role, family: str = "lora", sibling: str | None = None, bottleneck: bool = False
+) -> Convention:
+    return Convention(library, tuple(pattern.split(".")), role, family, sibling, bottleneck)
 
 
 A, B, EA, EB, MAG, CORE = Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B, Role.MAGNITUDE, Role.CORE
@@ -109,18 +112,23 @@ A, B, EA, EB, MAG, CORE = Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B, Ro
 #: The naming conventions loraplus recognises, as data. Longer patterns win over shorter ones.
 CONVENTIONS: tuple[Convention, ...] = (
     # PEFT LoRA (Linear, Conv, MHA, bnb), lora_bias, DoRA, embeddings, KaSA
-    _c("PEFT", "lora_A.*.weight", A),
-    _c("PEFT", "lora_B.*.weight", B),
-    _c("PEFT", "lora_B.*.bias", B),
-    _c("PEFT", "lora_embedding_A.*", EA),
-    _c("PEFT", "lora_embedding_B.*", EB),
+    _c("PEFT", "lora_A.*.weight", A, sibling="lora_B"),
+    _c("PEFT", "lora_B.*.weight", B, sibling="lora_A"),
+    _c("PEFT", "lora_B.*.bias", B, sibling="lora_A"),
+    _c("PEFT", "lora_embedding_A.*", EA, sibling="lora_embedding_B"),
+    _c("PEFT", "lora_embedding_B.*", EB, sibling="lora_embedding_A"),
+    # hand-written layers: `self.lora_A = nn.Linear(d, r, bias=False)`, `self.lora_B = nn.Linear(r, d)`.
+    # A literal segment beats the AdaLoRA wildcard below (`lora_A.*` would read `weight` as an adapter name).
+    _c("hand-written nn.Linear", "lora_A.weight", A, sibling="lora_B"),
+    _c("hand-written nn.Linear", "lora_B.weight", B, sibling="lora_A"),
+    _c("hand-written nn.Linear", "lora_B.bias", B, sibling="lora_A"),
     _c("PEFT DoRA", "lora_magnitude_vector.*.weight", MAG, "dora"),
     _c("PEFT DoRA", "lora_magnitude_vector.*", MAG, "dora"),
     _c("PEFT KaSA", "lora_diag.*", CORE),
     # PEFT AdaLoRA (raw ParameterDicts)
-    _c("PEFT AdaLoRA", "lora_A.*", A, "adalora"),
-    _c("PEFT AdaLoRA", "lora_B.*", B, "adalora"),
-    _c("PEFT AdaLoRA", "lora_E.*", CORE, "adalora"),
+    _c("PEFT AdaLoRA", "lora_A.*", A, "adalora", sibling="lora_B"),
+    _c("PEFT AdaLoRA", "lora_B.*", B, "adalora", sibling="lora_A"),
+    _c("PEFT AdaLoRA", "lora_E.*", CORE, "adalora", sibling="lora_A"),
     # PEFT LoHa: *_a is the up (output) side, *_b the down (input) side
     _c("PEFT LoHa", "hada_w1_a.*", B, "loha"),
     _c("PEFT LoHa", "hada_w2_a.*", B, "loha"),
@@ -140,24 +148,25 @@ CONVENTIONS: tuple[Convention, ...] = (
     _c("PEFT VeRA", "vera_lambda_d.*", A, "vera"),
     _c("PEFT VeRA", "vera_lambda_b.*", B, "vera"),
     # microsoft loralib, litgpt, minLoRA (raw parameters or parametrizations)
-    _c("loralib/litgpt/minLoRA", "lora_A", A),
-    _c("loralib/litgpt/minLoRA", "lora_B", B),
+    _c("loralib/litgpt/minLoRA", "lora_A", A, sibling="lora_B"),
+    _c("loralib/litgpt/minLoRA", "lora_B", B, sibling="lora_A"),
     # torchtune
-    _c("torchtune", "lora_a.weight", A),
-    _c("torchtune", "lora_b.weight", B),
+    _c("torchtune", "lora_a.weight", A, sibling="lora_b"),
+    _c("torchtune", "lora_b.weight", B, sibling="lora_a"),
     _c("torchtune DoRA", "magnitude", MAG, "dora", sibling="lora_a"),
     # diffusers (legacy attention processors), kohya sd-scripts, mmpretrain
-    _c("kohya/mmpretrain", "lora_down.weight", A),
-    _c("kohya/mmpretrain", "lora_up.weight", B),
-    _c("diffusers", "down.weight", A, sibling="up"),
-    _c("diffusers", "up.weight", B, sibling="down"),
+    _c("kohya/mmpretrain", "lora_down.weight", A, sibling="lora_up"),
+    _c("kohya/mmpretrain", "lora_up.weight", B, sibling="lora_down"),
+    # generic names a model without LoRA may use: only counted when the pair forms a rank bottleneck
+    _c("diffusers", "down.weight", A, sibling="up", bottleneck=True),
+    _c("diffusers", "up.weight", B, sibling="down", bottleneck=True),
     # DeepSpeed-Chat (stored transposed)
-    _c("DeepSpeed-Chat", "lora_right_weight", A),
-    _c("DeepSpeed-Chat", "lora_left_weight", B),
+    _c("DeepSpeed-Chat", "lora_right_weight", A, sibling="lora_left_weight"),
+    _c("DeepSpeed-Chat", "lora_left_weight", B, sibling="lora_right_weight"),
     # NVIDIA NeMo
-    _c("NeMo", "linear_in.weight", A, sibling="linear_out"),
-    _c("NeMo", "linear_out.weight", B, sibling="linear_in"),
-    _c("NeMo DoRA", "weight_magnitude", MAG, "dora"),
+    _c("NeMo", "linear_in.weight", A, sibling="linear_out", bottleneck=True),
+    _c("NeMo", "linear_out.weight", B, sibling="linear_in", bottleneck=True),
+    _c("NeMo DoRA", "weight_magnitude", MAG, "dora", sibling="linear_in"),
 )
 
 # PEFT tuner layers list their adapter sub-modules in ``adapter_layer_names``.
@@ -197,7 +206,7 @@ def _index_conventions(conventions: Iterable[Convention]) -> dict[tuple[int, str
                 index.setdefault((offset, seg), []).append(conv)
                 break
     for bucket in index.values():
-        bucket.sort(key=lambda c: -len(c.pattern))
+        bucket.sort(key=lambda c: (-len(c.pattern), c.pattern.count("*")))
     return index
 
 
@@ -288,6 +297,9 @@ class Label:
     family: str | None
     source: str
     module: nn.Module
+    #: The owning module's own attribute name says norm (``ln_f``, ``input_layernorm``) and the module
+    #: is not a weight-matrix layer; a ModuleDict key (an adapter name) never counts.
+    norm_named: bool = False
 
 
 _WRAPPER_SUBSTRING = re.compile("|".join(sorted(map(re.escape, WRAPPER_SEGMENTS))))
@@ -364,15 +376,47 @@ def match_convention(
     best: Convention | None = None
     for conv in _matching_tail(segs, conventions_index):
         k = len(conv.pattern)
-        if best is not None and len(best.pattern) >= k:
+        if best is not None and (len(best.pattern), -best.pattern.count("*")) >= (k, -conv.pattern.count("*")):
             continue
         if conv.sibling is not None:
             start = kept[n - k] if wrapped else n - k
-            parent = ".".join(name.split(".")[:start])
-            if not _has_attr(modules.get(parent), conv.sibling):
+            parent = modules.get(".".join(name.split(".")[:start]))
+            if not _has_attr(parent, conv.sibling):
+                continue
+            if conv.bottleneck and not _is_bottleneck(parent, conv):
                 continue
         best = conv
     return best
+
+
+def _in_out(module: object) -> tuple[int, int] | None:
+    """(fan-in, fan-out) of a factor module: from Linear/Conv metadata (sharding-proof), else its weight."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = 1
+        for size in module.kernel_size:
+            k *= size
+        return module.in_channels * k // module.groups, module.out_channels
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    if weight is not None and weight.dim() >= 2:
+        return weight[0].numel(), int(weight.shape[0])
+    return None
+
+
+def _is_bottleneck(parent: nn.Module | None, conv: Convention) -> bool:
+    """Whether the (down, up) sibling modules map in -> r -> out with r below both in and out."""
+    if parent is None or conv.sibling is None:
+        return False
+    here = conv.pattern[0]
+    down, up = (here, conv.sibling) if conv.role is Role.A else (conv.sibling, here)
+    d, u = _in_out(parent._modules.get(down)), _in_out(parent._modules.get(up))
+    if d is None or u is None:
+        return False
+    (fan_in, r), (r_up, fan_out) = d, u
+    if isinstance(parent._modules.get(up), nn.modules.conv._ConvNd):
+        r_up = parent._modules[up].in_channels // parent._modules[up].groups  # type: ignore[union-attr]
+    return r == r_up and r < fan_in and r < fan_out
 
 
 @functools.lru_cache(maxsize=None)
@@ -581,8 +625,22 @@ def label_parameters(
             if isinstance(_host_module(name, modules), nn.Embedding):
                 role = Role.EMBEDDING_A if role is Role.A else Role.EMBEDDING_B
                 source += " on an nn.Embedding"
-        labels.append(Label(name, param, role, family, source, owner))
+        labels.append(Label(name, param, role, family, source, owner, _norm_named(name, owner, modules)))
     return labels
+
+
+_MATRIX_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention)
+
+
+def _norm_named(name: str, owner: nn.Module, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether the owner's own attribute name (not a ModuleDict key) names a normalisation layer."""
+    segs = name.split(".")[:-1]
+    while segs and segs[-1] in WRAPPER_SEGMENTS:
+        segs.pop()
+    if not segs or not _NORM_LEAF.search(segs[-1].lower()) or isinstance(owner, _MATRIX_LAYERS):
+        return False
+    parent = modules.get(".".join(segs[:-1]))
+    return not isinstance(parent, (nn.ModuleDict, nn.ParameterDict))
 
 
 def classify(model: nn.Module, rules: RuleSpec | None = None) -> dict[str, Role]:
@@ -602,7 +660,7 @@ def classify(model: nn.Module, rules: RuleSpec | None = None) -> dict[str, Role]
 
 # --------------------------------------------------------------------------- weight decay
 
-_NORM_CLASS = re.compile(r"Norm(\d*d)?$")
+_NORM_CLASS = re.compile(r"Norm(\d*[dD])?(Gated)?$")
 _NORM_TYPES: tuple[type, ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
@@ -610,41 +668,49 @@ _NORM_TYPES: tuple[type, ...] = (
     nn.modules.batchnorm._NormBase,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-_NORM_SEGMENT = re.compile(r"(norm(?!al)|^ln(_|\d|$)|_ln(_|\d|$))")
+#: A parameter's own (leaf) name that says it is a normalisation weight: ``norm_weight``, ``ln_scale``.
+_NORM_LEAF = re.compile(r"(^|_)(norm|layernorm|rmsnorm|ln)(_|\d|$)")
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+_NORM_CLASS_CACHE: dict[type, bool] = {}
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """A torch norm layer, or any class whose name ends in ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    cls = type(module)
+    hit = _NORM_CLASS_CACHE.get(cls)
+    if hit is None:
+        hit = _NORM_CLASS_CACHE[cls] = isinstance(module, _NORM_TYPES) or bool(_NORM_CLASS.search(cls.__name__))
+    return hit
 
 
 def default_no_decay(label: Label) -> bool:
     """Whether a parameter is exempt from weight decay by default.
 
-    Biases, normalisation weights (any torch norm layer, any class whose name ends in
-    ``Norm``, names such as ``norm``, ``layernorm``, ``ln_f``) and DoRA magnitudes.
+    Decided by the parameter's own (leaf) name and its module, never by a segment that names an
+    adapter: a bias (leaf ``bias`` or ``*_bias``), every parameter of a normalisation module
+    (torch norm layers, classes named ``*Norm``, or a module that is not a Linear/Conv/Embedding
+    whose own attribute name says norm: ``ln_f``, ``input_layernorm``), a raw parameter whose
+    leaf name says norm (``norm_weight``), and DoRA magnitudes.
+    An adapter factor is exempt only when it is its layer's bias (PEFT ``lora_bias``): entries of
+    a ``ParameterDict``/``ParameterList`` have adapter names for leaves, which decide nothing.
     """
     if label.role is Role.MAGNITUDE:
         return True
     owner = label.module
-    is_norm = _NORM_CLASS_CACHE.get(type(owner))
-    if is_norm is None:
-        is_norm = isinstance(owner, _NORM_TYPES) or bool(_NORM_CLASS.search(type(owner).__name__))
-        _NORM_CLASS_CACHE[type(owner)] = is_norm
-    if is_norm:
+    if isinstance(owner, _CONTAINERS):
+        return False
+    leaf = label.name.rpartition(".")[2]
+    if label.role in ADAPTER_ROLES:
+        return leaf == "bias"
+    if label.norm_named or is_norm_module(owner):
         return True
-    return _no_decay_tail(tuple(canonical_name(label.name).rsplit(".", 3)[-3:]))
+    return _no_decay_leaf(leaf)
 
 
-_NORM_CLASS_CACHE: dict[type, bool] = {}
-
-
-@functools.lru_cache(maxsize=65536)
-def _no_decay_tail(segs: tuple[str, ...]) -> bool:
-    """The name part of :func:`default_no_decay`, on the last three segments (cached: few distinct tails)."""
-    for seg in segs[-3:]:
-        low = seg.lower()
-        if low == "bias" or low.endswith("_bias"):
-            return True
-    for seg in segs[-2:]:
-        if _NORM_SEGMENT.search(seg.lower()):
-            return True
-    return False
+@functools.lru_cache(maxsize=4096)
+def _no_decay_leaf(leaf: str) -> bool:
+    low = leaf.lower()
+    return low == "bias" or low.endswith("_bias") or bool(_NORM_LEAF.search(low))
 
 
 NoDecaySpec = Union[str, "re.Pattern[str]", Callable[[str, nn.Parameter, nn.Module], Union[bool, None]]]

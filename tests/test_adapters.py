@@ -4,8 +4,6 @@ those naming conventions. docs/adapters.md documents the same table."""
 
 from __future__ import annotations
 
-import math
-
 import peft
 import pytest
 import torch
@@ -108,20 +106,45 @@ def test_real_peft_family_zero_init_factor_is_as_documented(family: str) -> None
             assert bool((p == 0).all()) == (factor_of(name) == zero), name
 
 
+def _truth(model: nn.Module, table: dict) -> tuple[dict[str, Role], set[str]]:
+    """Expected roles and no-decay names, from the test's FAMILIES table and how peft_model() builds."""
+    roles, no_decay = {}, set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("base_model.model.head."):
+            roles[name] = OTHER
+            if name.endswith(".bias"):
+                no_decay.add(name)
+            continue
+        role = table[factor_of(name)][0]
+        roles[name] = role
+        if role is MAG:
+            no_decay.add(name)
+    return roles, no_decay
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_real_peft_family_learning_rates(family: str) -> None:
+@pytest.mark.parametrize("ratio", [None, 4.0, 8.0])
+def test_real_peft_family_learning_rates(family: str, ratio: float | None) -> None:
     make, table, _ = FAMILIES[family]
     model = peft_model(make())
-    ratio, lr = 8.0, 1e-3
-    opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=ratio, lr=lr, weight_decay=0.01)
-    assert_loraplus_groups(opt, model, ratio=ratio, lr=lr, weight_decay=0.01)
-    want = {A: lr, B: ratio * lr, CORE: lr, MAG: lr, OTHER: lr}
-    for g in opt.param_groups:
-        assert math.isclose(g["lr"], want[Role(g["role"])]), g["name"]
+    lr = 1e-3
+    kwargs = {} if ratio is None else {"ratio": ratio}
+    opt = loraplus.LoraPlus(torch.optim.AdamW, model, lr=lr, weight_decay=0.01, **kwargs)
+    roles, no_decay = _truth(model, table)
+    # every family's B factors get the one ratio (4 when left at the default)
+    want_ratio = 4.0 if ratio is None else ratio
+    assert_loraplus_groups(
+        opt, model, ratio=want_ratio, lr=lr, weight_decay=0.01, expected_roles=roles, no_decay=no_decay
+    )
     # one step through the real layers moves every adapter tensor that gets a gradient
-    x = torch.randn(4, 64)
-    model(x).sum().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(torch.randn(4, 64)).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.any()}
     opt.step()
+    moved = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert with_grad and with_grad <= moved
 
 
 def test_dora_magnitude_is_exempt_from_decay_and_can_get_its_own_lr() -> None:
@@ -141,10 +164,12 @@ def test_adalora_ranknum_stays_out_of_every_group() -> None:
 
 
 def test_explain_shows_each_family_mapping() -> None:
-    text = loraplus.explain(peft_model(FAMILIES["loha"][0]()), ratio=4)
-    assert "hada_w1_a" in text or "B" in text
-    roles = {g["role"] for g in loraplus.param_groups(peft_model(FAMILIES["loha"][0]()), lr=1.0)}
-    assert {"A", "B", "other"} <= roles
+    model = peft_model(FAMILIES["loha"][0]())
+    text = loraplus.explain(model, ratio=4, verbose=True)
+    rows = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("base_model.")}
+    table = FAMILIES["loha"][1]
+    factors = {n: r for n, r in rows.items() if not n.startswith("base_model.model.head.")}
+    assert factors and {n: table[factor_of(n)][0].value for n in factors} == factors
 
 
 def test_torchtune_dora_roles_and_lrs() -> None:
@@ -155,10 +180,10 @@ def test_torchtune_dora_roles_and_lrs() -> None:
     opt = loraplus.LoraPlus(torch.optim.AdamW, layer, ratio=4, lr=1e-3, weight_decay=0.01)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"A": 1e-3, "B": 4e-3, "magnitude.no_decay": 1e-3}
-    # same family as PEFT DoRA, so the same default multiplier
+    # same family as PEFT DoRA (the Monitor notes that ΔW excludes DoRA's magnitude and normalisation)
     assert {lab.family for lab in label_parameters(layer)} == {"dora"}
     by_default = {g["name"]: g["lr"] for g in loraplus.param_groups(layer, lr=1e-3)}
-    assert by_default["B"] == loraplus._groups.FAMILY_RATIO["dora"] * 1e-3
+    assert by_default["B"] == 4e-3  # the one default ratio, whatever the family
 
 
 class NemoDoraAdapter(nn.Module):
@@ -187,76 +212,10 @@ NEW_CONVENTIONS = ("peft_adalora", "peft_loha", "peft_lokr", "peft_vera")
 
 @given(lora_models(NEW_CONVENTIONS + ("peft", "peft_dora")))
 def test_generated_models_in_new_conventions_get_their_roles(gen) -> None:
-    assert loraplus.classify(gen.model) == gen.expected
+    assert loraplus.classify(gen.model, gen.rules) == gen.expected
 
 
 @given(lora_models(NEW_CONVENTIONS, max_layers=3))
 def test_generated_models_in_new_conventions_get_loraplus_groups(gen) -> None:
-    opt = loraplus.LoraPlus(torch.optim.SGD, gen.model, ratio=4, lr=0.1, weight_decay=0.0)
-    assert_loraplus_groups(opt, gen.model, ratio=4, lr=0.1, expected_roles=gen.expected)
-
-
-# --------------------------------------------------------------------------- per-family default ratios
-
-
-class Mixed(nn.Module):
-    """A PEFT-named LoRA layer next to a PEFT-named VeRA layer (naming conventions only)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from loraplus.testing import build_model
-
-        spec = dict(d_in=4, d_out=4, r=2, adapters=["default"], lora_bias=False)
-        self.inner = build_model([dict(conv="peft", **spec), dict(conv="peft_vera", **spec)], head=False).model
-
-
-@pytest.fixture
-def vera_ratio_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loraplus._groups, "FAMILY_RATIO", {"vera": 1.0})
-
-
-def test_family_default_applies_only_when_ratio_is_left_at_default(vera_ratio_1: None) -> None:
-    model = peft_model(FAMILIES["vera"][0]())
-    default = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3)}
-    assert default["B"] == 1e-3 and default["A"] == 1e-3
-    explicit = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3, ratio=16)}
-    assert explicit["B"] == 16e-3
-    by_role = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3, role_lr={"B": 5e-3})}
-    assert by_role["B"] == 5e-3
-
-
-def test_family_default_splits_b_groups_of_mixed_models_and_keeps_lora_ratio_exact(vera_ratio_1: None) -> None:
-    model = Mixed()
-    groups = loraplus.param_groups(model, lr=1e-3)
-    lrs = {g["name"]: g["lr"] for g in groups}
-    assert lrs["B"] == loraplus.DEFAULT_RATIO * 1e-3 and lrs["B.vera"] == 1e-3
-    names = [g["name"] for g in groups]
-    assert names.index("A") < names.index("B") < names.index("B.vera") < names.index("other.no_decay")
-    assert all("vera" in n for g in groups if g["name"] == "B.vera" for n in g["param_names"])
-    assert not any("vera" in n for g in groups if g["name"] == "B" for n in g["param_names"])
-    # an explicit ratio puts every B factor back into one group
-    assert [g["name"] for g in loraplus.param_groups(model, lr=1e-3, ratio=4)].count("B") == 1
-
-
-def test_default_ratio_is_a_plain_number() -> None:
-    assert loraplus.DEFAULT_RATIO == float(loraplus.DEFAULT_RATIO)
-    assert f"{loraplus.DEFAULT_RATIO:g}" == f"{float(loraplus.DEFAULT_RATIO):g}"
-
-
-def test_documented_family_ratios() -> None:
-    # docs/adapters.md lists these defaults with the measurement behind each
-    assert dict(loraplus._groups.FAMILY_RATIO) == DOCUMENTED_FAMILY_RATIO
-    for fam, ratio in DOCUMENTED_FAMILY_RATIO.items():
-        make = FAMILIES[fam][0]
-        model = peft_model(make())
-        lrs = {g["role"]: g["lr"] for g in loraplus.param_groups(model, lr=1e-3)}
-        assert math.isclose(lrs["B"], ratio * 1e-3), fam
-
-
-DOCUMENTED_FAMILY_RATIO = {"dora": 1.0, "adalora": 1.0, "loha": 1.0, "lokr": 1.0, "vera": 1.0}
-
-
-def test_explain_names_the_family_defaults_in_use(vera_ratio_1: None) -> None:
-    model = peft_model(FAMILIES["vera"][0]())
-    assert "family defaults: vera B at ratio 1" in loraplus.explain(model, lr=1e-3)
-    assert "family defaults" not in loraplus.explain(model, lr=1e-3, ratio=16)
+    opt = loraplus.LoraPlus(torch.optim.SGD, gen.model, ratio=4, lr=0.1, weight_decay=0.0, rules=gen.rules)
+    assert_loraplus_groups(opt, gen, ratio=4, lr=0.1, weight_decay=0.0)

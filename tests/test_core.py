@@ -19,27 +19,52 @@ from loraplus import LoraPlus, LoraPlusError, Role, classify, explain, param_gro
 from loraplus._roles import label_parameters
 from loraplus.testing import assert_loraplus_groups, build_model, lora_models, tiny_lora_model
 
+# tiny_lora_model()'s ground truth, from how it is built (two PEFT-named layers, a LayerNorm, a head)
+_TINY_TRUTH = {
+    "expected_roles": {
+        **{f"layers.{i}.lora_{f}.default.weight": Role(f) for i in (0, 1) for f in "AB"},
+        "norm.weight": Role.OTHER,
+        "norm.bias": Role.OTHER,
+        "head.weight": Role.OTHER,
+        "head.bias": Role.OTHER,
+    },
+    "no_decay": {"norm.weight", "norm.bias", "head.bias"},
+}
+
 # --------------------------------------------------------------------------- properties over generated models
 
 
 @given(lora_models())
 def test_classify_matches_ground_truth(gen):
-    assert classify(gen.model) == gen.expected
+    assert classify(gen.model, gen.rules) == gen.expected
 
 
-@given(lora_models(), st.sampled_from([1.0, 2.0, 4.0, 16.0, 3.5]), st.sampled_from([None, 0.0, 0.01]))
-def test_groups_are_sound(gen, ratio, wd):
-    model = gen.model
-    opt = LoraPlus(torch.optim.AdamW, model, ratio, lr=1e-3, weight_decay=wd)
-    assert_loraplus_groups(opt, model, ratio=ratio, lr=1e-3, weight_decay=wd, expected_roles=gen.expected)
-    # every trainable parameter exactly once, no frozen one, no empty group
+# how the ratio is given: left at its default, spelled 4.0, or through role_lr (A's rate overridden)
+_RATE_SPELLINGS = [
+    ({}, 4.0, 1e-3, None),
+    ({"ratio": 4.0}, 4.0, 1e-3, None),
+    ({"ratio": 16}, 16.0, 1e-3, None),
+    ({"ratio": 1.0}, 1.0, 1e-3, None),
+    ({"ratio": 3.5, "role_lr": {Role.A: 2e-3}}, 3.5, 1e-3, {Role.A: 2e-3}),
+    ({"ratio": 2.0, "role_lr": {"B": 5e-2, "other": 1e-5}}, 2.0, 1e-3, {"B": 5e-2, "other": 1e-5}),
+    ({"lr_embedding": 1e-4, "role_lr": {"magnitude": 7e-4}}, 4.0, 1e-3, {"magnitude": 7e-4}),
+]
+
+
+@given(lora_models(), st.sampled_from(_RATE_SPELLINGS), st.sampled_from([None, 0.0, 0.01]))
+def test_every_tensor_gets_its_documented_rate_and_decay(gen, spelling, wd):
+    kwargs, ratio, lr, role_lr = spelling
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # role_lr[B] / embedding-only models warn; checked elsewhere
+        opt = LoraPlus(torch.optim.AdamW, gen.model, lr=lr, weight_decay=wd, rules=gen.rules, **kwargs)
+    emb = kwargs.get("lr_embedding")
+    # ground truth from the generator: roles and no-decay names; rates from the documented rule
+    assert_loraplus_groups(opt, gen, ratio=ratio, lr=lr, weight_decay=wd, lr_embedding=emb, role_lr=role_lr)
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(gen.expected)
-    assert all(g["params"] for g in opt.param_groups)
-    # lr(B)/lr(A) is the ratio exactly
-    lrs = {g["role"]: g["lr"] for g in opt.param_groups}
-    if "A" in lrs:
-        assert lrs["B"] == ratio * lrs["A"]
+    want_wd = {n: (0.0 if n in gen.no_decay else (0.01 if wd is None else wd)) for n in gen.expected}
+    got_wd = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
+    assert got_wd == want_wd
 
 
 @given(lora_models())
@@ -48,8 +73,8 @@ def test_grouping_is_deterministic_and_model_unchanged(gen):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     hooks = (len(model._forward_hooks), len(model._forward_pre_hooks))
-    first = param_groups(model, lr=1e-3, ratio=8, weight_decay=0.1)
-    second = param_groups(copy.deepcopy(model), lr=1e-3, ratio=8, weight_decay=0.1)
+    first = param_groups(model, lr=1e-3, ratio=8, weight_decay=0.1, rules=gen.rules)
+    second = param_groups(copy.deepcopy(model), lr=1e-3, ratio=8, weight_decay=0.1, rules=gen.rules)
     strip = lambda gs: [{k: v for k, v in g.items() if k != "params"} for g in gs]  # noqa: E731
     assert strip(first) == strip(second)
     after = model.state_dict()
@@ -166,7 +191,7 @@ def test_accepts_partial_factories():
     factory = functools.partial(torch.optim.SGD, momentum=0.9)
     opt = LoraPlus(factory, model, 4, lr=0.1)
     assert isinstance(opt, torch.optim.SGD)
-    assert_loraplus_groups(opt, model, ratio=4, lr=0.1)
+    assert_loraplus_groups(opt, model, ratio=4, lr=0.1, weight_decay=0.0, **_TINY_TRUTH)
     assert all(g["momentum"] == 0.9 for g in opt.param_groups)
 
 
@@ -206,7 +231,8 @@ def test_user_rules_glob_regex_callable_and_precedence():
             self.base = nn.Linear(4, 4).requires_grad_(False)
             self.p_in = nn.Parameter(torch.zeros(2, 4))
             self.p_out = nn.Parameter(torch.zeros(4, 2))
-            self.lora_A = nn.Parameter(torch.zeros(2, 4))  # would be A by convention
+            self.lora_A = nn.Parameter(torch.zeros(2, 4))  # would be A by convention (its partner exists, frozen)
+            self.lora_B = nn.Parameter(torch.zeros(4, 2), requires_grad=False)
             self.gate = nn.Parameter(torch.zeros(4))
 
     model = nn.Sequential(Custom())
@@ -310,7 +336,6 @@ class _Holder(nn.Module):
         ("unet.up_blocks.1.attn.to_q.lora_up.weight", Role.B),
         ("layers.0.mlp.lora_right_weight", Role.A),
         ("layers.0.mlp.lora_left_weight", Role.B),
-        ("model.layers.0.adapter.weight_magnitude", Role.MAGNITUDE),
         ("q.hada_w1_a.default", Role.B),
         ("q.hada_w1_b.default", Role.A),
         ("q.vera_lambda_b.default", Role.B),
@@ -329,17 +354,85 @@ class _Holder(nn.Module):
     ],
 )
 def test_conventions_table(name, role):
-    labels = {lab.name: lab.role for lab in label_parameters(_Holder([name]))}
-    assert labels == {name: role}
+    built = [name] + [n for n in [_partner(name)] if n]
+    labels = {lab.name: lab.role for lab in label_parameters(_Holder(built))}
+    assert labels[name] == role
 
 
-def test_sibling_conventions():
-    roles = classify(_Holder(["att.to_q_lora.down.weight", "att.to_q_lora.up.weight"]))
-    assert roles == {"att.to_q_lora.down.weight": Role.A, "att.to_q_lora.up.weight": Role.B}
-    roles = classify(_Holder(["ad.linear_in.weight", "ad.linear_out.weight"]))
-    assert roles == {"ad.linear_in.weight": Role.A, "ad.linear_out.weight": Role.B}
+# a factor's partner, by the libraries' own naming (REFERENCE.md section 2): built beside it, as they are
+_PARTNERS = {
+    "lora_A": "lora_B", "lora_B": "lora_A", "lora_embedding_A": "lora_embedding_B",
+    "lora_embedding_B": "lora_embedding_A", "lora_a": "lora_b", "lora_b": "lora_a", "lora_down": "lora_up",
+    "lora_up": "lora_down", "lora_right_weight": "lora_left_weight", "lora_left_weight": "lora_right_weight",
+}
+
+
+def _partner(name):
+    segs = name.split(".")
+    for i in range(len(segs) - 1, -1, -1):
+        if segs[i] in _PARTNERS:
+            return ".".join(segs[:i] + [_PARTNERS[segs[i]]] + segs[i + 1 :])
+    return None
+
+
+def test_a_factor_without_its_partner_attribute_is_not_an_adapter():
+    for name in ["h.0.attn.c_attn.lora_A", "q.lora_B.default.weight", "x.lora_up.weight", "m.lora_right_weight"]:
+        assert classify(_Holder([name, "other.weight"])) == {name: Role.OTHER, "other.weight": Role.OTHER}
+
+
+def _pair_module(first: str, second: str, d_in: int, r: int, d_out: int, bias: bool = False) -> nn.Module:
+    holder = nn.Module()
+    holder.add_module(first, nn.Linear(d_in, r, bias=bias))
+    holder.add_module(second, nn.Linear(r, d_out, bias=bias))
+    root = nn.Module()
+    root.ad = holder
+    return root
+
+
+@pytest.mark.parametrize("down, up", [("down", "up"), ("linear_in", "linear_out")])
+def test_generic_sibling_names_count_only_as_a_rank_bottleneck(down, up):
+    # in -> 4 -> out with 4 below both: an adapter
+    roles = classify(_pair_module(down, up, 32, 4, 24))
+    assert roles == {f"ad.{down}.weight": Role.A, f"ad.{up}.weight": Role.B}
+    # an expanding pair, a square pair, a rank not below in, mismatched ranks: ordinary layers
+    for d_in, r, d_out in [(32, 64, 32), (32, 32, 32), (4, 4, 32), (32, 4, 4)]:
+        roles = classify(nn.Sequential(_pair_module(down, up, d_in, r, d_out, bias=True), _lora_layer()))
+        assert roles[f"0.ad.{down}.weight"] is Role.OTHER and roles[f"0.ad.{up}.weight"] is Role.OTHER, (d_in, r, d_out)
+    mismatched = nn.Module()
+    mismatched.add_module(down, nn.Linear(32, 4, bias=False))
+    mismatched.add_module(up, nn.Linear(5, 32, bias=False))
+    assert set(classify(nn.Sequential(mismatched, _lora_layer())).values()) == {Role.OTHER, Role.A, Role.B}
+    assert classify(nn.Sequential(mismatched, _lora_layer()))[f"0.{down}.weight"] is Role.OTHER
+
+
+def test_plain_down_up_model_is_not_a_lora_model():
+    """Finding: a model with no adapter at all (down/up Linear 32x32) was accepted and `up` ran at 4x lr."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Linear(32, 32)
+            self.up = nn.Linear(32, 32)
+
+    with pytest.raises(LoraPlusError, match="no LoRA adapter parameters found"):
+        LoraPlus(torch.optim.AdamW, nn.Sequential(Block(), Block()), lr=1e-3)
+
+
+def _lora_layer() -> nn.Module:
+    layer = nn.Module()
+    layer.lora_A = nn.Linear(8, 2, bias=False)
+    layer.lora_B = nn.Linear(2, 8, bias=False)
+    return layer
+
+
+def test_torchtune_and_nemo_magnitudes_need_their_factors_beside_them():
     roles = classify(_Holder(["q.lora_a.weight", "q.lora_b.weight", "q.magnitude"]))
     assert roles["q.magnitude"] is Role.MAGNITUDE
+    nemo = _pair_module("linear_in", "linear_out", 32, 4, 32)
+    nemo.ad.weight_magnitude = nn.Parameter(torch.ones(32))
+    assert classify(nemo)["ad.weight_magnitude"] is Role.MAGNITUDE
+    alone = nn.Sequential(_lora_layer())
+    alone.weight_magnitude = nn.Parameter(torch.ones(32))
+    assert classify(alone)["weight_magnitude"] is Role.OTHER
 
 
 def test_tied_parameters_appear_once():
@@ -519,11 +612,20 @@ def test_explain_model_and_optimizer():
         explain(42)
 
 
-def test_public_api_is_small():
-    assert set(loraplus.__all__) >= {"LoraPlus", "param_groups", "classify", "explain", "Role", "LoraPlusError"}
+PUBLIC_API = {
+    "CONVENTIONS", "Convention", "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Pair", "Pairs",
+    "Role", "Unpaired", "classify", "explain", "load_state_dict", "pairs", "param_groups", "per_group",
+    "split_groups", "testing",
+}
+
+
+def test_public_api_is_exactly_the_documented_names():
+    assert set(loraplus.__all__) == PUBLIC_API
+    assert len(loraplus.__all__) == len(PUBLIC_API)
     for name in loraplus.__all__:
         assert hasattr(loraplus, name)
-    assert math.isfinite(loraplus.DEFAULT_RATIO)
+    # a plain float: no sentinel subclass whose spelling changes behaviour
+    assert type(loraplus.DEFAULT_RATIO) is float and loraplus.DEFAULT_RATIO == 4.0
 
 
 def test_no_heavy_imports_at_runtime():
@@ -544,15 +646,21 @@ def test_warnings_free_on_normal_use():
 # --------------------------------------------------------------------------- review regressions
 
 
-def test_group_names_are_unique_when_two_families_share_a_default_rate():
+def test_every_family_gets_one_ratio_and_one_b_group():
+    """Finding: per-family default ratios made `ratio=4.0` differ from the default and changed the groups."""
     layers = [
         {"conv": conv, "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}
-        for conv in ("peft_loha", "peft_vera")
+        for conv in ("peft", "peft_dora", "peft_loha", "peft_vera", "torchtune_dora")
     ]
-    groups = param_groups(build_model(layers, head=False, norm=False).model, lr=1.0)
-    names = [g["name"] for g in groups]
-    assert len(names) == len(set(names)), names
-    assert {"B.loha", "B.vera"} <= set(names)
+    model = build_model(layers, head=False, norm=False).model
+    default = param_groups(model, lr=1.0)
+    spelled = param_groups(model, lr=1.0, ratio=4.0)
+    strip = lambda gs: [{k: v for k, v in g.items() if k != "params"} for g in gs]  # noqa: E731
+    assert strip(default) == strip(spelled)
+    b_groups = [g for g in default if g["role"] == "B"]
+    assert [g["name"] for g in b_groups] == ["B"] and b_groups[0]["lr"] == 4.0
+    # the B factors of all five families, by how the model was built
+    assert len(b_groups[0]["params"]) == 1 + 1 + 2 + 1 + 1
 
 
 def test_rules_may_be_lists_as_loaded_from_yaml():

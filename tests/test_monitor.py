@@ -90,8 +90,8 @@ def test_each_convention_pairs_and_measures_exact_terms(conv, wrapper):
     spec = [dict(conv=conv, d_in=5, d_out=7, r=3, adapters=adapters, lora_bias=False) for _ in range(2)]
     gen = build_model(spec, wrapper=wrapper, block_wrapper="checkpoint")
     model = gen.model
-    opt = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1)
-    mon = Monitor(opt, model)
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1, rules=gen.rules)
+    mon = Monitor(opt, model, rules=gen.rules)
     assert [(p.layer, p.adapter) for p in mon.pairs] == [
         (f"layers.{i}", a if conv.startswith("peft") else "") for i in range(2) for a in adapters
     ]
@@ -128,9 +128,9 @@ def test_every_generated_factor_is_paired_or_reported(gen):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     if all(c in _NOT_A_PRODUCT for c in gen.conventions):
         with pytest.raises(LoraPlusError, match="no A/B factor pair"):
-            Monitor(opt, model)
+            Monitor(opt, model, rules=gen.rules)
         return
-    mon = Monitor(opt, model)
+    mon = Monitor(opt, model, rules=gen.rules)
     paired = {p.a_name for p in mon.pairs} | {p.b_name for p in mon.pairs}
     factors = {n for n, r in gen.expected.items() if r in (Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B)}
     assert paired | set(mon.unpaired) == factors and not paired & set(mon.unpaired)

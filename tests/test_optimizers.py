@@ -45,6 +45,16 @@ WD = 0.01
 D, R = 64, 64
 
 
+def truth(model: nn.Module) -> dict[str, Any]:
+    """tiny_lora_model's ground truth, from how it is built: PEFT-named factors, a LayerNorm, a head."""
+    roles = {
+        n: Role.A if ".lora_A." in n else Role.B if ".lora_B." in n else Role.OTHER
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return {"expected_roles": roles, "no_decay": {n for n in roles if n.startswith("norm.") or n == "head.bias"}}
+
+
 def make_model(seed: int = 0, trainable: str = "all") -> nn.Module:
     """tiny_lora_model with B drawn at random (with PEFT's B=0 the A gradient would be zero)."""
     model = tiny_lora_model(d=D, r=R, layers=2, n_out=3, seed=seed)
@@ -168,7 +178,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def _one_step_deltas(case: Case, ratio: float) -> tuple[dict[str, torch.Tensor], Any, nn.Module]:
     model = make_model(trainable=case.trainable)
     opt = _build(case, model, ratio)
-    assert_loraplus_groups(opt, model, ratio=ratio, lr=LR)
+    assert_loraplus_groups(opt, model, ratio=ratio, lr=LR, **truth(model))
     if case.before_step:
         case.before_step(opt)
     before = _snapshot(model)
@@ -483,10 +493,10 @@ def test_assert_loraplus_groups_accepts_float32_tensor_lrs() -> None:
     model = make_model(trainable="adapters")
     opt = loraplus.LoraPlus(torchao.optim.AdamW8bit, model, ratio=RATIO, lr=LR)
     assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
-    assert_loraplus_groups(opt, model, ratio=RATIO, lr=LR)
-    with pytest.raises(AssertionError, match="expected 4.0"):
+    assert_loraplus_groups(opt, model, ratio=RATIO, lr=LR, **truth(model))
+    with pytest.raises(AssertionError, match=r"\(B\) has lr=.*expected 0\.004"):
         opt.param_groups[1]["lr"] = torch.tensor(LR * 3.9)
-        assert_loraplus_groups(opt, model, ratio=RATIO, lr=LR)
+        assert_loraplus_groups(opt, model, ratio=RATIO, lr=LR, **truth(model))
 
 
 @pytest.mark.parametrize(("adjust", "low", "high"), [(None, 2.5, 6.0), ("match_rms_adamw", 0.6, 1.6)])

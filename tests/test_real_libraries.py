@@ -13,6 +13,33 @@ import loraplus
 from loraplus import LoraPlus, Role, classify, param_groups
 from loraplus.testing import assert_loraplus_groups
 
+# The test's own reading of the names these libraries give (REFERENCE.md section 2), written apart
+# from loraplus's labeller: (segment, role).
+_SEGMENT_ROLES = [
+    ("lora_embedding_A", Role.EMBEDDING_A),
+    ("lora_embedding_B", Role.EMBEDDING_B),
+    ("lora_magnitude_vector", Role.MAGNITUDE),
+    ("lora_A", Role.A),
+    ("lora_B", Role.B),
+    ("lora_a", Role.A),
+    ("lora_b", Role.B),
+    ("magnitude", Role.MAGNITUDE),
+]
+
+
+def truth(model: nn.Module, norms: tuple[str, ...] = ("norm",)) -> dict:
+    """Expected roles and no-decay names of a model built in these tests, from its names."""
+    roles, no_decay = {}, set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        segs = name.split(".")
+        role = next((r for seg, r in _SEGMENT_ROLES if seg in segs), Role.OTHER)
+        roles[name] = role
+        if role is Role.MAGNITUDE or segs[-1] == "bias" or any(n in segs for n in norms):
+            no_decay.add(name)
+    return {"expected_roles": roles, "no_decay": no_decay}
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -65,7 +92,7 @@ def test_peft_lora_linear_conv_embedding_mha():
     # the MHA out_proj is adapted too
     assert len(roles[Role.A]) == len(roles[Role.B]) >= 4
     opt = LoraPlus(torch.optim.AdamW, model, 8, lr=1e-3, weight_decay=0.01)
-    assert_loraplus_groups(opt, model, ratio=8, lr=1e-3, weight_decay=0.01)
+    assert_loraplus_groups(opt, model, ratio=8, lr=1e-3, weight_decay=0.01, **truth(model))
     lrs = {g["role"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"A": 1e-3, "B": 8e-3, "embedding_A": 1e-3, "embedding_B": 1e-3}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -94,7 +121,7 @@ def test_peft_dora_rslora_modules_to_save():
     assert groups["other"]["param_names"] == ["base_model.model.head.modules_to_save.default.weight"]
     assert groups["other"]["weight_decay"] == 0.1
     opt = LoraPlus(torch.optim.AdamW, model, 4, lr=1e-3, weight_decay=0.1)
-    assert_loraplus_groups(opt, model, ratio=4, lr=1e-3, weight_decay=0.1)
+    assert_loraplus_groups(opt, model, ratio=4, lr=1e-3, weight_decay=0.1, **truth(model))
     _step(model, opt)
 
 
@@ -121,7 +148,7 @@ def test_peft_two_active_adapters():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(roles) == trainable and len(trainable) == 6
     opt = LoraPlus(torch.optim.AdamW, model, 16, lr=1e-4)
-    assert_loraplus_groups(opt, model, ratio=16, lr=1e-4)
+    assert_loraplus_groups(opt, model, ratio=16, lr=1e-4, weight_decay=0.01, **truth(model))
 
 
 def test_peft_sources_come_from_the_tuner_layer():
@@ -176,7 +203,7 @@ def test_torchtune_lora_and_dora():
 
     assert {lab.source for lab in label_parameters(model)} == {"torchtune LoRALinear", "torchtune DoRALinear"}
     opt = LoraPlus(torch.optim.AdamW, model, 4, lr=1e-3, weight_decay=0.01)
-    assert_loraplus_groups(opt, model, ratio=4, lr=1e-3, weight_decay=0.01)
+    assert_loraplus_groups(opt, model, ratio=4, lr=1e-3, weight_decay=0.01, **truth(model))
     assert {g["name"] for g in opt.param_groups} == {"A", "B", "magnitude.no_decay"}
 
 
@@ -230,7 +257,8 @@ def test_hand_written_declared_roles():
 
     model = nn.Sequential(MyLoRA(8, 2), nn.ReLU(), MyLoRA(8, 2))
     opt = LoraPlus(torch.optim.AdamW, model, 16, lr=1e-3)
-    assert_loraplus_groups(opt, model, ratio=16, lr=1e-3)
+    roles = {"0.right": Role.A, "2.right": Role.A, "0.left": Role.B, "2.left": Role.B}
+    assert_loraplus_groups(opt, model, ratio=16, lr=1e-3, weight_decay=0.01, expected_roles=roles, no_decay=())
     assert [g["param_names"] for g in opt.param_groups] == [["0.right", "2.right"], ["0.left", "2.left"]]
 
 

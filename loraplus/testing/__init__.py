@@ -1,0 +1,429 @@
+"""Test helpers for code that trains with LoRA+: model generators with ground truth, and a group checker.
+
+* :func:`tiny_lora_model` — a small deterministic PEFT-style LoRA model (no dependencies).
+* :func:`lora_models` — a hypothesis strategy of random LoRA-adapted models in every naming
+  convention loraplus supports, hand-written layers and raw factors under arbitrary names,
+  hostile adapter names, ordinary layers named like adapters, wrappers, frozen and tied
+  parameters, heads and norms. Each example is a :class:`GeneratedModel` that carries, for
+  every trainable parameter, the role, learning rate and weight decay it **must** get —
+  decided by how the generator built it, never by asking the labeller.
+* :func:`assert_loraplus_groups` — checks an optimizer's groups against that ground truth.
+
+``hypothesis`` is needed only for :func:`lora_models` (``pip install loraplus[testing]``).
+
+Example:
+    >>> import torch, loraplus
+    >>> from loraplus.testing import assert_loraplus_groups, build_model
+    >>> gen = build_model([dict(conv="handwritten", d_in=8, d_out=8, r=2, adapters=["default"], lora_bias=True)])
+    >>> opt = loraplus.LoraPlus(torch.optim.AdamW, gen.model, ratio=4, lr=1e-3, weight_decay=0.1)
+    >>> assert_loraplus_groups(opt, gen, ratio=4, lr=1e-3, weight_decay=0.1)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._errors import LoraPlusError
+from .._roles import Role
+from ._layers import BOTTLENECK_CONVENTIONS, CONVENTION_NAMES, PLAIN_NAMES, WRAPPER_NAMES, _frozen, _PeftLinear
+from ._layers import adapted_layer as _adapted_layer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hypothesis.strategies import SearchStrategy
+
+__all__ = [
+    "ADAPTER_NAME_FRAGMENTS",
+    "CONVENTION_NAMES",
+    "GeneratedModel",
+    "TinyLoraModel",
+    "WRAPPER_NAMES",
+    "assert_loraplus_groups",
+    "build_model",
+    "expected_lr",
+    "lora_models",
+    "tiny_lora_model",
+]
+
+#: Fragments adapter names are made of: names that look like biases, norms, embeddings and factors.
+ADAPTER_NAME_FRAGMENTS = ("default", "bias", "norm", "ln", "embed", "down", "up", "A", "B", "lora", "task", "0", "2")
+
+
+def expected_lr(
+    role: Role,
+    *,
+    lr: float,
+    ratio: float,
+    lr_embedding: float | None = None,
+    role_lr: Mapping[Role | str, float] | None = None,
+) -> float:
+    """The learning rate loraplus documents for a parameter of ``role`` (a reference, written apart).
+
+    ``role_lr`` wins; B runs at ``ratio`` times A's rate (after ``role_lr[A]``); embedding factors
+    at ``lr_embedding`` (default ``lr``); every other role at ``lr``.
+    """
+    over = {Role.coerce(k): float(v) for k, v in (role_lr or {}).items()}
+    if role in over:
+        return over[role]
+    if role is Role.B:
+        return ratio * over.get(Role.A, lr)
+    if role in (Role.EMBEDDING_A, Role.EMBEDDING_B):
+        return lr if lr_embedding is None else lr_embedding
+    return lr
+
+
+class _Wrapper(nn.Module):
+    """Puts a model under one attribute name, as DDP (``module``), torch.compile (``_orig_mod``),
+    FSDP1 (``_fsdp_wrapped_module``) or activation checkpointing (``_checkpoint_wrapped_module``) do."""
+
+    def __init__(self, inner: nn.Module, attr: str):
+        super().__init__()
+        setattr(self, attr, inner)
+
+
+_WRAPPER_ATTR = {
+    "ddp": "module",
+    "compile": "_orig_mod",
+    "fsdp1": "_fsdp_wrapped_module",
+    "checkpoint": "_checkpoint_wrapped_module",
+}
+
+
+def _wrap(module: nn.Module, wrapper: str) -> nn.Module:
+    if wrapper != "none" and wrapper not in _WRAPPER_ATTR:
+        raise LoraPlusError(f"unknown wrapper {wrapper!r}; choose one of {WRAPPER_NAMES}")
+    return module if wrapper == "none" else _Wrapper(module, _WRAPPER_ATTR[wrapper])
+
+
+@dataclass
+class GeneratedModel:
+    """A generated model and what each of its trainable parameters must get.
+
+    Attributes:
+        model: the model.
+        expected: ``{name: Role}`` for every trainable parameter.
+        no_decay: names of the trainable parameters that must get no weight decay.
+        rules: the ``rules=`` a caller must pass (raw factors under arbitrary names), or ``None``.
+        conventions, wrapper: how it was built (shown when a property fails).
+    """
+
+    model: nn.Module
+    expected: dict[str, Role]
+    no_decay: frozenset[str] = frozenset()
+    rules: dict[str, Role] | None = None
+    conventions: list[str] = field(default_factory=list)
+    wrapper: str = "none"
+
+    def expected_lr(self, name: str, **rates: Any) -> float:
+        """The learning rate ``name`` must get under ``lr=``, ``ratio=`` (and ``lr_embedding``, ``role_lr``)."""
+        return expected_lr(self.expected[name], **rates)
+
+    def expected_weight_decay(self, name: str, weight_decay: float | None) -> float | None:
+        """0 for no-decay parameters, else ``weight_decay`` (None: the optimizer's default)."""
+        return 0.0 if name in self.no_decay else weight_decay
+
+    def __repr__(self) -> str:  # hypothesis prints this on failure
+        return (
+            f"GeneratedModel(conventions={self.conventions}, wrapper={self.wrapper!r}, "
+            f"expected={ {k: v.value for k, v in self.expected.items()} }, no_decay={sorted(self.no_decay)})"
+        )
+
+
+def build_model(
+    layers: list[dict[str, Any]],
+    *,
+    wrapper: str = "none",
+    block_wrapper: str = "none",
+    head: bool = True,
+    norm: bool = True,
+    tie_head: bool = False,
+    frozen_extra: bool = True,
+    plain: list[int] = (),  # type: ignore[assignment]
+    hostile_module: str | None = None,
+) -> GeneratedModel:
+    """Build a model from layer specs and record what each trainable parameter must get.
+
+    A layer spec has ``conv`` (one of :data:`CONVENTION_NAMES`), ``d_in``, ``d_out``, ``r``,
+    ``adapters`` (names), ``lora_bias`` and, for ``raw_named``, ``names`` (the two factors'
+    attribute names). ``plain`` adds ordinary blocks (indices into the names they take: ``down``/``up``
+    that expand, ``linear_in``/``linear_out``, ``A``/``B``, ``lora``/``proj``); ``hostile_module``
+    adds a plain ``nn.Linear`` under that attribute name. This is what :func:`lora_models` draws
+    from; it is public so a failing example can be rebuilt.
+    """
+    truth: dict[int, tuple[Role, bool, bool]] = {}
+
+    def reg(p: nn.Parameter, role: Role, no_decay: bool = False, rule: bool = False) -> None:
+        truth[id(p)] = (role, no_decay, rule)
+
+    blocks = nn.ModuleList()
+    for spec in layers:
+        layer = _adapted_layer(
+            spec["conv"],
+            spec["d_in"],
+            spec["d_out"],
+            spec["r"],
+            list(spec["adapters"]),
+            reg,
+            spec["lora_bias"],
+            tuple(spec.get("names", ("w_in", "w_out"))),
+        )
+        blocks.append(_wrap(layer, block_wrapper))
+    root = nn.Module()
+    root.layers = blocks
+    if plain:
+        from ._layers import _Plain
+
+        root.plain = nn.ModuleList(_Plain(4, reg, PLAIN_NAMES[i % len(PLAIN_NAMES)]) for i in plain)
+    if hostile_module is not None:
+        lin = nn.Linear(4, 4)
+        setattr(root, hostile_module, lin)
+        reg(lin.weight, Role.OTHER)
+        reg(lin.bias, Role.OTHER, no_decay=True)
+    if norm:
+        root.final_norm = nn.LayerNorm(4)
+        reg(root.final_norm.weight, Role.OTHER, no_decay=True)
+        reg(root.final_norm.bias, Role.OTHER, no_decay=True)
+    if head:
+        root.head = nn.Linear(4, 3)
+        reg(root.head.weight, Role.OTHER)
+        reg(root.head.bias, Role.OTHER, no_decay=True)
+        if tie_head:
+            root.lm_head = nn.Linear(4, 3, bias=False)
+            root.lm_head.weight = root.head.weight  # tied: appears once in named_parameters()
+    if frozen_extra:
+        root.frozen_table = _frozen(nn.Embedding(5, 4))
+    model = _wrap(root, wrapper)
+    expected: dict[str, Role] = {}
+    no_decay: set[str] = set()
+    rules: dict[str, Role] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) not in truth:  # pragma: no cover - a builder forgot to register a parameter
+            raise LoraPlusError(f"generator bug: no ground truth for {name!r}")
+        role, nd, rule = truth[id(p)]
+        expected[name] = role
+        if nd:
+            no_decay.add(name)
+        if rule:
+            rules[name] = role  # the exact name, as a glob: raw factors are only known through rules=
+    return GeneratedModel(model, expected, frozenset(no_decay), rules or None, [s["conv"] for s in layers], wrapper)
+
+
+def lora_models(
+    conventions: tuple[str, ...] = CONVENTION_NAMES,
+    *,
+    max_layers: int = 4,
+    max_width: int = 8,
+    wrappers: tuple[str, ...] = WRAPPER_NAMES,
+) -> SearchStrategy[GeneratedModel]:
+    """A hypothesis strategy of random LoRA-adapted models with ground truth.
+
+    Random depth and widths; conventions drawn from ``conventions`` (mixed families in one model);
+    one or two adapter names made of hostile fragments (``gender_bias``, ``norm_task``, ``ln_2``,
+    ``A``, ``up`` …); optional lora_bias and DoRA magnitudes; factors as bias-free ``nn.Linear``
+    submodules and as raw parameters under arbitrary names (with the ``rules=`` that name them);
+    ordinary blocks whose layers are named ``down``/``up``/``A``/``B``/``lora`` without being
+    adapters; a plain layer under a hostile name; wrappers around the model and around each
+    block; trainable heads and norms; tied and frozen parameters.
+
+    Example:
+        >>> from hypothesis import given, settings
+        >>> import loraplus
+        >>> from loraplus.testing import lora_models
+        >>> @settings(max_examples=20, deadline=None)
+        ... @given(lora_models())
+        ... def test_roles(gen):
+        ...     assert loraplus.classify(gen.model, gen.rules) == gen.expected
+        >>> test_roles()
+    """
+    from hypothesis import strategies as st
+
+    unknown = set(conventions) - set(CONVENTION_NAMES)
+    if unknown or not conventions:
+        raise LoraPlusError(f"conventions must be a non-empty subset of {CONVENTION_NAMES}, got {conventions}")
+    fragment = st.sampled_from(ADAPTER_NAME_FRAGMENTS)
+    adapter_name = st.lists(fragment, min_size=1, max_size=2).map("_".join).filter(lambda n: not n[0].isdigit())
+    adapter_names = st.lists(adapter_name, min_size=1, max_size=2, unique=True)
+    ident = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(lambda n: n not in _RESERVED)
+    layer = st.fixed_dictionaries(
+        {
+            "conv": st.sampled_from(conventions),
+            "d_in": st.integers(1, max_width),
+            "d_out": st.integers(1, max_width),
+            "r": st.integers(1, 4),
+            "adapters": adapter_names,
+            "lora_bias": st.booleans(),
+            "names": st.lists(ident, min_size=2, max_size=2, unique=True).map(tuple),
+        }
+    )
+    return st.builds(
+        build_model,
+        st.lists(layer, min_size=1, max_size=max_layers),
+        wrapper=st.sampled_from(wrappers),
+        block_wrapper=st.sampled_from(wrappers),
+        head=st.booleans(),
+        norm=st.booleans(),
+        tie_head=st.booleans(),
+        frozen_extra=st.booleans(),
+        plain=st.lists(st.integers(0, len(PLAIN_NAMES) - 1), max_size=2),
+        hostile_module=st.one_of(st.none(), adapter_name.filter(lambda n: n not in _RESERVED)),
+    )
+
+
+#: Attribute names a generated module must not take (they exist on nn.Module or the layers).
+_RESERVED = frozenset(
+    {"base", "frozen_w", "training", "forward", "weight", "bias", "layers", "head", "lm_head", "final_norm", "plain",
+     "frozen_table", "type", "float", "half", "double", "cuda", "cpu", "to", "train", "eval", "apply", "zero_grad"}
+)
+
+
+class TinyLoraModel(nn.Module):
+    """See :func:`tiny_lora_model`."""
+
+    def __init__(self, d: int, r: int, layers: int, n_out: int):
+        super().__init__()
+
+        def no_reg(p: nn.Parameter, role: Role, **_: bool) -> None:
+            return None
+
+        self.layers = nn.ModuleList(
+            _PeftLinear(d, d, r, ["default"], no_reg, dora=False, lora_bias=False) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_out)
+        with torch.no_grad():  # PEFT's default init: A random, B = 0
+            for layer in self.layers:
+                nn.init.zeros_(layer.lora_B["default"].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(self.norm(x))
+
+
+def tiny_lora_model(d: int = 8, r: int = 2, layers: int = 2, n_out: int = 2, seed: int = 0) -> nn.Module:
+    """A small PEFT-named LoRA model: ``layers`` adapted Linear layers, a LayerNorm and a head.
+
+    Its trainable parameters are A and B factors (``layers.<i>.lora_A.default.weight``,
+    ``layers.<i>.lora_B.default.weight``), a LayerNorm (no decay) and a head whose bias
+    gets no decay. B starts at zero, as in PEFT.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return TinyLoraModel(d, r, layers, n_out)
+
+
+def assert_loraplus_groups(
+    optimizer: Any,
+    model: nn.Module | GeneratedModel,
+    ratio: float | None = None,
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    lr_embedding: float | None = None,
+    role_lr: Mapping[Role | str, float] | None = None,
+    expected_roles: Mapping[str, Role] | None = None,
+    no_decay: Collection[str] | None = None,
+) -> None:
+    """Assert that ``optimizer``'s param groups give every parameter what it must get.
+
+    The ground truth comes from the caller, never from loraplus: pass a :class:`GeneratedModel`
+    (its roles and no-decay names), or a model with ``expected_roles`` (``{name: Role}``, every
+    trainable parameter) and, to check weight decay, ``no_decay`` (the names exempt from it).
+
+    Checks: no empty group; every group has ``role`` and ``param_names`` matching its params;
+    every trainable parameter sits in exactly one group and no frozen one in any; each
+    parameter's group role is its expected role; with ``lr`` and ``ratio``, each parameter's
+    group lr is the documented rate of its role (:func:`expected_lr`, with ``lr_embedding`` and
+    ``role_lr``); with ``ratio`` alone, lr(B) = ratio · lr(A) across groups; with ``weight_decay``,
+    each parameter's group decay is 0 if it is exempt, else ``weight_decay``; groups named
+    ``*.no_decay`` always have decay 0.
+
+    Raises:
+        AssertionError: listing every problem found.
+        LoraPlusError: when no ground truth is given, or the arguments do not fit.
+    """
+    if isinstance(model, GeneratedModel):
+        expected_roles = model.expected if expected_roles is None else expected_roles
+        no_decay = model.no_decay if no_decay is None else no_decay
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise LoraPlusError(f"assert_loraplus_groups(optimizer, model): model must be an nn.Module, got {type(model).__name__}")
+    if expected_roles is None:
+        raise LoraPlusError(
+            "assert_loraplus_groups needs ground truth: pass a loraplus.testing.GeneratedModel, or "
+            "expected_roles={name: Role} for every trainable parameter (written from how you built the model)"
+        )
+    if weight_decay is not None and no_decay is None:
+        raise LoraPlusError("checking weight_decay needs no_decay= (the names that must get no decay)")
+    if lr is not None and ratio is None:
+        raise LoraPlusError("checking lr needs ratio= too (B's rate is ratio times A's)")
+    problems: list[str] = []
+    groups = getattr(optimizer, "param_groups", optimizer)
+    named = dict(model.named_parameters())
+    trainable = {id(p): n for n, p in named.items() if p.requires_grad}
+    frozen = {id(p): n for n, p in named.items() if not p.requires_grad}
+    unknown = sorted(set(trainable.values()) - set(expected_roles))
+    if unknown:
+        problems.append(f"no expected role for trainable parameters {unknown[:5]}")
+    # torchao (and compiled-optimizer recipes) keep lr as a float32 tensor: compare at float32 precision.
+    tol = 1e-6 if any(isinstance(g.get("lr"), torch.Tensor) for g in groups) else 1e-12
+    seen: dict[int, str] = {}
+    for i, g in enumerate(groups):
+        tag = f"group {i} ({g.get('name', '?')})"
+        params = list(g["params"])
+        names = list(g.get("param_names", []))
+        if not params:
+            problems.append(f"{tag} is empty")
+        if "role" not in g:
+            problems.append(f"{tag} has no 'role'")
+        if len(names) != len(params):
+            problems.append(f"{tag} has {len(params)} params but {len(names)} param_names")
+        for name, p in zip(names, params):
+            if named.get(name) is not p:
+                problems.append(f"{tag}: param_names says {name!r} but holds another tensor")
+        wd = g.get("weight_decay")
+        if str(g.get("name", "")).endswith(".no_decay") and wd not in (0, 0.0):
+            problems.append(f"{tag} is a no-decay group with weight_decay={wd}")
+        for p in params:
+            if id(p) in frozen:
+                problems.append(f"{tag} holds frozen parameter {frozen[id(p)]!r}")
+                continue
+            if id(p) not in trainable:
+                problems.append(f"{tag} holds a tensor that is not a parameter of the model")
+                continue
+            name = trainable[id(p)]
+            if id(p) in seen:
+                problems.append(f"{name!r} is in {seen[id(p)]} and in {tag}")
+            seen[id(p)] = tag
+            want = expected_roles.get(name)
+            if want is None:
+                continue
+            if g.get("role") != want.value:
+                problems.append(f"{name!r} is in a {g.get('role')!r} group but its role is {want.value!r}")
+            if lr is not None and ratio is not None:
+                rate = expected_lr(want, lr=lr, ratio=ratio, lr_embedding=lr_embedding, role_lr=role_lr)
+                if not math.isclose(float(g["lr"]), rate, rel_tol=tol):
+                    problems.append(f"{name!r} ({want.value}) has lr={float(g['lr'])}, expected {rate}")
+            if weight_decay is not None and no_decay is not None:
+                want_wd = 0.0 if name in no_decay else weight_decay
+                if wd is None or not math.isclose(float(wd), want_wd, rel_tol=1e-12, abs_tol=0.0):
+                    problems.append(f"{name!r} has weight_decay={wd}, expected {want_wd}")
+    missing = [n for i, n in trainable.items() if i not in seen]
+    if missing:
+        problems.append(f"trainable parameters in no group: {missing[:5]}")
+    if ratio is not None and lr is None:
+        a_lrs = [float(g["lr"]) for g in groups if g.get("role") == Role.A.value]
+        b_lrs = [float(g["lr"]) for g in groups if g.get("role") == Role.B.value]
+        for a in a_lrs:
+            for b in b_lrs:
+                if not math.isclose(b, ratio * a, rel_tol=tol):
+                    problems.append(f"lr(B)/lr(A) = {b}/{a} = {b / a}, expected {ratio}")
+    if problems:
+        raise AssertionError("LoRA+ groups are wrong:\n  " + "\n  ".join(problems))
