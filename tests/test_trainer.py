@@ -323,6 +323,69 @@ def test_what_the_trainer_does_after_building_still_happens(tmp_path, shared_mod
     _assert_as_plain(plain.optimizer, lp.optimizer, shared_model, 1.0)
 
 
+_DTENSOR_SCRIPT = """
+import json, os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                   "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+dist.init_process_group("gloo", rank=0, world_size=1)
+sys.path.insert(0, sys.argv[1])
+import transformers
+import test_trainer as T
+from loraplus.integrations.transformers import LoraPlusTrainer
+
+full = init_device_mesh("cpu", (1, 1), mesh_dim_names=("fsdp", "tp"))  # e.g. experts on the full mesh
+sub = full["fsdp"]  # the rest on the fsdp sub-mesh
+model = T._model()
+for prefix, module in model.named_modules():
+    for key, p in list(module.named_parameters(recurse=False)):
+        name = f"{prefix}.{key}"
+        mesh = full if ".layers.0." in name else sub if ".layers.1." in name else None
+        if p.requires_grad and mesh is not None:  # layer-1 factors on one mesh, layer-2 on another, embeddings plain
+            module.register_parameter(key, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()] * mesh.ndim)))
+out = {}
+for ratio in (1.0, 4.0):
+    plain = transformers.Trainer(model=T._model(), args=T._args(sys.argv[2])).create_optimizer(model)
+    lp = LoraPlusTrainer(model=T._model(), args=T._args(sys.argv[2]), loraplus_ratio=ratio).create_optimizer(model)
+    T._assert_as_plain(plain, lp, model, ratio)
+    meshes = lambda opt: [sorted({repr(p.device_mesh) if isinstance(p, DTensor) else "plain" for p in g["params"]})
+                          for g in opt.param_groups]
+    out[str(ratio)] = {"plain_meshes": meshes(plain), "meshes": meshes(lp), "names": [g["name"] for g in lp.param_groups]}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_parameters_on_different_device_meshes_get_separate_groups_as_in_the_plain_trainer(tmp_path):
+    """Trainer.create_optimizer gives each DTensor device mesh its own groups (no fused/foreach kernel
+    spans two meshes); LoraPlusTrainer splits its role groups the same way and still matches the plain
+    Trainer parameter by parameter. One gloo rank, a 2-D mesh and its sub-mesh, in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DTENSOR_SCRIPT, str(Path(__file__).parent), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    for ratio, out in json.loads(lines[-1][len("RESULT") :]).items():
+        assert len(out["plain_meshes"]) > 2, ratio  # the plain Trainer did split by mesh
+        assert all(len(m) == 1 for m in out["plain_meshes"] + out["meshes"]), ratio  # one mesh per group
+        assert len(set(out["names"])) == len(out["names"]), out["names"]
+        # the layers' trainable norm copies sit on the two meshes, the final norm's is a plain tensor
+        assert out["names"] == [
+            "A.mesh0", "A.mesh1", "B.mesh0", "B.mesh1", "embedding_A", "embedding_B",
+            "other.no_decay.mesh0", "other.no_decay.mesh1", "other.no_decay.mesh2",
+        ]  # fmt: skip
+
+
 def test_create_optimizer_builds_named_loraplus_groups(tmp_path):
     trainer = _trainer(tmp_path)
     opt = trainer.create_optimizer()
