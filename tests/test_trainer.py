@@ -156,7 +156,9 @@ def _model_dora() -> torch.nn.Module:
     )  # fmt: skip
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True, modules_to_save=["norm"])
+    lora = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True, modules_to_save=["norm"]
+    )
     return peft.get_peft_model(base, lora)
 
 
@@ -258,7 +260,9 @@ def _model_with_big_embedding() -> torch.nn.Module:
     )  # fmt: skip
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    lora = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]
+    )
     return peft.get_peft_model(base, lora)
 
 
@@ -350,7 +354,8 @@ for prefix, module in model.named_modules():
         name = f"{prefix}.{key}"
         mesh = full if ".layers.0." in name else sub if ".layers.1." in name else None
         if p.requires_grad and mesh is not None:  # layer-1 factors on one mesh, layer-2 on another, embeddings plain
-            module.register_parameter(key, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()] * mesh.ndim)))
+            shared = distribute_tensor(p.detach(), mesh, [Replicate()] * mesh.ndim)
+            module.register_parameter(key, torch.nn.Parameter(shared))
 out = {}
 for ratio in (1.0, 4.0):
     plain = transformers.Trainer(model=T._model(), args=T._args(sys.argv[2])).create_optimizer(model)
@@ -358,7 +363,8 @@ for ratio in (1.0, 4.0):
     T._assert_as_plain(plain, lp, model, ratio)
     meshes = lambda opt: [sorted({repr(p.device_mesh) if isinstance(p, DTensor) else "plain" for p in g["params"]})
                           for g in opt.param_groups]
-    out[str(ratio)] = {"plain_meshes": meshes(plain), "meshes": meshes(lp), "names": [g["name"] for g in lp.param_groups]}
+    names = [g["name"] for g in lp.param_groups]
+    out[str(ratio)] = {"plain_meshes": meshes(plain), "meshes": meshes(lp), "names": names}
 print("RESULT" + json.dumps(out))
 """
 

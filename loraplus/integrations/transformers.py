@@ -244,7 +244,8 @@ def _split_by_mesh(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in groups:
         parts: dict[Any, dict[str, list[Any]]] = {}
         for name, p in zip(group["param_names"], group["params"]):
-            part = parts.setdefault(p.device_mesh if isinstance(p, DTensor) else None, {"params": [], "param_names": []})
+            mesh = p.device_mesh if isinstance(p, DTensor) else None
+            part = parts.setdefault(mesh, {"params": [], "param_names": []})
             part["params"].append(p)
             part["param_names"].append(name)
         if len(parts) == 1:
