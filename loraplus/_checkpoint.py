@@ -156,6 +156,16 @@ def load_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, A
         ...
         loraplus._errors.LoraPlusError: the optimizer state does not match this optimizer's param groups: ...
     """
+    check_state_dict(optimizer, state_dict)
+    optimizer.load_state_dict(state_dict)
+
+
+def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> None:
+    """Raise :class:`LoraPlusError` unless ``state_dict`` belongs to ``optimizer``'s param groups.
+
+    The checks of :func:`load_state_dict`, without loading; usable as a
+    ``register_load_state_dict_pre_hook`` so that a load somebody else performs is checked too.
+    """
     if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:
         found = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
         raise LoraPlusError(
@@ -184,4 +194,3 @@ def load_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, A
             "with the same model, adapters and LoraPlus options as when it was saved, or start the optimizer "
             "fresh and load only the model weights"
         )
-    optimizer.load_state_dict(state_dict)

@@ -15,10 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
-import loraplus
 from loraplus import LoraPlusError, Role
 from loraplus.integrations.transformers import LoraPlusTrainer
-from loraplus.testing import assert_loraplus_groups
 
 LR = 1e-3
 RATIO = 8.0
@@ -104,40 +102,84 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- create_optimizer
+#
+# Ground truth: the optimizer the plain transformers.Trainer builds on the same model with the same
+# arguments. LoraPlusTrainer must build the same thing parameter by parameter, except that PEFT's
+# B factors (".lora_B." in the name) run at ratio × the learning rate.
+
+_LORAPLUS_KEYS = {"params", "param_names", "role", "name"}  # bookkeeping LoRA+ adds to its groups
 
 
-def test_create_optimizer_builds_loraplus_groups_from_training_arguments(tmp_path):
-    trainer = _trainer(tmp_path, adam_beta2=0.95, adam_epsilon=1e-6)
-    opt = trainer.create_optimizer()
-    assert type(opt) is torch.optim.AdamW  # optim="adamw_torch" (the default) picked as the Trainer does
-    assert opt is trainer.optimizer and trainer.create_optimizer() is opt  # built once
-    assert_loraplus_groups(opt, trainer.model, ratio=RATIO, lr=LR, weight_decay=WEIGHT_DECAY)
-    assert _lrs(opt) == {
-        "A": LR,
-        "B": RATIO * LR,
-        "embedding_A": LR_EMBEDDING,
-        "embedding_B": LR_EMBEDDING,
-        "other.no_decay": LR,  # the trainable copy of the final RMSNorm
-    }
-    for g in opt.param_groups:
-        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6
+def _per_param(opt, model) -> dict[str, dict]:
+    """{parameter name: the options of the one group holding it} (LoRA+'s bookkeeping keys left out)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, dict] = {}
+    for group in opt.param_groups:
+        options = {k: v for k, v in group.items() if k not in _LORAPLUS_KEYS}
+        for p in group["params"]:
+            name = names[id(p)]
+            assert name not in out, f"{name} is in two groups"
+            out[name] = options
+    return out
 
 
-def test_weight_decay_is_honoured_on_every_decaying_group(tmp_path):
-    """PEFT's create_loraplus_optimizer sets every group's decay to loraplus_weight_decay (0 by
-    default), dropping TrainingArguments.weight_decay; LoraPlusTrainer keeps it."""
-    opt = _trainer(tmp_path).create_optimizer()
-    decays = {g["name"]: g["weight_decay"] for g in opt.param_groups}
-    assert decays == {
-        "A": WEIGHT_DECAY,
-        "B": WEIGHT_DECAY,
-        "embedding_A": WEIGHT_DECAY,
-        "embedding_B": WEIGHT_DECAY,
-        "other.no_decay": 0.0,
-    }
+def _is_b(name: str) -> bool:
+    return ".lora_B." in name  # how PEFT names the B factor of a LoRA layer
+
+
+def _assert_as_plain(plain, lora_plus, model, ratio: float) -> None:
+    assert type(lora_plus) is type(plain)
+    assert lora_plus.defaults == plain.defaults
+    want, got = _per_param(plain, model), _per_param(lora_plus, model)
+    assert set(want) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == set(want)
+    for name, options in want.items():
+        expected = {**options, "lr": ratio * options["lr"]} if _is_b(name) else options
+        assert got[name] == expected, name
+    assert any(_is_b(n) for n in want)
+
+
+def _both(out: Path, model, ratio: float, *, plain_cls=transformers.Trainer, lp_cls=LoraPlusTrainer, **kw):
+    """The plain Trainer's optimizer and LoraPlusTrainer's, on the same model and arguments."""
+    extra = {k: kw.pop(k) for k in ("optimizer_cls_and_kwargs",) if k in kw}
+    plain = plain_cls(model=model, args=_args(out, **kw), **extra).create_optimizer()
+    extra = {k: (v[0], dict(v[1])) for k, v in extra.items()}  # the Trainer may pop from the kwargs dict
+    lp = lp_cls(model=model, args=_args(out, **kw), loraplus_ratio=ratio, **extra).create_optimizer()
+    return plain, lp
+
+
+def _model_dora() -> torch.nn.Module:
+    """The same random Llama with DoRA on attention: magnitudes are trainable, named without 'norm'."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    lora = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True, modules_to_save=["norm"]
+    )
+    return peft.get_peft_model(base, lora)
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """One PEFT model for tests that only build optimizers (building never changes the model)."""
+    return _model()
+
+
+@pytest.fixture
+def bnb_manager():
+    """bitsandbytes' process-wide override registry, emptied before and after the test."""
+    bnb = pytest.importorskip("bitsandbytes")
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.initialize()
+    yield manager
+    manager.initialize()
 
 
 OPTIMS = {  # TrainingArguments.optim -> the class the Trainer picks for it
+    "adamw_torch": "torch.optim.adamw.AdamW",
     "sgd": "torch.optim.sgd.SGD",
     "adagrad": "torch.optim.adagrad.Adagrad",
     "rmsprop": "torch.optim.rmsprop.RMSprop",
@@ -149,18 +191,23 @@ OPTIMS = {  # TrainingArguments.optim -> the class the Trainer picks for it
 }
 
 
-@pytest.fixture(scope="module")
-def shared_model():
-    """One PEFT model for tests that only build optimizers (building never changes the model)."""
-    return _model()
-
-
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
 @pytest.mark.parametrize("optim", sorted(OPTIMS))
-def test_optim_choice_is_respected(tmp_path, shared_model, optim):
-    trainer = LoraPlusTrainer(model=shared_model, args=_args(tmp_path, optim=optim), loraplus_ratio=RATIO)
-    opt = trainer.create_optimizer()
-    assert f"{type(opt).__module__}.{type(opt).__name__}" == OPTIMS[optim]
-    assert_loraplus_groups(opt, shared_model, ratio=RATIO, lr=LR, weight_decay=WEIGHT_DECAY)
+def test_optimizer_is_the_plain_trainers_except_b_learning_rates(tmp_path, shared_model, bnb_manager, optim, ratio):
+    """Same class, defaults, parameters and per-parameter options (lr, weight_decay, betas, eps, …)
+    as transformers.Trainer; at ratio 1 identical, at ratio 4 only the lora_B lrs differ (× 4)."""
+    plain, lp = _both(tmp_path, shared_model, ratio, optim=optim, adam_beta2=0.95, adam_epsilon=1e-6)
+    assert f"{type(plain).__module__}.{type(plain).__name__}" == OPTIMS[optim]
+    _assert_as_plain(plain, lp, shared_model, ratio)
+
+
+def test_dora_magnitudes_decay_as_under_the_plain_trainer(tmp_path):
+    """The Trainer's get_decay_parameter_names decays DoRA magnitudes; so does LoraPlusTrainer."""
+    model = _model_dora()
+    plain, lp = _both(tmp_path, model, 4.0)
+    _assert_as_plain(plain, lp, model, 4.0)
+    decay = _per_param(plain, model)
+    assert any("lora_magnitude_vector" in n and o["weight_decay"] == WEIGHT_DECAY for n, o in decay.items())
 
 
 @settings(max_examples=15, deadline=None)
@@ -170,27 +217,192 @@ def test_optim_choice_is_respected(tmp_path, shared_model, optim):
     weight_decay=st.sampled_from([0.0, 1e-4, 0.01, 0.1]),
     optim=st.sampled_from(["adamw_torch", "sgd", "adagrad"]),
 )
-def test_any_settings_give_sound_loraplus_groups(tmp_path_factory, shared_model, ratio, lr, weight_decay, optim):
-    args = _args(tmp_path_factory.mktemp("h"), optim=optim, learning_rate=lr, weight_decay=weight_decay)
-    opt = LoraPlusTrainer(model=shared_model, args=args, loraplus_ratio=ratio).create_optimizer()
-    assert_loraplus_groups(opt, shared_model, ratio=ratio, lr=lr, weight_decay=weight_decay)
-    assert {g["role"]: g["lr"] for g in opt.param_groups}["embedding_B"] == lr  # default: the A lr
+def test_any_settings_match_the_plain_trainer(tmp_path_factory, shared_model, ratio, lr, weight_decay, optim):
+    out = tmp_path_factory.mktemp("h")
+    plain, lp = _both(out, shared_model, ratio, optim=optim, learning_rate=lr, weight_decay=weight_decay)
+    _assert_as_plain(plain, lp, shared_model, ratio)
 
 
-def test_optimizer_cls_and_kwargs_argument_is_used(tmp_path):
-    trainer = LoraPlusTrainer(
-        model=_model(),
-        args=_args(tmp_path),
-        optimizer_cls_and_kwargs=(torch.optim.Adamax, {"lr": 5e-3, "betas": (0.8, 0.9), "weight_decay": 0.3}),
-        loraplus_ratio=4,
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": 5e-3, "betas": (0.8, 0.9), "weight_decay": 0.3},  # weight_decay in the kwargs: defaults only
+        {"weight_decay": 0.3},  # no lr: the class's default lr, as the plain Trainer gets
+    ],
+    ids=["lr-betas-weight_decay", "no-lr"],
+)
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
+def test_optimizer_cls_and_kwargs_match_the_plain_trainer(tmp_path, shared_model, kwargs, ratio):
+    plain, lp = _both(tmp_path, shared_model, ratio, optimizer_cls_and_kwargs=(torch.optim.Adamax, kwargs))
+    _assert_as_plain(plain, lp, shared_model, ratio)
+    assert lp.defaults["weight_decay"] == 0.3  # the kwargs' value is kept, not dropped
+
+
+class _DecayEverything:
+    def get_decay_parameter_names(self, model):
+        return [n for n, _ in model.named_parameters()]
+
+
+def test_an_overridden_get_decay_parameter_names_is_followed(tmp_path, shared_model):
+    plain_cls = type("Plain", (_DecayEverything, transformers.Trainer), {})
+    lp_cls = type("LoraPlusDecayAll", (_DecayEverything, LoraPlusTrainer), {})
+    plain, lp = _both(tmp_path, shared_model, 4.0, plain_cls=plain_cls, lp_cls=lp_cls)
+    _assert_as_plain(plain, lp, shared_model, 4.0)
+    assert {o["weight_decay"] for o in _per_param(plain, shared_model).values()} == {WEIGHT_DECAY}  # norms too
+
+
+def _model_with_big_embedding() -> torch.nn.Module:
+    """LoRA on attention, and trainable copies of embed_tokens and lm_head of 256 × 16 = 4096
+    elements each: bitsandbytes keeps 8-bit state only for tensors of at least 4096 elements."""
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    lora = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]
     )
+    return peft.get_peft_model(base, lora)
+
+
+def _registered(manager, model) -> list[tuple[str, str, dict]]:
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    return [(names[id(module)], attr, dict(config)) for module, attr, config in manager.module_weight_config_triple]
+
+
+def _state_dtypes_after_one_step(opt, model) -> dict[str, torch.dtype]:
+    ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return {n: opt.state[p]["state1"].dtype for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit", "lion_8bit", "paged_adamw_32bit"])
+def test_bitsandbytes_embedding_override_is_registered_as_the_plain_trainer_does(tmp_path, bnb_manager, optim):
+    """8-bit bitsandbytes: every nn.Embedding weight is registered for 32-bit state, as by the plain
+    Trainer, and after a step its state is float32 while the other large tensors' is uint8."""
+    results = []
+    for make in (
+        lambda m: transformers.Trainer(model=m, args=_args(tmp_path, optim=optim)),
+        lambda m: LoraPlusTrainer(model=m, args=_args(tmp_path, optim=optim), loraplus_ratio=1.0),
+    ):
+        bnb_manager.initialize()
+        model = _model_with_big_embedding()
+        opt = make(model).create_optimizer()
+        registered = _registered(bnb_manager, model)
+        results.append((registered, _state_dtypes_after_one_step(opt, model)))
+    (plain_reg, plain_dtypes), (lp_reg, lp_dtypes) = results
+    assert lp_reg == plain_reg
+    assert lp_dtypes == plain_dtypes
+    embeddings = {n for n, m in _model_with_big_embedding().named_modules() if isinstance(m, torch.nn.Embedding)}
+    trained_embedding = "base_model.model.model.embed_tokens.modules_to_save.default.weight"
+    if "8bit" in optim:
+        assert {(n, "weight") for n in embeddings} == {(n, a) for n, a, _ in plain_reg}
+        assert {c["optim_bits"] for _, _, c in plain_reg} == {32}
+        assert plain_dtypes[trained_embedding] == torch.float32
+        assert plain_dtypes["base_model.model.lm_head.modules_to_save.default.weight"] == torch.uint8
+    else:
+        assert plain_reg == [] and set(plain_dtypes.values()) == {torch.float32}
+
+
+def test_what_the_trainer_does_after_building_still_happens(tmp_path, shared_model, monkeypatch):
+    """Trainer.create_optimizer wraps the optimizer for SageMaker model parallelism after building it;
+    LoraPlusTrainer leaves that (and whatever else follows the build) to the Trainer."""
+
+    class FakeSmp:
+        class DistributedOptimizer:
+            def __init__(self, optimizer):
+                self.optimizer = optimizer
+
+    trainers = [
+        transformers.Trainer(model=shared_model, args=_args(tmp_path)),
+        LoraPlusTrainer(model=shared_model, args=_args(tmp_path), loraplus_ratio=1.0),
+    ]
+    monkeypatch.setattr(transformers.trainer, "is_sagemaker_mp_enabled", lambda: True)
+    monkeypatch.setattr(transformers.trainer, "smp", FakeSmp, raising=False)
+    plain, lp = (t.create_optimizer() for t in trainers)
+    assert type(plain) is type(lp) is FakeSmp.DistributedOptimizer
+    _assert_as_plain(plain.optimizer, lp.optimizer, shared_model, 1.0)
+
+
+_DTENSOR_SCRIPT = """
+import json, os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                   "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+dist.init_process_group("gloo", rank=0, world_size=1)
+sys.path.insert(0, sys.argv[1])
+import transformers
+import test_trainer as T
+from loraplus.integrations.transformers import LoraPlusTrainer
+
+full = init_device_mesh("cpu", (1, 1), mesh_dim_names=("fsdp", "tp"))  # e.g. experts on the full mesh
+sub = full["fsdp"]  # the rest on the fsdp sub-mesh
+model = T._model()
+for prefix, module in model.named_modules():
+    for key, p in list(module.named_parameters(recurse=False)):
+        name = f"{prefix}.{key}"
+        mesh = full if ".layers.0." in name else sub if ".layers.1." in name else None
+        if p.requires_grad and mesh is not None:  # layer-1 factors on one mesh, layer-2 on another, embeddings plain
+            shared = distribute_tensor(p.detach(), mesh, [Replicate()] * mesh.ndim)
+            module.register_parameter(key, torch.nn.Parameter(shared))
+out = {}
+for ratio in (1.0, 4.0):
+    plain = transformers.Trainer(model=T._model(), args=T._args(sys.argv[2])).create_optimizer(model)
+    lp = LoraPlusTrainer(model=T._model(), args=T._args(sys.argv[2]), loraplus_ratio=ratio).create_optimizer(model)
+    T._assert_as_plain(plain, lp, model, ratio)
+    meshes = lambda opt: [sorted({repr(p.device_mesh) if isinstance(p, DTensor) else "plain" for p in g["params"]})
+                          for g in opt.param_groups]
+    names = [g["name"] for g in lp.param_groups]
+    out[str(ratio)] = {"plain_meshes": meshes(plain), "meshes": meshes(lp), "names": names}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_parameters_on_different_device_meshes_get_separate_groups_as_in_the_plain_trainer(tmp_path):
+    """Trainer.create_optimizer gives each DTensor device mesh its own groups (no fused/foreach kernel
+    spans two meshes); LoraPlusTrainer splits its role groups the same way and still matches the plain
+    Trainer parameter by parameter. One gloo rank, a 2-D mesh and its sub-mesh, in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DTENSOR_SCRIPT, str(Path(__file__).parent), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    for ratio, out in json.loads(lines[-1][len("RESULT") :]).items():
+        assert len(out["plain_meshes"]) > 2, ratio  # the plain Trainer did split by mesh
+        assert all(len(m) == 1 for m in out["plain_meshes"] + out["meshes"]), ratio  # one mesh per group
+        assert len(set(out["names"])) == len(out["names"]), out["names"]
+        # the layers' trainable norm copies sit on the two meshes, the final norm's is a plain tensor
+        assert out["names"] == [
+            "A.mesh0", "A.mesh1", "B.mesh0", "B.mesh1", "embedding_A", "embedding_B",
+            "other.no_decay.mesh0", "other.no_decay.mesh1", "other.no_decay.mesh2",
+        ]  # fmt: skip
+
+
+def test_create_optimizer_builds_named_loraplus_groups(tmp_path):
+    trainer = _trainer(tmp_path)
     opt = trainer.create_optimizer()
-    assert type(opt) is torch.optim.Adamax
-    lrs = {g["role"]: g["lr"] for g in opt.param_groups}
-    assert lrs["A"] == 5e-3 and lrs["B"] == 4 * 5e-3
-    # args.weight_decay, not the kwargs' value, goes on the decaying groups
-    assert {g["weight_decay"] for g in opt.param_groups if not g["name"].endswith("no_decay")} == {WEIGHT_DECAY}
-    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    assert opt is trainer.optimizer and trainer.create_optimizer() is opt  # built once
+    assert _lrs(opt) == {
+        "A": LR,
+        "B": RATIO * LR,
+        "embedding_A": LR_EMBEDDING,
+        "embedding_B": LR_EMBEDDING,
+        "other.no_decay": LR,  # the trainable copy of the final RMSNorm
+    }
 
 
 def test_optimizers_that_replace_the_groups_are_rejected(tmp_path):
@@ -215,17 +427,6 @@ def test_bad_rules_role_lr_and_no_decay_also_fail_at_construction(tmp_path):
         LoraPlusTrainer(model=_model(), args=_args(tmp_path), loraplus_no_decay=[3])
 
 
-def test_default_ratio_keeps_the_family_defaults_as_loraplus_does(tmp_path):
-    """Regression: the Trainer once turned the default-ratio marker into a plain float."""
-    from loraplus.testing import build_model
-
-    spec = {"conv": "peft_loha", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}
-    model = build_model([spec], head=False, norm=False).model
-    trainer = LoraPlusTrainer(model=model, args=_args(tmp_path, optim="sgd", learning_rate=1.0))
-    expected = {g["name"]: g["lr"] for g in loraplus.param_groups(model, lr=1.0)}
-    assert _lrs(trainer.create_optimizer()) == expected == {"A": 1.0, "B": 1.0}
-
-
 def test_model_without_adapters_gives_loraplus_error(tmp_path):
     trainer = LoraPlusTrainer(model=torch.nn.Linear(2, 2), args=_args(tmp_path))
     with pytest.raises(LoraPlusError, match="no LoRA adapter parameters"):
@@ -244,6 +445,11 @@ def test_rules_and_role_lr_reach_the_groups(tmp_path):
     names = {g["name"]: g for g in opt.param_groups}
     assert names["embedding_B"]["lr"] == 7e-4
     assert "embedding_A.no_decay" in names and names["embedding_A.no_decay"]["weight_decay"] == 0.0
+
+
+def test_no_private_trainer_method_is_overridden():
+    private = [n for n in vars(LoraPlusTrainer) if n.startswith("_") and not n.startswith("__")]
+    assert [n for n in private if hasattr(transformers.Trainer, n)] == []
 
 
 # --------------------------------------------------------------------------- training and resume
@@ -284,7 +490,21 @@ def test_training_keeps_the_ratio_under_the_trainer_scheduler(full_run):
         assert not torch.equal(p, full_run["after"][name]), f"{name} did not train"
 
 
-def test_resume_from_checkpoint_restores_loraplus_groups_and_continues_identically(full_run, tmp_path):
+def _count_optimizer_reads(monkeypatch) -> list[str]:
+    """Record every torch.load of an optimizer.pt from now on."""
+    reads: list[str] = []
+    real_load = torch.load
+
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, Path)) and Path(f).name == "optimizer.pt":
+            reads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    return reads
+
+
+def test_resume_from_checkpoint_restores_loraplus_groups_and_continues_identically(full_run, tmp_path, monkeypatch):
     checkpoint = full_run["out"] / "checkpoint-2"
     assert (checkpoint / "optimizer.pt").exists()
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
@@ -292,7 +512,9 @@ def test_resume_from_checkpoint_restores_loraplus_groups_and_continues_identical
 
     record = _RecordLrs()
     trainer = _trainer(tmp_path, callbacks=[record])  # fresh model: same init, loaded from the checkpoint
+    reads = _count_optimizer_reads(monkeypatch)
     trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert reads == [str(checkpoint / "optimizer.pt")]  # read once, by the Trainer
     groups = [(g["name"], g["role"], list(g["param_names"])) for g in trainer.optimizer.param_groups]
     assert groups == full_run["groups"]
     assert record.steps == full_run["lrs"][2:]  # the schedule resumes at step 3
@@ -302,7 +524,7 @@ def test_resume_from_checkpoint_restores_loraplus_groups_and_continues_identical
         torch.testing.assert_close(after[name], p, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_resume_with_other_groups_raises_instead_of_loading_by_position(full_run, tmp_path):
+def test_resume_with_other_groups_raises_instead_of_loading_by_position(full_run, tmp_path, monkeypatch):
     """Same tensor count, different grouping: torch alone would load the state silently."""
     checkpoint = full_run["out"] / "checkpoint-2"
     trainer = LoraPlusTrainer(
@@ -312,8 +534,10 @@ def test_resume_with_other_groups_raises_instead_of_loading_by_position(full_run
         loraplus_ratio=RATIO,
         loraplus_no_decay=lambda name, param, module: False,  # the norm copies now decay: group "other"
     )
+    reads = _count_optimizer_reads(monkeypatch)
     with pytest.raises(LoraPlusError, match="does not match this optimizer's param groups"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert reads == [str(checkpoint / "optimizer.pt")]
 
 
 _DEEPSPEED_SCRIPT = """
@@ -381,7 +605,6 @@ def test_core_import_does_not_import_transformers():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-    assert "loraplus" in loraplus.__name__
 
 
 def test_compatibility_sections_cite_only_existing_tests():
