@@ -182,13 +182,13 @@ def chain_reason(a: torch.Tensor, b: torch.Tensor, orientation: str) -> str | No
     return None
 
 
-def _find_factor(label: Label) -> tuple[int, str] | None:
-    """(index among the kept segments, segment) of the factor segment of an adapter label."""
-    segs, _ = _kept_segments(label.name)
+def _find_factor(label: Label) -> tuple[int, str, list[str], list[int]] | None:
+    """(index among the kept segments, segment, kept segments, their indices) of an adapter label's factor."""
+    segs, kept = _kept_segments(label.name)
     table = _FACTOR_SEGMENTS if label.role in _A_SIDE else _B_SEGMENTS
     for i in range(len(segs) - 1, max(len(segs) - 4, -1), -1):
         if segs[i] in table:
-            return i, segs[i]
+            return i, segs[i], segs, kept
     return None
 
 
@@ -261,15 +261,19 @@ def pair_labels(
         if found is None:
             loose.append(lab)
             continue
-        i, seg = found
-        segs, kept = _kept_segments(lab.name)
+        i, seg, segs, kept = found
         a_seg = seg if lab.role in _A_SIDE else _B_SEGMENTS[seg]
-        key = (*segs[:i], f"<{a_seg}>", *segs[i + 1 :])
+        key = (*segs[:i], a_seg, *segs[i + 1 :])
         side = "A" if lab.role in _A_SIDE else "B"
-        if side in by_key.setdefault(key, {}):
-            unpaired[lab.name] = f"a second {side} factor under the same name as {by_key[key][side].name!r}"
+        sides = by_key.get(key)
+        if sides is None:
+            sides = by_key[key] = {}
+        elif side in sides:
+            unpaired[lab.name] = f"a second {side} factor under the same name as {sides[side].name!r}"
             continue
-        by_key[key][side] = lab
+        sides[side] = lab
+        if key in meta:
+            continue
         orig = lab.name.split(".")
         prefix = segs[:i]
         host_end = kept[i]
