@@ -20,8 +20,7 @@ from ._roles import (
     Role,
     RuleSpec,
     is_no_decay,
-    label_parameters,
-    named_modules_map,
+    label_model,
     normalize_no_decay,
 )
 
@@ -194,10 +193,9 @@ def prepare(
     wd = check_number("weight_decay", weight_decay, allow_none=True, allow_zero=True)
     lrs = role_lrs(lr_f, ratio_f, emb, role_lr)
     nd = normalize_no_decay(no_decay)
-    modules = named_modules_map(model) if isinstance(model, nn.Module) else None
-    labels = label_parameters(model, rules, modules=modules)
+    labels, modules = label_model(model, rules)
     validate_labels(labels, rules_given=rules is not None)
-    warn_where_loraplus_does_not_apply(labels, lrs, ratio_f, modules or {})
+    warn_where_loraplus_does_not_apply(labels, lrs, ratio_f, modules)
     return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._errors import LoraPlusError
-from ._roles import Label, Role, RuleSpec, _kept_segments, canonical_name, label_parameters, named_modules_map
+from ._roles import _INDEX, Label, Role, RuleSpec, _kept_segments, _matching_tail, canonical_name, label_model
 
 __all__ = ["Pair", "Pairs", "Unpaired", "pair_labels", "pairs", "stack_factors", "std_factor"]
 
@@ -186,6 +186,15 @@ def _find_factor(label: Label) -> tuple[int, str, list[str], list[int]] | None:
     """(index among the kept segments, segment, kept segments, their indices) of an adapter label's factor."""
     segs, kept = _kept_segments(label.name)
     table = _FACTOR_SEGMENTS if label.role in _A_SIDE else _B_SEGMENTS
+    # the longest naming convention that starts with a factor segment says where that segment is,
+    # so an adapter (or module) named `up`, `down` or `lora_B` is never taken for the factor
+    best = 0
+    for conv in _matching_tail(segs, _INDEX):
+        if conv.pattern[0] in table and len(conv.pattern) > best:
+            best = len(conv.pattern)
+    if best:
+        i = len(segs) - best
+        return i, segs[i], segs, kept
     for i in range(len(segs) - 1, max(len(segs) - 4, -1), -1):
         if segs[i] in table:
             return i, segs[i], segs, kept
@@ -385,8 +394,7 @@ def pairs(model: nn.Module, rules: RuleSpec | None = None) -> Pairs:
     """
     if not isinstance(model, nn.Module):
         raise LoraPlusError(f"pairs() takes a torch.nn.Module, got {type(model).__name__}")
-    modules = named_modules_map(model)
-    labels = label_parameters(model, rules, modules=modules)
+    labels, modules = label_model(model, rules)
     found, rest = pair_labels(labels, modules)
     roles = {lab.name: lab.role for lab in labels}
     return Pairs(tuple(found), tuple(Unpaired(name, roles[name], why) for name, why in rest.items()))

@@ -27,6 +27,7 @@ __all__ = [
     "RuleSpec",
     "canonical_name",
     "classify",
+    "label_model",
     "label_parameters",
 ]
 
@@ -581,6 +582,16 @@ def label_parameters(
     Precedence: user ``rules`` > modules' declared roles (``loraplus_roles()``) > known library
     module types > the :data:`CONVENTIONS` name table > :attr:`Role.OTHER`.
     """
+    return label_model(model, rules, modules=modules)[0]
+
+
+def label_model(
+    model: nn.Module,
+    rules: RuleSpec | None = None,
+    *,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> tuple[list[Label], Mapping[str, nn.Module]]:
+    """:func:`label_parameters` and the ``named_modules`` map it walked (one walk of the model)."""
     if not isinstance(model, nn.Module):
         raise LoraPlusError(f"expected a torch.nn.Module, got {type(model).__name__}")
     user_rules = normalize_rules(rules)
@@ -626,7 +637,7 @@ def label_parameters(
                 role = Role.EMBEDDING_A if role is Role.A else Role.EMBEDDING_B
                 source += " on an nn.Embedding"
         labels.append(Label(name, param, role, family, source, owner, _norm_named(name, owner, modules)))
-    return labels
+    return labels, modules
 
 
 _MATRIX_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention)

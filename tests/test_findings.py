@@ -179,3 +179,28 @@ def test_6_argument_errors_get_context(exc):
     with pytest.raises(LoraPlusError, match="could not be built over") as info:
         LoraPlus(_Boom(exc), nn.Sequential(HandWritten()), lr=1e-3)
     assert info.value.__cause__ is exc
+
+
+# --------------------------------------------------------------------------- pairs, against how the model was built
+
+from hypothesis import given  # noqa: E402
+
+from loraplus.testing import lora_models  # noqa: E402
+
+
+@given(lora_models())
+def test_pairs_match_how_each_generated_model_was_built(gen):
+    """Every A/B pair the generator built is found, and nothing else (hostile adapter names included)."""
+    found = loraplus.pairs(gen.model, gen.rules)
+    assert {(p.a_name, p.b_name) for p in found} == gen.pairs
+    # every other adapter factor is listed apart, with a reason that is not "no partner"
+    factors = {n for n, r in gen.expected.items() if r in (Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B)}
+    paired = {n for pair in gen.pairs for n in pair}
+    assert {u.name for u in found.unpaired} == factors - paired
+    assert not any(u.missing_partner for u in found.unpaired)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every factor has its partner: nothing to warn about
+        try:
+            param_groups(gen.model, lr=1e-3, ratio=2, rules=gen.rules)
+        except UserWarning as w:
+            assert "no partner" not in str(w), w

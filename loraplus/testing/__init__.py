@@ -109,6 +109,8 @@ class GeneratedModel:
         expected: ``{name: Role}`` for every trainable parameter.
         no_decay: names of the trainable parameters that must get no weight decay.
         rules: the ``rules=`` a caller must pass (raw factors under arbitrary names), or ``None``.
+        pairs: ``(A name, B name)`` of every adapter that is one B·A product (LoRA-style layers;
+            not LoHa, LoKr, VeRA, AdaLoRA), as built.
         conventions, wrapper: how it was built (shown when a property fails).
     """
 
@@ -118,6 +120,7 @@ class GeneratedModel:
     rules: dict[str, Role] | None = None
     conventions: list[str] = field(default_factory=list)
     wrapper: str = "none"
+    pairs: frozenset[tuple[str, str]] = frozenset()
 
     def expected_lr(self, name: str, **rates: Any) -> float:
         """The learning rate ``name`` must get under ``lr=``, ``ratio=`` (and ``lr_embedding``, ``role_lr``)."""
@@ -155,10 +158,10 @@ def build_model(
     adds a plain ``nn.Linear`` under that attribute name. This is what :func:`lora_models` draws
     from; it is public so a failing example can be rebuilt.
     """
-    truth: dict[int, tuple[Role, bool, bool]] = {}
+    truth: dict[int, tuple[Role, bool, bool, Any]] = {}
 
-    def reg(p: nn.Parameter, role: Role, no_decay: bool = False, rule: bool = False) -> None:
-        truth[id(p)] = (role, no_decay, rule)
+    def reg(p: nn.Parameter, role: Role, no_decay: bool = False, rule: bool = False, pair: Any = None) -> None:
+        truth[id(p)] = (role, no_decay, rule, pair)
 
     blocks = nn.ModuleList()
     for spec in layers:
@@ -201,18 +204,24 @@ def build_model(
     expected: dict[str, Role] = {}
     no_decay: set[str] = set()
     rules: dict[str, Role] = {}
+    sides: dict[Any, dict[str, str]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if id(p) not in truth:  # pragma: no cover - a builder forgot to register a parameter
             raise LoraPlusError(f"generator bug: no ground truth for {name!r}")
-        role, nd, rule = truth[id(p)]
+        role, nd, rule, pair = truth[id(p)]
         expected[name] = role
+        if pair is not None:
+            sides.setdefault(pair, {})["A" if role in (Role.A, Role.EMBEDDING_A) else "B"] = name
         if nd:
             no_decay.add(name)
         if rule:
             rules[name] = role  # the exact name, as a glob: raw factors are only known through rules=
-    return GeneratedModel(model, expected, frozenset(no_decay), rules or None, [s["conv"] for s in layers], wrapper)
+    pairs = frozenset((s["A"], s["B"]) for s in sides.values() if len(s) == 2)
+    return GeneratedModel(
+        model, expected, frozenset(no_decay), rules or None, [s["conv"] for s in layers], wrapper, pairs
+    )
 
 
 def lora_models(

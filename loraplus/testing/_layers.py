@@ -16,7 +16,8 @@ from torch.nn.utils import parametrize
 from .._errors import LoraPlusError
 from .._roles import Role
 
-#: ``reg(param, role, no_decay=False)``: records what a parameter must get, decided by how it was built.
+#: ``reg(param, role, no_decay=False, rule=False, pair=None)``: records what a parameter must get, decided by
+#: how it was built; factors with the same ``pair`` tag form one A/B pair (one B·A product).
 _Reg = Callable[..., None]
 
 
@@ -38,8 +39,8 @@ class _PeftLinear(nn.Module):
         self.lora_A = nn.ModuleDict({a: nn.Linear(d_in, r, bias=False) for a in adapters})
         self.lora_B = nn.ModuleDict({a: nn.Linear(r, d_out, bias=lora_bias) for a in adapters})
         for a in adapters:
-            reg(self.lora_A[a].weight, Role.A)
-            reg(self.lora_B[a].weight, Role.B)
+            reg(self.lora_A[a].weight, Role.A, pair=(id(self), a))
+            reg(self.lora_B[a].weight, Role.B, pair=(id(self), a))
             if lora_bias:
                 reg(self.lora_B[a].bias, Role.B, no_decay=True)  # the layer's own bias
         self.adapters = list(adapters)
@@ -65,8 +66,8 @@ class _PeftEmbedding(nn.Module):
         self.lora_embedding_A = nn.ParameterDict({a: nn.Parameter(torch.zeros(r, vocab)) for a in adapters})
         self.lora_embedding_B = nn.ParameterDict({a: nn.Parameter(torch.randn(dim, r)) for a in adapters})
         for a in adapters:
-            reg(self.lora_embedding_A[a], Role.EMBEDDING_A)
-            reg(self.lora_embedding_B[a], Role.EMBEDDING_B)
+            reg(self.lora_embedding_A[a], Role.EMBEDDING_A, pair=(id(self), a))
+            reg(self.lora_embedding_B[a], Role.EMBEDDING_B, pair=(id(self), a))
 
 
 class _LoralibLinear(nn.Linear):
@@ -75,8 +76,8 @@ class _LoralibLinear(nn.Linear):
         _frozen(self)
         self.lora_A = nn.Parameter(torch.randn(r, d_in) * 0.1)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r))
-        reg(self.lora_A, Role.A)
-        reg(self.lora_B, Role.B)
+        reg(self.lora_A, Role.A, pair=id(self))
+        reg(self.lora_B, Role.B, pair=id(self))
 
 
 class _LoralibEmbedding(nn.Embedding):
@@ -85,8 +86,8 @@ class _LoralibEmbedding(nn.Embedding):
         _frozen(self)
         self.lora_A = nn.Parameter(torch.zeros(r, vocab))
         self.lora_B = nn.Parameter(torch.randn(dim, r))
-        reg(self.lora_A, Role.EMBEDDING_A)
-        reg(self.lora_B, Role.EMBEDDING_B)
+        reg(self.lora_A, Role.EMBEDDING_A, pair=id(self))
+        reg(self.lora_B, Role.EMBEDDING_B, pair=id(self))
 
 
 class _TorchtuneLinear(nn.Module):
@@ -95,8 +96,8 @@ class _TorchtuneLinear(nn.Module):
         self.weight = nn.Parameter(torch.randn(d_out, d_in), requires_grad=False)
         self.lora_a = nn.Linear(d_in, r, bias=False)
         self.lora_b = nn.Linear(r, d_out, bias=False)
-        reg(self.lora_a.weight, Role.A)
-        reg(self.lora_b.weight, Role.B)
+        reg(self.lora_a.weight, Role.A, pair=id(self))
+        reg(self.lora_b.weight, Role.B, pair=id(self))
         if dora:
             self.magnitude = nn.Parameter(torch.ones(d_out))
             reg(self.magnitude, Role.MAGNITUDE, no_decay=True)
@@ -111,8 +112,8 @@ class _TwoLinear(nn.Module):
         down, up = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out, bias=False)
         setattr(self, names[0], down)
         setattr(self, names[1], up)
-        reg(down.weight, Role.A)
-        reg(up.weight, Role.B)
+        reg(down.weight, Role.A, pair=id(self))
+        reg(up.weight, Role.B, pair=id(self))
 
 
 class _DeepSpeedChatLinear(nn.Module):
@@ -121,8 +122,8 @@ class _DeepSpeedChatLinear(nn.Module):
         self.weight = nn.Parameter(torch.randn(d_out, d_in), requires_grad=False)
         self.lora_right_weight = nn.Parameter(torch.randn(d_in, r))
         self.lora_left_weight = nn.Parameter(torch.zeros(r, d_out))
-        reg(self.lora_right_weight, Role.A)
-        reg(self.lora_left_weight, Role.B)
+        reg(self.lora_right_weight, Role.A, pair=id(self))
+        reg(self.lora_left_weight, Role.B, pair=id(self))
 
 
 class _MinLoraParametrization(nn.Module):
@@ -140,8 +141,8 @@ def _minlora_linear(d_in: int, d_out: int, r: int, reg: _Reg) -> nn.Module:
     _frozen(layer)
     par = _MinLoraParametrization(d_in, d_out, r)
     parametrize.register_parametrization(layer, "weight", par)
-    reg(par.lora_A, Role.A)
-    reg(par.lora_B, Role.B)
+    reg(par.lora_A, Role.A, pair=id(par))
+    reg(par.lora_B, Role.B, pair=id(par))
     return layer
 
 
@@ -201,8 +202,8 @@ class _DeclaredLinear(nn.Module):
         self.frozen_w = nn.Parameter(torch.randn(d_out, d_in), requires_grad=False)
         self.squeeze = nn.Parameter(torch.randn(r, d_in) * 0.1)
         self.expand = nn.Parameter(torch.zeros(d_out, r))
-        reg(self.squeeze, Role.A)
-        reg(self.expand, Role.B)
+        reg(self.squeeze, Role.A, pair=id(self))
+        reg(self.expand, Role.B, pair=id(self))
 
     def loraplus_roles(self) -> dict[str, Role]:
         return {"squeeze": Role.A, "expand": Role.B}
@@ -293,8 +294,8 @@ class _HandWrittenLinear(nn.Module):
         self.lora_A = nn.Linear(d_in, r, bias=False)
         self.lora_B = nn.Linear(r, d_out, bias=lora_bias)
         self.scaling = 2.0
-        reg(self.lora_A.weight, Role.A)
-        reg(self.lora_B.weight, Role.B)
+        reg(self.lora_A.weight, Role.A, pair=id(self))
+        reg(self.lora_B.weight, Role.B, pair=id(self))
         if lora_bias:
             reg(self.lora_B.bias, Role.B, no_decay=True)
 
@@ -312,8 +313,8 @@ class _RawNamed(nn.Module):
         up = nn.Parameter(torch.zeros(d_out, r))
         self.register_parameter(names[0], down)
         self.register_parameter(names[1], up)
-        reg(down, Role.A, rule=True)
-        reg(up, Role.B, rule=True)
+        reg(down, Role.A, rule=True, pair=id(self))
+        reg(up, Role.B, rule=True, pair=id(self))
 
 
 class _Plain(nn.Module):
