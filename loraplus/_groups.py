@@ -228,7 +228,7 @@ def warn_where_loraplus_does_not_apply(
                 f"no B factor was found ({_role_counts(labels)}), so the ratio changes nothing; label the "
                 "output-side factors with rules= if they exist"
             )
-    _, unpaired = pair_labels(labels, modules)
+    _, unpaired = pair_labels(labels, modules, records=False)
     lonely = [name for name, why in unpaired.items() if why.startswith(NO_PARTNER)]
     if lonely:
         shown = ", ".join(lonely[:5]) + (f" (and {len(lonely) - 5} more)" if len(lonely) > 5 else "")

@@ -188,10 +188,12 @@ def _find_factor(label: Label) -> tuple[int, str, list[str], list[int]] | None:
     table = _FACTOR_SEGMENTS if label.role in _A_SIDE else _B_SEGMENTS
     # the longest naming convention that starts with a factor segment says where that segment is,
     # so an adapter (or module) named `up`, `down` or `lora_B` is never taken for the factor
-    best = 0
-    for conv in _matching_tail(segs, _INDEX):
-        if conv.pattern[0] in table and len(conv.pattern) > best:
-            best = len(conv.pattern)
+    best = label.pattern_len if 0 < label.pattern_len <= len(segs) else 0
+    if not best or segs[-best] not in table:
+        best = 0
+        for conv in _matching_tail(segs, _INDEX):
+            if conv.pattern[0] in table and len(conv.pattern) > best:
+                best = len(conv.pattern)
     if best:
         i = len(segs) - best
         return i, segs[i], segs, kept
@@ -245,7 +247,7 @@ def layer_scaling(convention: str, holder: nn.Module | None, adapter: str) -> fl
 
 
 def pair_labels(
-    labels: Sequence[Label], modules: Mapping[str, nn.Module] | None = None
+    labels: Sequence[Label], modules: Mapping[str, nn.Module] | None = None, *, records: bool = True
 ) -> tuple[list[Pair], dict[str, str]]:
     """Pair each A factor with its B factor; return the pairs and ``{name: reason}`` for the rest.
 
@@ -254,6 +256,8 @@ def pair_labels(
     Factors without a known segment (declared roles, user rules) pair within their module, then
     within its parent, only when exactly one A and one B share it. Nothing is guessed.
     ``modules`` (the model's ``named_modules``) lets the pairs carry their layer's scaling.
+    ``records=False`` only finds the factors without a partner (what ``LoraPlus`` warns about):
+    no :class:`Pair` is built and shapes are not checked for named layouts.
     """
     modules = modules or {}
     unpaired: dict[str, str] = {}
@@ -281,7 +285,7 @@ def pair_labels(
             unpaired[lab.name] = f"a second {side} factor under the same name as {sides[side].name!r}"
             continue
         sides[side] = lab
-        if key in meta:
+        if not records or key in meta:
             continue
         orig = lab.name.split(".")
         prefix = segs[:i]
@@ -313,7 +317,6 @@ def pair_labels(
 
     pairs: list[Pair] = []
     for key, sides in by_key.items():
-        layer, adapter, conv, orientation, host, holder = meta[key]
         if "A" not in sides or "B" not in sides:
             ((side, lab),) = sides.items()
             missing = "B" if side == "A" else "A"
@@ -322,6 +325,9 @@ def pair_labels(
             else:
                 unpaired[lab.name] = f"{NO_PARTNER}: no {missing} factor named like it"
             continue
+        if not records:
+            continue
+        layer, adapter, conv, orientation, host, holder = meta[key]
         a, b = sides["A"], sides["B"]
         why = chain_reason(a.param, b.param, orientation)
         if why is not None:

@@ -301,6 +301,9 @@ class Label:
     #: The owning module's own attribute name says norm (``ln_f``, ``input_layernorm``) and the module
     #: is not a weight-matrix layer; a ModuleDict key (an adapter name) never counts.
     norm_named: bool = False
+    #: Length of the naming convention that gave the role (0: none did), so pairing knows where the
+    #: factor segment is without matching again.
+    pattern_len: int = 0
 
 
 _WRAPPER_SUBSTRING = re.compile("|".join(sorted(map(re.escape, WRAPPER_SEGMENTS))))
@@ -375,13 +378,16 @@ def match_convention(
         segs, kept = _kept_segments(name)
     n = len(segs)
     best: Convention | None = None
+    raw = segs if not wrapped else None
     for conv in _matching_tail(segs, conventions_index):
         k = len(conv.pattern)
         if best is not None and (len(best.pattern), -best.pattern.count("*")) >= (k, -conv.pattern.count("*")):
             continue
         if conv.sibling is not None:
-            start = kept[n - k] if wrapped else n - k
-            parent = modules.get(".".join(name.split(".")[:start]))
+            if raw is not None:  # no wrapper segments: the parent is the name without its last k segments
+                parent = modules.get(name.rsplit(".", k)[0] if n > k else "")
+            else:
+                parent = modules.get(".".join(name.split(".")[: kept[n - k]]))
             if not _has_attr(parent, conv.sibling):
                 continue
             if conv.bottleneck and not _is_bottleneck(parent, conv):
@@ -610,6 +616,7 @@ def label_model(
         role: Role | None = None
         family: str | None = None
         source = ""
+        pattern_len = 0
         if user_rules:
             hits = [(r, r.apply(name, canon, param, owner)) for r in user_rules]
             hits = [(r, role_) for r, role_ in hits if role_ is not None]
@@ -629,14 +636,14 @@ def label_model(
         if role is None:
             conv = match_convention(name, modules)
             if conv is not None:
-                role, family, source = conv.role, conv.family, _name_source(conv)
+                role, family, source, pattern_len = conv.role, conv.family, _name_source(conv), len(conv.pattern)
         if role is None:
             role, source = Role.OTHER, "not an adapter factor"
         elif role in (Role.A, Role.B) and not source.startswith(("rule", "declared")):
             if isinstance(_host_module(name, modules), nn.Embedding):
                 role = Role.EMBEDDING_A if role is Role.A else Role.EMBEDDING_B
                 source += " on an nn.Embedding"
-        labels.append(Label(name, param, role, family, source, owner, _norm_named(name, owner, modules)))
+        labels.append(Label(name, param, role, family, source, owner, _norm_named(name, owner, modules), pattern_len))
     return labels, modules
 
 
