@@ -42,61 +42,95 @@ class _Bucket:
     inv_s2: torch.Tensor | None  # (k, 1, 1) 1/s² per pair (LoRA-FA only)
 
 
-def _stack(tensors: Sequence[torch.Tensor], transposed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """(k, rows, cols) copy in standard orientation (A: (r, in), B: (out, r)), in ``dtype``."""
-    out = torch.stack(list(tensors)).to(dtype)
-    out = out.flatten(2) if out.dim() > 3 else out
-    return out.mT if transposed else out
+def _matrices(stacked: torch.Tensor) -> torch.Tensor:
+    """(k, rows, cols) view of stacked factors in their stored layout (conv kernels flattened)."""
+    return stacked.flatten(2) if stacked.dim() > 3 else stacked
 
 
-def _write(grads: Sequence[torch.Tensor], new: torch.Tensor, transposed: bool) -> None:
-    """Copy a (k, rows, cols) standard-orientation result back into the stored gradients."""
-    new = new.mT if transposed else new
-    new = new.to(grads[0].dtype).reshape(len(grads), *grads[0].shape)
-    torch._foreach_copy_(list(grads), list(new.unbind(0)))
-
-
-def _damped_solve(gram: torch.Tensor, rhs: torch.Tensor, reg: float) -> torch.Tensor:
-    """(gram + reg·I)⁻¹ rhs for a batch of symmetric PSD r×r systems: Cholesky, pinv where it fails."""
+def _damped_inverse(gram: torch.Tensor, reg: float) -> torch.Tensor:
+    """(gram + reg·I)⁻¹ for a batch of symmetric PSD r×r matrices: Cholesky, pinv where it fails."""
     r = gram.shape[-1]
-    system = gram + reg * torch.eye(r, dtype=gram.dtype, device=gram.device)
+    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    system = gram + reg * eye
     chol, info = torch.linalg.cholesky_ex(system)
-    out = torch.cholesky_solve(rhs, chol)
+    linv = torch.linalg.solve_triangular(chol, eye.expand_as(system), upper=False)
+    out = linv.mT @ linv
     bad = info.nonzero().flatten()
     if bad.numel():  # singular (reg = 0 on a zero factor) or not finite: what PEFT's pinv gives
-        out[bad] = torch.linalg.pinv(system[bad]) @ rhs[bad]
+        out[bad] = torch.linalg.pinv(system[bad])
     return out
 
 
-def _check_sparse(grads: Sequence[torch.Tensor], names: Callable[[], str]) -> None:
+class _Workspace:
+    """Buffers one side of one bucket reuses every step (stacked factors, stacked grads, the result)."""
+
+    def __init__(self, own: Sequence[nn.Parameter], partner: Sequence[nn.Parameter], dtype: torch.dtype):
+        k = len(own)
+        self.partner = torch.empty((k, *partner[0].shape), dtype=dtype, device=own[0].device)
+        self.grad = torch.empty((k, *own[0].shape), dtype=dtype, device=own[0].device)
+        self.out = torch.empty_like(self.grad)
+        self.views = list(self.out.unbind(0))
+
+
+def _side(own: Sequence[nn.Parameter], partner: Sequence[nn.Parameter], grads: list[torch.Tensor], rank_left: bool,
+          reg: float, scale: torch.Tensor | None, dtype: torch.dtype, ws: _Workspace | None) -> None:
+    """Precondition the stored gradients of one side of a bucket in place.
+
+    ``rank_left``: the own factor is stored with r as its first dimension (standard A,
+    transposed B), so its partner has r last, the partner's Gram matrix is Xᵀ·X and the
+    gradient is multiplied on the left; otherwise the mirror image. In standard orientation
+    this is g_A ← (BᵀB + δI)⁻¹ g_A and g_B ← g_B (AAᵀ + δI)⁻¹.
+    """
+    if ws is not None:
+        torch.stack(list(partner), out=ws.partner)
+        torch.stack(grads, out=ws.grad)
+        x, g = _matrices(ws.partner), _matrices(ws.grad)
+    else:
+        x = _matrices(torch.stack(list(partner)).to(dtype))
+        g = _matrices(torch.stack(grads).to(dtype))
+    inv = _damped_inverse(x.mT @ x if rank_left else x @ x.mT, reg)
+    if scale is not None:
+        inv = inv * scale
+    if ws is not None and ws.out.dtype == grads[0].dtype:
+        torch.bmm(inv, g, out=_matrices(ws.out)) if rank_left else torch.bmm(g, inv, out=_matrices(ws.out))
+        torch._foreach_copy_(grads, ws.views)
+        return
+    new = (inv @ g if rank_left else g @ inv).to(grads[0].dtype).reshape(len(grads), *grads[0].shape)
+    torch._foreach_copy_(grads, list(new.unbind(0)))
+
+
+def _check_sparse(grads: Sequence[torch.Tensor], own: Sequence[nn.Parameter]) -> None:
     if any(g.is_sparse for g in grads):
-        raise LoraPlusError(f"sparse gradients cannot be preconditioned (in {names()}); use dense embeddings")
+        raise LoraPlusError(f"sparse gradients cannot be preconditioned (factors of shape {tuple(own[0].shape)}); "
+                            "use dense embeddings")
 
 
 @torch.no_grad()
-def _solve_bucket(bucket: _Bucket, method: str, reg: float) -> None:
-    """Rewrite the gradients of one bucket in place (the maths; no bookkeeping)."""
-    t = bucket.transposed
+def _solve_bucket(bucket: _Bucket, method: str, reg: float, cache: dict[tuple[int, str], _Workspace]) -> None:
+    """Rewrite the gradients of one bucket in place (the maths; ``cache`` only holds buffers)."""
     dtype = torch.promote_types(torch.promote_types(bucket.a[0].dtype, bucket.b[0].dtype), torch.float32)
     if method == "lorafa":
         for p in bucket.a:  # A is frozen: the optimizer skips parameters without a gradient
             p.grad = None
-    sides = [("B", bucket.b, bucket.a)] if method == "lorafa" else [("A", bucket.a, bucket.b), ("B", bucket.b, bucket.a)]
+    sides = (("B", bucket.b, bucket.a),) if method == "lorafa" else (("A", bucket.a, bucket.b), ("B", bucket.b, bucket.a))
     for side, own, partner in sides:
-        idx = [i for i, p in enumerate(own) if p.grad is not None]
-        if not idx:
+        grads = [p.grad for p in own]
+        rank_left = (side == "A") != bucket.transposed
+        scale = bucket.inv_s2 if side == "B" else None
+        if any(g is None for g in grads):  # a side without gradient is left alone
+            idx = [i for i, g in enumerate(grads) if g is not None]
+            if not idx:
+                continue
+            grads = [grads[i] for i in idx]
+            _check_sparse(grads, own)
+            _side([own[i] for i in idx], [partner[i] for i in idx], grads, rank_left, reg,
+                  None if scale is None else scale[idx], dtype, None)
             continue
-        grads = [own[i].grad for i in idx]
-        _check_sparse(grads, lambda: ", ".join(str(tuple(p.shape)) for p in own))
-        other = _stack([partner[i] for i in idx] if len(idx) < len(own) else partner, t, dtype)
-        g = _stack(grads, t, dtype)
-        if side == "A":  # g_A <- (BᵀB + δI)⁻¹ g_A
-            new = _damped_solve(other.mT @ other, g, reg)
-        else:  # g_B <- g_B (AAᵀ + δI)⁻¹ = ((AAᵀ + δI)⁻¹ g_Bᵀ)ᵀ, the system being symmetric
-            new = _damped_solve(other @ other.mT, g.mT, reg).mT
-            if bucket.inv_s2 is not None:
-                new = new * (bucket.inv_s2 if len(idx) == len(own) else bucket.inv_s2[idx])
-        _write(grads, new, t)
+        _check_sparse(grads, own)
+        key = (id(bucket), side)
+        if key not in cache:
+            cache[key] = _Workspace(own, partner, dtype)
+        _side(own, partner, grads, rank_left, reg, scale, dtype, cache[key])
 
 
 class Preconditioner:
@@ -119,6 +153,7 @@ class Preconditioner:
         self.pairs = tuple(found)
         self.skipped = tuple(skipped)
         self._buckets = tuple(buckets)
+        self._cache: dict[tuple[int, str], _Workspace] = {}
         self._optimizer = weakref.ref(optimizer)
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
 
@@ -130,7 +165,7 @@ class Preconditioner:
     def apply(self) -> None:
         """Precondition the current gradients now (what the hook does before each step)."""
         for bucket in self._buckets:
-            _solve_bucket(bucket, self.method, self.reg)
+            _solve_bucket(bucket, self.method, self.reg, self._cache)
 
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes step()'s own arguments: args = (optimizer, closure?, …)
@@ -153,6 +188,7 @@ class Preconditioner:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            self._cache.clear()
             opt = self._optimizer()
             if opt is not None and _ATTACHED.get(opt) is self:
                 del _ATTACHED[opt]
