@@ -31,7 +31,7 @@ def pair_params(model: nn.Module, rules: RuleSpec | None = None) -> list[dict[st
         A list of param-group dicts (``params``, ``param_names``, ``lora_l_dim``, ``lora_r_dim``).
 
     Raises:
-        LoraPlusError: if the model has no A/B pair, or a factor belongs to two pairs (tied weights).
+        LoraPlusError: if the model has no A/B pair.
 
     Example:
         >>> import loraplus
@@ -43,14 +43,8 @@ def pair_params(model: nn.Module, rules: RuleSpec | None = None) -> list[dict[st
     if not len(found):
         reasons = "; ".join(f"{u.name}: {u.reason}" for u in found.unpaired[:3])
         raise LoraPlusError(f"the model has no A/B factor pair{f' ({reasons})' if reasons else ''}")
-    seen: dict[int, str] = {}
     groups: dict[bool, dict[str, Any]] = {}
     for pr in found:
-        for p in (pr.a, pr.b):
-            if id(p) in seen:
-                raise LoraPlusError(f"{pr.key} shares a factor with {seen[id(p)]} (tied weights); a pair optimizer "
-                                    "keeps one state per pair and cannot update a tensor from two pairs")
-            seen[id(p)] = pr.key
         group = groups.setdefault(pr.transposed, {
             "params": [], "param_names": [],
             "lora_l_dim": 1 if pr.transposed else 0, "lora_r_dim": 0 if pr.transposed else 1,

@@ -294,16 +294,10 @@ def precondition(
         raise LoraPlusError(f"this optimizer is already preconditioned ({_ATTACHED[optimizer]!r}); remove() it first")
     found = pairs(model, rules)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    uses: dict[int, int] = {}
-    for pr in found:
-        for p in (pr.a, pr.b):
-            uses[id(p)] = uses.get(id(p), 0) + 1
     kept: list[Pair] = []
     skipped = [(u.name, u.reason) for u in found.unpaired]
     for pr in found:
-        if uses[id(pr.a)] > 1 or uses[id(pr.b)] > 1:
-            why = "a factor shared with another pair (tied weights): no single preconditioner applies"
-        elif id(pr.a) not in held and id(pr.b) not in held:
+        if id(pr.a) not in held and id(pr.b) not in held:
             why = "the optimizer does not hold these factors"
         elif method == "lorafa" and id(pr.b) not in held:
             why = "the optimizer does not hold B"
