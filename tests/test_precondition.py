@@ -390,3 +390,28 @@ def test_no_warning_and_no_state_on_a_plain_lora_model():
     _run(model, opt, steps=1)
     assert not hasattr(pre, "state_dict")
     assert len(pre.pairs) == 3 and pre.skipped == ()
+
+
+def test_a_bucket_where_only_some_pairs_have_gradients():
+    specs = [{"conv": "peft", "d_in": 6, "d_out": 5, "r": 2, "adapters": ["default"], "lora_bias": False}] * 3
+    gen = build_model(specs, head=False, norm=False, frozen_extra=False)
+    torch.manual_seed(0)
+    layers = gen.model.layers
+    factors = [(layer.lora_A["default"].weight, layer.lora_B["default"].weight) for layer in layers]
+    for a, b in factors:
+        nn.init.normal_(a)
+        nn.init.normal_(b)
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    factors[1][0].grad = None  # one A of the bucket has no gradient
+    raw = [(a.grad if a.grad is None else a.grad.clone(), b.grad.clone()) for a, b in factors]
+    opt = torch.optim.SGD(gen.model.parameters(), lr=0.0)
+    pre = precondition(opt, gen.model)
+    assert len(pre._buckets) == 1
+    opt.step()
+    for (a, b), (ga, gb) in zip(factors, raw):
+        want_a, want_b = _reference_riemannian(a.detach(), b.detach(), torch.zeros_like(a) if ga is None else ga, gb, REG)
+        if ga is None:
+            assert a.grad is None
+        else:
+            torch.testing.assert_close(a.grad.double(), want_a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.grad.double(), want_b, rtol=1e-4, atol=1e-6)
