@@ -144,6 +144,16 @@ class Preconditioner:
 
     It holds no state between steps (the r×r systems are rebuilt from the factors each step), so
     there is nothing to checkpoint: attach it again after loading a checkpoint.
+
+    Example:
+        >>> import torch, loraplus
+        >>> model = loraplus.testing.tiny_lora_model()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with loraplus.precondition(opt, model) as pre:
+        ...     [p.key for p in pre.pairs]
+        ['layers.0[default]', 'layers.1[default]']
+        >>> pre.active
+        False
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, method: str, reg: float, found: Sequence[Pair],

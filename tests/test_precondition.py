@@ -415,3 +415,20 @@ def test_a_bucket_where_only_some_pairs_have_gradients():
         else:
             torch.testing.assert_close(a.grad.double(), want_a, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(b.grad.double(), want_b, rtol=1e-4, atol=1e-6)
+
+
+def test_loraplus_precondition_keyword_is_the_one_call_form():
+    import inspect
+
+    if "precondition" not in inspect.signature(loraplus.LoraPlus).parameters:
+        pytest.skip("LoraPlus(precondition=) arrives with the factory patch (see the precondition branch report)")
+    ours, theirs = _peft(), _peft()
+    opt = loraplus.LoraPlus(torch.optim.AdamW, ours, ratio=1, lr=1e-2, weight_decay=0.0, precondition="riemannian")
+    with pytest.raises(LoraPlusError, match="already preconditioned"):
+        precondition(opt, ours)
+    _run(ours, opt, steps=3)
+    _run(theirs, create_riemannian_optimizer(theirs, torch.optim.AdamW, lr=1e-2, weight_decay=0.0), steps=3)
+    for p, q in zip(_lora_params(ours).values(), _lora_params(theirs).values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with pytest.raises(LoraPlusError, match="precondition_reg"):
+        loraplus.LoraPlus(torch.optim.AdamW, ours, lr=1e-2, precondition_reg=1e-3)
