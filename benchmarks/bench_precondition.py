@@ -143,13 +143,14 @@ def main(argv: list[str] | None = None) -> None:
         res = {"d": d, **measure(n, d, args.rank, repeat, args.warmup)}
         runs.append(res)
         s = res["step_s"]
-        print(f"d={d:<4} {n:>6} pairs: bare {s['bare']['median']*1e3:8.2f} ms  loraplus {s['loraplus']['median']*1e3:8.2f} ms  "
+        print(f"d={d:<4} {n:>6} pairs: bare {s['bare']['median']*1e3:8.2f} ms  "
+              f"loraplus {s['loraplus']['median']*1e3:8.2f} ms  "
               f"peft {s['peft']['median']*1e3:9.2f} ms  | loraplus/bare {res['loraplus_over_bare']['median']:.3f} "
               f"[{res['loraplus_over_bare']['min']:.3f}, {res['loraplus_over_bare']['max']:.3f}], peft/bare "
               f"{res['peft_over_bare']['median']:.2f}, PEFT adds {res['peft_added_over_loraplus_added']:.1f}x more",
               flush=True)
     meta = {
-        "command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

@@ -61,9 +61,9 @@ class Pair:
         embedding: whether the adapted layer is an embedding (its input is one-hot).
         host: the module whose first input is the layer input x (raw name, ``""`` when unknown).
         scaling: the factor ``s`` the layer applies to B·A (PEFT ``scaling[adapter]``, loralib,
-            litgpt ``scaling``, torchtune ``alpha``/``rank`` (DoRA: ``scaling``), minLoRA ``scale``, kohya ``alpha``/rank, diffusers
-            ``network_alpha``/rank, NeMo ``alpha``/``dim``, DeepSpeed-Chat ``lora_scaling``);
-            ``None`` where the layout does not record it.
+            litgpt ``scaling``, torchtune ``alpha``/``rank`` (DoRA: ``scaling``), minLoRA ``scale``,
+            kohya ``alpha``/rank, diffusers ``network_alpha``/rank, NeMo ``alpha``/``dim``, DeepSpeed-Chat
+            ``lora_scaling``); ``None`` where the layout does not record it.
         a, b: the parameters themselves.
     """
 

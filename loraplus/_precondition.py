@@ -112,7 +112,9 @@ def _solve_bucket(bucket: _Bucket, method: str, reg: float, cache: dict[tuple[in
     if method == "lorafa":
         for p in bucket.a:  # A is frozen: the optimizer skips parameters without a gradient
             p.grad = None
-    sides = (("B", bucket.b, bucket.a),) if method == "lorafa" else (("A", bucket.a, bucket.b), ("B", bucket.b, bucket.a))
+    sides = [("A", bucket.a, bucket.b), ("B", bucket.b, bucket.a)]
+    if method == "lorafa":
+        sides = sides[1:]
     for side, own, partner in sides:
         grads = [p.grad for p in own]
         rank_left = (side == "A") != bucket.transposed
@@ -334,8 +336,9 @@ def precondition(
             )
     if skipped:
         shown = "; ".join(f"{n}: {r}" for n, r in skipped[:4])
-        warnings.warn(f"{len(skipped)} adapter factors are not preconditioned ({shown}{'; …' if len(skipped) > 4 else ''})",
-                      UserWarning, stacklevel=2)
+        more = "; …" if len(skipped) > 4 else ""
+        warnings.warn(f"{len(skipped)} adapter factors are not preconditioned ({shown}{more})", UserWarning,
+                      stacklevel=2)
     handle = Preconditioner(optimizer, method, float(reg), kept, skipped, _buckets(kept, method))
     _ATTACHED[optimizer] = handle
     return handle

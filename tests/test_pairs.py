@@ -233,7 +233,8 @@ def test_scaling_is_read_per_layout():
 
 
 def test_unknown_scaling_is_none_and_bad_input_is_refused():
-    gen = build_model([{"conv": "declared", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}])
+    gen = build_model([{"conv": "declared", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"],
+                        "lora_bias": False}])
     assert [p.scaling for p in pairs(gen.model)] == [None]
     with pytest.raises(loraplus.LoraPlusError, match="nn.Module"):
         pairs("not a model")  # type: ignore[arg-type]

@@ -62,7 +62,9 @@ def _reference_riemannian(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb
 
 
 # ----------------------------------------------------------------------------------------------- PEFT equality
-@pytest.mark.parametrize("opt_cls,kw", [(torch.optim.AdamW, {"weight_decay": 0.0}), (torch.optim.SGD, {"momentum": 0.9})])
+@pytest.mark.parametrize(
+    "opt_cls,kw", [(torch.optim.AdamW, {"weight_decay": 0.0}), (torch.optim.SGD, {"momentum": 0.9})]
+)
 @pytest.mark.parametrize("cfg", [{}, {"use_rslora": True}], ids=["lora", "rslora"])
 def test_riemannian_equals_peft_create_riemannian_optimizer(opt_cls, kw, cfg):
     ours, theirs = _peft(**cfg), _peft(**cfg)
@@ -84,7 +86,8 @@ def test_riemannian_equals_peft_on_a_plain_optimizer_with_gradient_accumulation(
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     with precondition(opt, ours):
         _run(ours, opt, steps=3, accumulate=3)
-    _run(theirs, create_riemannian_optimizer(theirs, torch.optim.AdamW, lr=1e-2, weight_decay=0.0), steps=3, accumulate=3)
+    ref = create_riemannian_optimizer(theirs, torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
+    _run(theirs, ref, steps=3, accumulate=3)
     for (name, p), q in zip(_lora_params(ours).items(), _lora_params(theirs).values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -147,7 +150,8 @@ def test_lorafa_divides_by_the_layers_scaling_squared():
 
 
 def test_lorafa_refuses_a_layout_without_scaling():
-    gen = build_model([{"conv": "declared", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}])
+    gen = build_model([{"conv": "declared", "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"],
+                        "lora_bias": False}])
     opt = torch.optim.SGD([p for p in gen.model.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(LoraPlusError, match="scaling"):
         precondition(opt, gen.model, method="lorafa")
@@ -165,7 +169,8 @@ def _factors(conv: str, layer: nn.Module, adapters: list[str]) -> list[tuple[nn.
     if conv in ("torchtune", "torchtune_dora"):
         return [(layer.lora_a.weight, layer.lora_b.weight, False)]
     if conv in ("diffusers", "kohya", "nemo"):
-        down, up = {"diffusers": ("down", "up"), "kohya": ("lora_down", "lora_up"), "nemo": ("linear_in", "linear_out")}[conv]
+        names = {"diffusers": ("down", "up"), "kohya": ("lora_down", "lora_up"), "nemo": ("linear_in", "linear_out")}
+        down, up = names[conv]
         return [(getattr(layer, down).weight, getattr(layer, up).weight, False)]
     if conv == "deepspeed_chat":
         return [(layer.lora_right_weight, layer.lora_left_weight, True)]
@@ -204,7 +209,9 @@ def test_every_layout_matches_an_explicit_per_pair_inverse(conv):
     done = set()
     for a, b, transposed in expected_pairs:
         std = (lambda t: t.T) if transposed else (lambda t: t)
-        want_a, want_b = _reference_riemannian(std(value[id(a)]), std(value[id(b)]), std(raw[id(a)]), std(raw[id(b)]), REG)
+        want_a, want_b = _reference_riemannian(
+            std(value[id(a)]), std(value[id(b)]), std(raw[id(a)]), std(raw[id(b)]), REG
+        )
         torch.testing.assert_close(std(a.grad).double(), want_a, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(std(b.grad).double(), want_b, rtol=1e-4, atol=1e-5)
         done |= {id(a), id(b)}
@@ -409,7 +416,8 @@ def test_a_bucket_where_only_some_pairs_have_gradients():
     assert len(pre._buckets) == 1
     opt.step()
     for (a, b), (ga, gb) in zip(factors, raw):
-        want_a, want_b = _reference_riemannian(a.detach(), b.detach(), torch.zeros_like(a) if ga is None else ga, gb, REG)
+        want_a, want_b = _reference_riemannian(a.detach(), b.detach(), torch.zeros_like(a) if ga is None else ga,
+                                               gb, REG)
         if ga is None:
             assert a.grad is None
         else:
