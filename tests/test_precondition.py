@@ -440,3 +440,35 @@ def test_loraplus_precondition_keyword_is_the_one_call_form():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     with pytest.raises(LoraPlusError, match="precondition_reg"):
         loraplus.LoraPlus(torch.optim.AdamW, ours, lr=1e-2, precondition_reg=1e-3)
+
+
+def test_ddp_bucket_view_gradients_are_rewritten_in_place(tmp_path):
+    """DDP(gradient_as_bucket_view=True) makes every .grad a view of its reduction bucket: the hook must write
+    into those views (not rebind .grad), and the result must equal the unwrapped model's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain, wrapped_inner = _peft(), _peft()
+        wrapped = DDP(wrapped_inner, gradient_as_bucket_view=True)
+        opt_w = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        pre = precondition(opt_w, wrapped)
+        assert all(p.a_name.startswith("module.") for p in pre.pairs)
+        opt_p = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        precondition(opt_p, plain)
+        _run(wrapped, opt_w, steps=3)
+        _run(plain, opt_p, steps=3)
+        for p, q in zip(_lora_params(wrapped_inner).values(), _lora_params(plain).values()):
+            torch.testing.assert_close(p, q)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_torch_compiled_model_is_paired_like_the_plain_one():
+    model = _peft()
+    compiled = torch.compile(model)  # compiles lazily: nothing runs here
+    opt = torch.optim.SGD([p for p in compiled.parameters() if p.requires_grad], lr=0.1)
+    pre = precondition(opt, compiled)
+    assert [(p.a, p.b) for p in pre.pairs] == [(p.a, p.b) for p in loraplus.pairs(model)]
+    assert [p.layer for p in pre.pairs] == [p.layer for p in loraplus.pairs(model)]
