@@ -8,13 +8,14 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_lorafa_optimizer, create_riemannian_optimizer
 from torch import nn
 
 import loraplus
 from loraplus import LoraPlusError, precondition
-from loraplus.testing import build_model
+from loraplus.testing import build_model, lora_models
 
 REG = 1e-2
 
@@ -472,3 +473,43 @@ def test_a_torch_compiled_model_is_paired_like_the_plain_one():
     pre = precondition(opt, compiled)
     assert [(p.a, p.b) for p in pre.pairs] == [(p.a, p.b) for p in loraplus.pairs(model)]
     assert [p.layer for p in pre.pairs] == [p.layer for p in loraplus.pairs(model)]
+
+
+NOT_PRODUCT_CONVENTIONS = {"peft_adalora", "peft_loha", "peft_lokr", "peft_vera"}
+
+
+def _convention_of(name: str, conventions: list[str]) -> str:
+    segs = name.split(".")
+    return conventions[int(segs[segs.index("layers") + 1])]
+
+
+@settings(max_examples=30, deadline=None)
+@given(lora_models(max_layers=3))
+def test_every_generated_model_preconditions_exactly_its_product_factors(gen):
+    """With δ huge, (M + δI)⁻¹ ≈ I/δ: each A/B factor of a product adapter gets its gradient divided by δ,
+    every other trainable tensor keeps it. Which tensors are factors comes from the generator."""
+    factor_roles = {loraplus.Role.A, loraplus.Role.B, loraplus.Role.EMBEDDING_A, loraplus.Role.EMBEDDING_B}
+    factors = {
+        n for n, role in gen.expected.items()
+        if role in factor_roles and not n.endswith(".bias")
+        and _convention_of(n, gen.conventions) not in NOT_PRODUCT_CONVENTIONS
+    }
+    named = {n: p for n, p in gen.model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    for p in named.values():
+        p.grad = torch.randn_like(p)
+    raw = {n: p.grad.clone() for n, p in named.items()}
+    opt = torch.optim.SGD(list(named.values()), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not factors:
+            with pytest.raises(LoraPlusError, match="no A/B pair"):
+                precondition(opt, gen.model, reg=1e9)
+            return
+        precondition(opt, gen.model, reg=1e9)
+    opt.step()
+    for n, p in named.items():
+        if n in factors:
+            torch.testing.assert_close(p.grad, raw[n] / 1e9, rtol=1e-4, atol=0.0, msg=n)
+        else:
+            assert torch.equal(p.grad, raw[n]), n
