@@ -73,14 +73,15 @@ def _grads(model: nn.Module, seed: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g) for p in model.parameters()]
 
 
-def measure(n_pairs: int, d: int, r: int, repeat: int, warmup: int) -> dict[str, Any]:
+def measure(n_pairs: int, d: int, r: int, repeat: int, warmup: int, fused: bool = False) -> dict[str, Any]:
     models = {k: build(n_pairs, d, r, seed=0) for k in ("bare", "loraplus", "peft")}
     from peft.optimizers import create_riemannian_optimizer
 
+    kind = {"fused": True} if fused else {"foreach": True}
     opts = {
-        "bare": torch.optim.AdamW(models["bare"].parameters(), lr=LR, foreach=True),
-        "loraplus": torch.optim.AdamW(models["loraplus"].parameters(), lr=LR, foreach=True),
-        "peft": create_riemannian_optimizer(models["peft"], torch.optim.AdamW, lr=LR, reg=REG, foreach=True),
+        "bare": torch.optim.AdamW(models["bare"].parameters(), lr=LR, **kind),
+        "loraplus": torch.optim.AdamW(models["loraplus"].parameters(), lr=LR, **kind),
+        "peft": create_riemannian_optimizer(models["peft"], torch.optim.AdamW, lr=LR, reg=REG, **kind),
     }
     handle = loraplus.precondition(opts["loraplus"], models["loraplus"], method="riemannian", reg=REG)
     saved = _grads(models["bare"], seed=1)
@@ -134,13 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=0, help="repetitions per size (0: 30/15/6 by size)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)")
+    ap.add_argument("--fused", action="store_true", help="AdamW(fused=True) instead of foreach=True")
     ap.add_argument("--out", type=Path, default=RESULTS / "precondition.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = []
     for d, n in ((d, n) for d in args.d for n in args.sizes):
         repeat = args.repeat or (30 if n <= 100 else 15 if n <= 1000 else 6)
-        res = {"d": d, **measure(n, d, args.rank, repeat, args.warmup)}
+        res = {"d": d, **measure(n, d, args.rank, repeat, args.warmup, args.fused)}
         runs.append(res)
         s = res["step_s"]
         print(f"d={d:<4} {n:>6} pairs: bare {s['bare']['median']*1e3:8.2f} ms  "
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         "widths": args.d,
         "rank": args.rank,
         "reg": REG,
-        "optimizer": "torch.optim.AdamW(foreach=True)",
+        "optimizer": f"torch.optim.AdamW({'fused' if args.fused else 'foreach'}=True)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")

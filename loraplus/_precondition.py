@@ -2,8 +2,8 @@
 
 Lifecycle only: :func:`precondition` finds the pairs (``_pairs.py``), checks that the optimizer
 holds whole factors, buckets the pairs by shape and registers a hook; the maths of one bucket
-lives in :func:`_solve_bucket`. Nothing is stored between steps: the r×r systems are rebuilt
-from the current factors each step, so there is no state to checkpoint.
+lives in :func:`_solve_bucket`. Nothing is carried from one step to the next but reusable buffers:
+the r×r systems are rebuilt from the current factors each step, so there is no state to checkpoint.
 """
 
 from __future__ import annotations
@@ -55,14 +55,18 @@ def _damped_inverse(gram: torch.Tensor, reg: float) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(system)
     linv = torch.linalg.solve_triangular(chol, eye.expand_as(system), upper=False)
     out = linv.mT @ linv
-    bad = info.nonzero().flatten()
+    bad = info.nonzero().flatten()  # one host sync per bucket and side on GPUs
     if bad.numel():  # singular (reg = 0 on a zero factor) or not finite: what PEFT's pinv gives
         out[bad] = torch.linalg.pinv(system[bad])
     return out
 
 
 class _Workspace:
-    """Buffers one side of one bucket reuses every step (stacked factors, stacked grads, the result)."""
+    """Buffers one side of one bucket reuses every step (stacked factors, stacked grads, the result).
+
+    They are a cache, not state: in the compute dtype (float32 for half-precision factors), about
+    three times the size of the bucket's factors, freed by ``Preconditioner.remove()``.
+    """
 
     def __init__(self, own: Sequence[nn.Parameter], partner: Sequence[nn.Parameter], dtype: torch.dtype):
         k = len(own)
@@ -91,12 +95,12 @@ def _side(own: Sequence[nn.Parameter], partner: Sequence[nn.Parameter], grads: l
     inv = _damped_inverse(x.mT @ x if rank_left else x @ x.mT, reg)
     if scale is not None:
         inv = inv * scale
-    if ws is not None and ws.out.dtype == grads[0].dtype:
+    if ws is not None:
         torch.bmm(inv, g, out=_matrices(ws.out)) if rank_left else torch.bmm(g, inv, out=_matrices(ws.out))
-        torch._foreach_copy_(grads, ws.views)
-        return
-    new = (inv @ g if rank_left else g @ inv).to(grads[0].dtype).reshape(len(grads), *grads[0].shape)
-    torch._foreach_copy_(grads, list(new.unbind(0)))
+        new = ws.views
+    else:
+        new = list((inv @ g if rank_left else g @ inv).reshape(len(grads), *grads[0].shape).unbind(0))
+    torch._foreach_copy_(grads, new)  # in place (DDP bucket views stay views), cast to the gradient's dtype
 
 
 def _check_sparse(grads: Sequence[torch.Tensor], own: Sequence[nn.Parameter]) -> None:
