@@ -308,6 +308,11 @@ def precondition(
                             "curvature estimate. Use a first-order optimizer (SGD, AdamW, …)")
     if optimizer in _ATTACHED:
         raise LoraPlusError(f"this optimizer is already preconditioned ({_ATTACHED[optimizer]!r}); remove() it first")
+    # before pairing: FSDP1's flat 1-D views would not even pair, and the error would not say why
+    why = _sharding_error(model, [p for p in model.parameters() if p.requires_grad])
+    if why is not None:
+        raise LoraPlusError(f"cannot precondition sharded factors: {why}. The r×r systems need whole A and B; "
+                            "gather them (e.g. DDP instead of FSDP/ZeRO-3) or train without precondition=")
     found = pairs(model, rules)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     kept: list[Pair] = []
@@ -327,10 +332,6 @@ def precondition(
             f"{len(optimizer.param_groups)} param groups); build the optimizer over this model's parameters "
             "(ZeRO and other optimizers that hold flattened copies cannot be preconditioned)"
         )
-    why = _sharding_error(model, [p for pr in kept for p in (pr.a, pr.b)])
-    if why is not None:
-        raise LoraPlusError(f"cannot precondition sharded factors: {why}. The r×r systems need whole A and B; "
-                            "gather them (e.g. DDP instead of FSDP/ZeRO-3) or train without precondition=")
     if method == "lorafa":
         unknown = [pr.key for pr in kept if not pr.scaling]
         if unknown:

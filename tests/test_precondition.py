@@ -377,6 +377,12 @@ def test_sharded_factors_are_refused(tmp_path):
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         with pytest.raises(LoraPlusError, match="sharded factors.*DTensor"):
             precondition(opt, model)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp1 = FullyShardedDataParallel(_peft(), device_id=torch.device("cpu"), use_orig_params=True)
+        opt = torch.optim.SGD([p for p in fsdp1.parameters() if p.requires_grad], lr=0.1)
+        with pytest.raises(LoraPlusError, match="sharded factors.*FSDP"):
+            precondition(opt, fsdp1)
     finally:
         dist.destroy_process_group()
 
