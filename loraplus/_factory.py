@@ -72,6 +72,8 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
     weight_decay: float | None = None,
     rules: RuleSpec | None = None,
     no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
+    precondition: str | None = None,
+    precondition_reg: float | None = None,
     **optimizer_kwargs: Any,
 ) -> O:
     """Build ``optimizer_cls`` over ``model``'s trainable parameters with LoRA+ learning rates.
@@ -93,6 +95,10 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
             magnitudes get 0 (extend with ``no_decay``). ``None`` keeps the optimizer's default.
         rules: user role rules, winning over every built-in convention (see :func:`param_groups`).
         no_decay: extra no-decay rules (see :func:`param_groups`).
+        precondition: ``"riemannian"`` or ``"lorafa"`` attaches :func:`loraplus.precondition` to the
+            optimizer (same ``rules``), so each A/B pair's gradients are preconditioned before every
+            step; ``None`` (default) attaches nothing.
+        precondition_reg: the preconditioner's damping δ (default: the method's, as in PEFT).
         **optimizer_kwargs: passed to ``optimizer_cls`` untouched (betas, eps, fused, …).
 
     Returns:
@@ -116,6 +122,8 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         (True, ['A', 'B', 'other', 'other.no_decay'])
     """
     _check_optimizer_cls(optimizer_cls)
+    if precondition is None and precondition_reg is not None:
+        raise LoraPlusError('precondition_reg= was given without precondition=; pass precondition="riemannian"')
     if "params" in optimizer_kwargs:
         raise LoraPlusError("do not pass params=: LoraPlus builds the param groups from the model")
     _, groups = prepare(
@@ -128,7 +136,12 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         rules=rules,
         no_decay=no_decay,
     )
-    return build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
+    optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
+    if precondition is not None:
+        from ._precondition import precondition as attach  # the hook lives as long as the optimizer
+
+        attach(optimizer, model, method=precondition, reg=precondition_reg, rules=rules)
+    return optimizer
 
 
 def build_optimizer(

@@ -614,8 +614,8 @@ def test_explain_model_and_optimizer():
 
 PUBLIC_API = {
     "CONVENTIONS", "Convention", "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Pair", "Pairs",
-    "Role", "Unpaired", "classify", "explain", "load_state_dict", "pairs", "param_groups", "per_group",
-    "split_groups", "testing",
+    "Preconditioner", "Role", "Unpaired", "classify", "explain", "load_state_dict", "pair_params", "pairs",
+    "param_groups", "per_group", "precondition", "split_groups", "testing",
 }
 
 

@@ -39,6 +39,8 @@ LAYOUT: dict[str, tuple[str, str, str, str] | None] = {
     "deepspeed_chat": ("lora_right_weight", "lora_left_weight", "transposed", "linear"),
     "minlora": ("parametrizations.weight.0.lora_A", "parametrizations.weight.0.lora_B", "standard", "linear"),
     "declared": ("squeeze", "expand", "standard", "linear"),
+    "handwritten": ("lora_A.weight", "lora_B.weight", "standard", "linear"),
+    "raw_named": ("w_in", "w_out", "standard", "linear"),  # found through the rules= the generator gives
 }
 NON_PRODUCT = {"peft_adalora": "AdaLoRA", "peft_loha": "LoHa", "peft_lokr": "LoKr", "peft_vera": "VeRA"}
 
@@ -53,7 +55,7 @@ def test_every_convention_pairs_in_model_order(conv, wrapper, prefix):
     adapters = ["default", "task_x"] if conv.startswith("peft") else ["default"]
     specs = [{"conv": conv, "d_in": 5, "d_out": 7, "r": r, "adapters": adapters, "lora_bias": False} for r in (2, 3)]
     gen = build_model(specs, wrapper=wrapper, tie_head=True)
-    found = pairs(gen.model)
+    found = pairs(gen.model, gen.rules)
     layout = LAYOUT[conv]
     if layout is None:
         assert len(found) == 0
@@ -244,6 +246,7 @@ def test_a_factor_without_partner_is_listed_with_the_reason():
     model = nn.Module()
     model.layer = nn.Module()
     model.layer.lora_A = nn.Parameter(torch.randn(2, 4))
+    model.layer.lora_B = nn.Parameter(torch.zeros(4, 2), requires_grad=False)  # frozen by mistake
     found = pairs(model)
     assert len(found) == 0
     ((u,),) = [found.unpaired]

@@ -180,6 +180,10 @@ def _factors(conv: str, layer: nn.Module, adapters: list[str]) -> list[tuple[nn.
         return [(par.lora_A, par.lora_B, False)]
     if conv == "declared":
         return [(layer.squeeze, layer.expand, False)]
+    if conv == "handwritten":
+        return [(layer.lora_A.weight, layer.lora_B.weight, False)]
+    if conv == "raw_named":
+        return [(layer.w_in, layer.w_out, False)]
     return []  # LoHa, LoKr, VeRA, AdaLoRA: not one B·A product
 
 
@@ -200,11 +204,11 @@ def test_every_layout_matches_an_explicit_per_pair_inverse(conv):
     layers = gen.model._orig_mod.layers
     expected_pairs = [f for layer in layers for f in _factors(conv, layer, adapters)]
     if expected_pairs:
-        pre = precondition(opt, gen.model)
+        pre = precondition(opt, gen.model, rules=gen.rules)
         assert [(p.a, p.b) for p in pre.pairs] == [(a, b) for a, b, _ in expected_pairs]
     else:
         with pytest.raises(LoraPlusError, match="no A/B pair"):
-            precondition(opt, gen.model)
+            precondition(opt, gen.model, rules=gen.rules)
         return
     opt.step()
     done = set()
@@ -481,25 +485,12 @@ def test_a_torch_compiled_model_is_paired_like_the_plain_one():
     assert [p.layer for p in pre.pairs] == [p.layer for p in loraplus.pairs(model)]
 
 
-NOT_PRODUCT_CONVENTIONS = {"peft_adalora", "peft_loha", "peft_lokr", "peft_vera"}
-
-
-def _convention_of(name: str, conventions: list[str]) -> str:
-    segs = name.split(".")
-    return conventions[int(segs[segs.index("layers") + 1])]
-
-
 @settings(max_examples=30, deadline=None)
 @given(lora_models(max_layers=3))
 def test_every_generated_model_preconditions_exactly_its_product_factors(gen):
     """With δ huge, (M + δI)⁻¹ ≈ I/δ: each A/B factor of a product adapter gets its gradient divided by δ,
     every other trainable tensor keeps it. Which tensors are factors comes from the generator."""
-    factor_roles = {loraplus.Role.A, loraplus.Role.B, loraplus.Role.EMBEDDING_A, loraplus.Role.EMBEDDING_B}
-    factors = {
-        n for n, role in gen.expected.items()
-        if role in factor_roles and not n.endswith(".bias")
-        and _convention_of(n, gen.conventions) not in NOT_PRODUCT_CONVENTIONS
-    }
+    factors = {n for pair in gen.pairs for n in pair}  # the A/B pairs the generator built
     named = {n: p for n, p in gen.model.named_parameters() if p.requires_grad}
     torch.manual_seed(0)
     for p in named.values():
@@ -510,9 +501,9 @@ def test_every_generated_model_preconditions_exactly_its_product_factors(gen):
         warnings.simplefilter("ignore")
         if not factors:
             with pytest.raises(LoraPlusError, match="no A/B pair"):
-                precondition(opt, gen.model, reg=1e9)
+                precondition(opt, gen.model, reg=1e9, rules=gen.rules)
             return
-        precondition(opt, gen.model, reg=1e9)
+        precondition(opt, gen.model, reg=1e9, rules=gen.rules)
     opt.step()
     for n, p in named.items():
         if n in factors:
