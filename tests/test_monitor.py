@@ -34,17 +34,18 @@ def _fro(t: torch.Tensor) -> float:
     return float(t.double().norm())
 
 
-def _reference(a0, b0, a1, b1, how):
+def _reference(a0, b0, a1, b1, how, s=1.0):
+    """Every weight metric from explicit (out, in) products; s is the layer's LoRA scaling, known to the test."""
     da, db = a1 - a0, b1 - b0
     return {
         "norm_A": _fro(a0),
         "norm_B": _fro(b0),
         "delta_A": _fro(da),
         "delta_B": _fro(db),
-        "B_dA": _fro(_delta_w(da, b0, how)),
-        "dB_A": _fro(_delta_w(a0, db, how)),
-        "dB_dA": _fro(_delta_w(da, db, how)),
-        "delta_BA": _fro(_delta_w(a1, b1, how) - _delta_w(a0, b0, how)),
+        "B_dA": _fro(s * _delta_w(da, b0, how)),
+        "dB_A": _fro(s * _delta_w(a0, db, how)),
+        "dB_dA": _fro(s * _delta_w(da, db, how)),
+        "delta_BA": _fro(s * _delta_w(a1, b1, how) - s * _delta_w(a0, b0, how)),
     }
 
 
@@ -65,13 +66,17 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _check_records(mon: Monitor, before, after, how_of=None, step: int = 0) -> None:
+def _check_records(mon: Monitor, before, after, how_of=None, step: int = 0, scale: float | None = None) -> None:
+    """Compare each record with explicit products; ``scale`` is the s the test built the layers with
+    (None: a layout that records no scaling, so the record must say ``scale: None`` and use s = 1)."""
     recs = {(r["layer"], r["adapter"]): r for r in mon.records if r["step"] == step}
     assert len(recs) == len(mon.pairs)
+    s = 1.0 if scale is None else scale
     for pair in mon.pairs:
         how = pair.orientation if how_of is None else how_of(pair)
-        want = _reference(before[pair.a_name], before[pair.b_name], after[pair.a_name], after[pair.b_name], how)
+        want = _reference(before[pair.a_name], before[pair.b_name], after[pair.a_name], after[pair.b_name], how, s)
         rec = recs[(pair.layer, pair.adapter)]
+        assert rec["scale"] == (None if scale is None else pytest.approx(scale)), (pair, rec["scale"])
         for k, v in want.items():
             assert _close(rec[k], v), (pair, k, rec[k], v)
 
@@ -205,7 +210,7 @@ def _peft_model(**cfg):
     torch.manual_seed(0)
     cfg.setdefault("target_modules", ["embed", "conv", "q", "v"])
     cfg.setdefault("r", 2)
-    cfg.setdefault("lora_alpha", cfg["r"])
+    cfg.setdefault("lora_alpha", 3 * cfg["r"])  # s = alpha / r = 3: every ΔW figure must carry it
     return get_peft_model(_Net(), LoraConfig(init_lora_weights="gaussian", **cfg))
 
 
@@ -224,6 +229,7 @@ def test_real_peft_linear_embedding_conv_match_get_delta_weight(dora):
                 p.normal_(0, 0.1)
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=8, lr=1e-2)
     mon = Monitor(opt, model, activations=True)
+    s = 6 / 2  # lora_alpha / r of _peft_model
     layers = ["base_model.model.q", "base_model.model.v"]
     layers += [] if dora else ["base_model.model.embed", "base_model.model.conv"]
     assert sorted(p.layer for p in mon.pairs) == sorted(layers)
@@ -234,8 +240,8 @@ def test_real_peft_linear_embedding_conv_match_get_delta_weight(dora):
     tokens = torch.randint(0, 20, (4, 5))
     model(tokens).square().mean().backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
-    for rec in mon.records:
+    _check_records(mon, snap, _snapshot(model), scale=s)
+    for rec in mon.records:  # PEFT's own get_delta_weight (which applies its scaling) is the ground truth
         delta = _peft_delta(model, rec["layer"]) - before[rec["layer"]]
         assert _close(rec["delta_BA"], _fro(delta)), rec
         assert rec["lr_B"] == pytest.approx(rec["lr_A"] if rec["layer"].endswith("embed") else 8 * rec["lr_A"])
@@ -255,7 +261,7 @@ def test_real_peft_multihead_attention_gets_weight_space_terms_only():
             return self.attn(x, x, x, need_weights=False)[0].sum()
 
     torch.manual_seed(0)
-    model = get_peft_model(Attn(), LoraConfig(target_modules=["attn"], r=2, init_lora_weights="gaussian"))
+    model = get_peft_model(Attn(), LoraConfig(target_modules=["attn"], r=2, lora_alpha=8, init_lora_weights="gaussian"))
     opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
     mon = Monitor(opt, model, activations=True)
     assert sorted(p.key for p in mon.pairs) == [
@@ -265,7 +271,7 @@ def test_real_peft_multihead_attention_gets_weight_space_terms_only():
     snap = _snapshot(model)
     model(torch.randn(3, 4, 8)).backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
+    _check_records(mon, snap, _snapshot(model), scale=8 / 2)
     assert all(math.isnan(r["act_dB_A"]) and r["dB_A"] > 0 for r in mon.records)
     assert "activation terms missing for 2 adapters" in mon.summary()
 
@@ -295,10 +301,11 @@ def test_real_peft_activation_terms_use_the_steps_inputs():
     after = _snapshot(model)
     da, db = after[name_a] - a0, after[name_b] - b0
     rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    s = 6 / 2  # lora_alpha / r of _peft_model
     rec = mon.records[-1]
-    assert _close(rec["act_B_dA"], rms(x @ da.t() @ b0.t()))
-    assert _close(rec["act_dB_A"], rms(x @ a0.t() @ db.t()))
-    assert _close(rec["act_dB_dA"], rms(x @ da.t() @ db.t()))
+    assert _close(rec["act_B_dA"], rms(s * x @ da.t() @ b0.t()))
+    assert _close(rec["act_dB_A"], rms(s * x @ a0.t() @ db.t()))
+    assert _close(rec["act_dB_dA"], rms(s * x @ da.t() @ db.t()))
 
 
 @pytest.mark.parametrize("n2", [5, 7])  # equal row counts: one batched product; unequal: per adapter
@@ -328,8 +335,8 @@ def test_activation_terms_batched_and_per_adapter_agree_with_explicit_products(n
 def test_real_loralib_linear_embedding_and_merged_linear():
     torch.manual_seed(0)
     model = nn.Module()
-    model.emb = loralib.Embedding(12, 6, r=2, lora_alpha=2)
-    model.fc = loralib.Linear(6, 5, r=2, lora_alpha=2)
+    model.emb = loralib.Embedding(12, 6, r=2, lora_alpha=6)  # s = lora_alpha / r = 3
+    model.fc = loralib.Linear(6, 5, r=2, lora_alpha=6)
     model.qkv = loralib.MergedLinear(6, 9, r=2, lora_alpha=2, enable_lora=[True, False, True])
     loralib.mark_only_lora_as_trainable(model)
     opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
@@ -345,7 +352,7 @@ def test_real_loralib_linear_embedding_and_merged_linear():
     h = model.emb(ids)
     (model.fc(h).sum() + model.qkv(h).sum()).backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
+    _check_records(mon, snap, _snapshot(model), scale=3.0)
     emb, fc = mon.records
     assert emb["act_B_dA"] > 0 and emb["act_dB_A"] == 0  # loralib Embedding: A = 0 at init
     assert fc["act_dB_A"] > 0 and fc["act_B_dA"] == 0  # loralib Linear: B = 0 at init
@@ -355,7 +362,7 @@ def test_real_loralib_linear_embedding_and_merged_linear():
 @pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
 def test_real_torchtune_lora_and_dora(cls):
     torch.manual_seed(0)
-    model = nn.Sequential(cls(8, 6, rank=2, alpha=2.0), nn.ReLU(), cls(6, 4, rank=2, alpha=2.0))
+    model = nn.Sequential(cls(8, 6, rank=2, alpha=5.0), nn.ReLU(), cls(6, 4, rank=2, alpha=5.0))  # s = 2.5
     for layer in (model[0], model[2]):
         layer.weight.requires_grad_(False)
         nn.init.normal_(layer.lora_b.weight)
@@ -367,8 +374,13 @@ def test_real_torchtune_lora_and_dora(cls):
     snap = _snapshot(model)
     model(torch.randn(5, 8)).sum().backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
+    _check_records(mon, snap, _snapshot(model), scale=2.5)
     assert all(r["act_B_dA"] > 0 and r["act_dB_A"] > 0 for r in mon.records)
+    if cls is DoRALinear:  # what ΔW means there is said, per layer
+        assert set(mon.notes) == {"0", "2"} and all("DoRA" in n for n in mon.notes.values())
+        assert "DoRA: ΔW terms are those of the direction's low-rank update s·B·A" in mon.summary()
+    else:
+        assert mon.notes == {}
 
 
 class _HandLoRA(nn.Module):
