@@ -98,7 +98,8 @@ class Monitor:
         max_rows: input rows kept per layer and step for the activation terms.
         rules: role rules, as for :func:`loraplus.LoraPlus` (only used with ``model``).
         keep: sampled steps kept in memory (the last ones); ``None`` keeps all.
-        csv, jsonl: paths; every record is appended there as it is made (a CSV header only to a new file).
+        csv: a path; every record is appended there as a CSV row as it is made (the header only to a new file).
+        jsonl: a path; every record is appended there as a JSON line as it is made.
         tensorboard: a ``SummaryWriter`` (anything with ``add_scalar``) or a log directory.
 
     Attributes:
