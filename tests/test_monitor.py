@@ -15,6 +15,7 @@ import loralib
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn.utils import parametrize
@@ -1042,3 +1043,43 @@ def test_a_resumed_monitor_continues_the_step_count_history_and_files(tmp_path):
         other.load_state_dict(ck["monitor"])
     with pytest.raises(LoraPlusError, match="same activations= setting"):
         Monitor(opt2, model2).load_state_dict(ck["monitor"])
+
+
+# --------------------------------------------------------------------------- the pure pieces, alone
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    k=st.integers(1, 3),
+    r=st.integers(1, 4),
+    n_in=st.integers(1, 6),
+    n_out=st.integers(1, 6),
+    rows=st.integers(1, 5),
+    scale=st.sampled_from([None, 0.5, 3.0, -2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_measure_functions_equal_explicit_products(k, r, n_in, n_out, rows, scale, seed):
+    from loraplus._measure import StepFactors, activation_terms, weight_terms
+
+    g = torch.Generator().manual_seed(seed)
+    a0, a1 = torch.randn(k, r, n_in, generator=g), torch.randn(k, r, n_in, generator=g)
+    b0, b1 = torch.randn(k, n_out, r, generator=g), torch.randn(k, n_out, r, generator=g)
+    s = torch.full((k,), scale) if scale is not None else None
+    got, factors = weight_terms(a0, b0, a1, b1, s)
+    x = torch.randn(k, rows, n_in, generator=g)
+    acts = activation_terms(x, factors, n_out, s)
+    m = 1.0 if scale is None else abs(scale)
+    rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    for j in range(k):
+        want = _reference(a0[j], b0[j], a1[j], b1[j], "standard", m)
+        assert all(_close(got[j, i].item(), v) for i, v in enumerate(want.values())), (j, got[j], want)
+        da, db = a1[j] - a0[j], b1[j] - b0[j]
+        xj = x[j]
+        explicit = [rms(m * xj @ da.t() @ b0[j].t()), rms(m * xj @ a0[j].t() @ db.t()), rms(m * xj @ da.t() @ db.t())]
+        assert all(_close(acts[j, i].item(), v) for i, v in enumerate(explicit)), (acts[j], explicit)
+    ids = torch.randint(0, n_in, (1, rows), generator=g)  # an embedding: token ids pick columns of A
+    one = StepFactors(factors.a0[:1], factors.da[:1], factors.gb[:1], factors.gdb[:1])
+    emb = activation_terms(ids, one, n_out, None if s is None else s[:1], embedding=True)
+    onehot = torch.nn.functional.one_hot(ids[0], n_in).float()
+    want_emb = rms(m * onehot @ (a1[0] - a0[0]).t() @ b0[0].t())
+    assert _close(emb[0, 0].item(), want_emb)
