@@ -84,7 +84,7 @@ class History:
         """One flat dict per kept step and adapter (built once per new step)."""
         if self._flat is None:
             self._flat = [row for rec in self.steps for row in rec.rows(self.adapters, self.metrics)]
-        return self._flat
+        return list(self._flat)
 
     def lrs(self) -> list[dict[str, Any]]:
         return [{"step": rec.step, **rec.lrs} for rec in self.steps]

@@ -137,7 +137,8 @@ class Recorder:
             self._arm_if_sampled()
 
     def _fail(self, err: BaseException, when: str) -> None:
-        first = self.attached
+        with self._lock:  # several replica threads may fail at once: only the first one reports
+            first, self.attached = self.attached, False
         self.detach()
         owner = self._owner()
         if first and owner is not None:

@@ -240,6 +240,7 @@ def test_real_peft_linear_embedding_conv_match_get_delta_weight(dora):
     assert sorted(p.layer for p in mon.pairs) == sorted(layers)
     assert all(p.adapter == "default" for p in mon.pairs)
     assert mon.unpaired == {}  # DoRA magnitudes are not factors
+    assert all(("DoRA" in mon.notes.get(p.key, "")) == dora for p in mon.pairs)  # what ΔW means there is said
     before = {lay: _peft_delta(model, lay) for lay in layers}
     snap = _snapshot(model)
     tokens = torch.randint(0, 20, (4, 5))
