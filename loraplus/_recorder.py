@@ -179,7 +179,7 @@ class Recorder:
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if not isinstance(x, torch.Tensor):
             return
-        with self._lock, torch.no_grad():  # replica threads of nn.DataParallel run this concurrently
+        with self._lock:  # replica threads of nn.DataParallel run this concurrently; take_rows copies detached rows
             if not self.attached:
                 return
             for i in indices:
