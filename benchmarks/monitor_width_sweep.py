@@ -184,10 +184,11 @@ def main() -> None:
     args = ap.parse_args()
     path = RESULTS / "monitor_width_sweep.json"
     result = json.loads(path.read_text()) if path.exists() else {}  # keep the part not rerun
-    if not args.no_sweep:
-        result["width_sweep"] = width_sweep(args)
+    command = "python benchmarks/monitor_width_sweep.py " + " ".join(sys.argv[1:])
+    if not args.no_sweep:  # each part records the command that produced it (a partial rerun keeps the other)
+        result["width_sweep"] = {"command": command.strip(), **width_sweep(args)}
     if not args.no_real:
-        result["real_run"] = real_run(args)
+        result["real_run"] = {"command": command.strip(), **real_run(args)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"saved {path}")

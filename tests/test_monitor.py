@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import sys
+import threading
+import warnings
+import weakref
 
 import loralib
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn.utils import parametrize
@@ -34,17 +39,18 @@ def _fro(t: torch.Tensor) -> float:
     return float(t.double().norm())
 
 
-def _reference(a0, b0, a1, b1, how):
+def _reference(a0, b0, a1, b1, how, s=1.0):
+    """Every weight metric from explicit (out, in) products; s is the layer's LoRA scaling, known to the test."""
     da, db = a1 - a0, b1 - b0
     return {
         "norm_A": _fro(a0),
         "norm_B": _fro(b0),
         "delta_A": _fro(da),
         "delta_B": _fro(db),
-        "B_dA": _fro(_delta_w(da, b0, how)),
-        "dB_A": _fro(_delta_w(a0, db, how)),
-        "dB_dA": _fro(_delta_w(da, db, how)),
-        "delta_BA": _fro(_delta_w(a1, b1, how) - _delta_w(a0, b0, how)),
+        "B_dA": _fro(s * _delta_w(da, b0, how)),
+        "dB_A": _fro(s * _delta_w(a0, db, how)),
+        "dB_dA": _fro(s * _delta_w(da, db, how)),
+        "delta_BA": _fro(s * _delta_w(a1, b1, how) - s * _delta_w(a0, b0, how)),
     }
 
 
@@ -65,13 +71,17 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _check_records(mon: Monitor, before, after, how_of=None, step: int = 0) -> None:
+def _check_records(mon: Monitor, before, after, how_of=None, step: int = 0, scale: float | None = None) -> None:
+    """Compare each record with explicit products; ``scale`` is the s the test built the layers with
+    (None: a layout that records no scaling, so the record must say ``scale: None`` and use s = 1)."""
     recs = {(r["layer"], r["adapter"]): r for r in mon.records if r["step"] == step}
     assert len(recs) == len(mon.pairs)
+    s = 1.0 if scale is None else scale
     for pair in mon.pairs:
         how = pair.orientation if how_of is None else how_of(pair)
-        want = _reference(before[pair.a_name], before[pair.b_name], after[pair.a_name], after[pair.b_name], how)
+        want = _reference(before[pair.a_name], before[pair.b_name], after[pair.a_name], after[pair.b_name], how, s)
         rec = recs[(pair.layer, pair.adapter)]
+        assert rec["scale"] == (None if scale is None else pytest.approx(scale)), (pair, rec["scale"])
         for k, v in want.items():
             assert _close(rec[k], v), (pair, k, rec[k], v)
 
@@ -205,7 +215,7 @@ def _peft_model(**cfg):
     torch.manual_seed(0)
     cfg.setdefault("target_modules", ["embed", "conv", "q", "v"])
     cfg.setdefault("r", 2)
-    cfg.setdefault("lora_alpha", cfg["r"])
+    cfg.setdefault("lora_alpha", 3 * cfg["r"])  # s = alpha / r = 3: every ΔW figure must carry it
     return get_peft_model(_Net(), LoraConfig(init_lora_weights="gaussian", **cfg))
 
 
@@ -224,18 +234,20 @@ def test_real_peft_linear_embedding_conv_match_get_delta_weight(dora):
                 p.normal_(0, 0.1)
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=8, lr=1e-2)
     mon = Monitor(opt, model, activations=True)
+    s = 6 / 2  # lora_alpha / r of _peft_model
     layers = ["base_model.model.q", "base_model.model.v"]
     layers += [] if dora else ["base_model.model.embed", "base_model.model.conv"]
     assert sorted(p.layer for p in mon.pairs) == sorted(layers)
     assert all(p.adapter == "default" for p in mon.pairs)
     assert mon.unpaired == {}  # DoRA magnitudes are not factors
+    assert all(("DoRA" in mon.notes.get(p.key, "")) == dora for p in mon.pairs)  # what ΔW means there is said
     before = {lay: _peft_delta(model, lay) for lay in layers}
     snap = _snapshot(model)
     tokens = torch.randint(0, 20, (4, 5))
     model(tokens).square().mean().backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
-    for rec in mon.records:
+    _check_records(mon, snap, _snapshot(model), scale=s)
+    for rec in mon.records:  # PEFT's own get_delta_weight (which applies its scaling) is the ground truth
         delta = _peft_delta(model, rec["layer"]) - before[rec["layer"]]
         assert _close(rec["delta_BA"], _fro(delta)), rec
         assert rec["lr_B"] == pytest.approx(rec["lr_A"] if rec["layer"].endswith("embed") else 8 * rec["lr_A"])
@@ -255,7 +267,7 @@ def test_real_peft_multihead_attention_gets_weight_space_terms_only():
             return self.attn(x, x, x, need_weights=False)[0].sum()
 
     torch.manual_seed(0)
-    model = get_peft_model(Attn(), LoraConfig(target_modules=["attn"], r=2, init_lora_weights="gaussian"))
+    model = get_peft_model(Attn(), LoraConfig(target_modules=["attn"], r=2, lora_alpha=8, init_lora_weights="gaussian"))
     opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
     mon = Monitor(opt, model, activations=True)
     assert sorted(p.key for p in mon.pairs) == [
@@ -265,7 +277,7 @@ def test_real_peft_multihead_attention_gets_weight_space_terms_only():
     snap = _snapshot(model)
     model(torch.randn(3, 4, 8)).backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
+    _check_records(mon, snap, _snapshot(model), scale=8 / 2)
     assert all(math.isnan(r["act_dB_A"]) and r["dB_A"] > 0 for r in mon.records)
     assert "activation terms missing for 2 adapters" in mon.summary()
 
@@ -295,10 +307,11 @@ def test_real_peft_activation_terms_use_the_steps_inputs():
     after = _snapshot(model)
     da, db = after[name_a] - a0, after[name_b] - b0
     rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    s = 6 / 2  # lora_alpha / r of _peft_model
     rec = mon.records[-1]
-    assert _close(rec["act_B_dA"], rms(x @ da.t() @ b0.t()))
-    assert _close(rec["act_dB_A"], rms(x @ a0.t() @ db.t()))
-    assert _close(rec["act_dB_dA"], rms(x @ da.t() @ db.t()))
+    assert _close(rec["act_B_dA"], rms(s * x @ da.t() @ b0.t()))
+    assert _close(rec["act_dB_A"], rms(s * x @ a0.t() @ db.t()))
+    assert _close(rec["act_dB_dA"], rms(s * x @ da.t() @ db.t()))
 
 
 @pytest.mark.parametrize("n2", [5, 7])  # equal row counts: one batched product; unequal: per adapter
@@ -328,8 +341,8 @@ def test_activation_terms_batched_and_per_adapter_agree_with_explicit_products(n
 def test_real_loralib_linear_embedding_and_merged_linear():
     torch.manual_seed(0)
     model = nn.Module()
-    model.emb = loralib.Embedding(12, 6, r=2, lora_alpha=2)
-    model.fc = loralib.Linear(6, 5, r=2, lora_alpha=2)
+    model.emb = loralib.Embedding(12, 6, r=2, lora_alpha=6)  # s = lora_alpha / r = 3
+    model.fc = loralib.Linear(6, 5, r=2, lora_alpha=6)
     model.qkv = loralib.MergedLinear(6, 9, r=2, lora_alpha=2, enable_lora=[True, False, True])
     loralib.mark_only_lora_as_trainable(model)
     opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
@@ -345,7 +358,7 @@ def test_real_loralib_linear_embedding_and_merged_linear():
     h = model.emb(ids)
     (model.fc(h).sum() + model.qkv(h).sum()).backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
+    _check_records(mon, snap, _snapshot(model), scale=3.0)
     emb, fc = mon.records
     assert emb["act_B_dA"] > 0 and emb["act_dB_A"] == 0  # loralib Embedding: A = 0 at init
     assert fc["act_dB_A"] > 0 and fc["act_B_dA"] == 0  # loralib Linear: B = 0 at init
@@ -355,7 +368,7 @@ def test_real_loralib_linear_embedding_and_merged_linear():
 @pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
 def test_real_torchtune_lora_and_dora(cls):
     torch.manual_seed(0)
-    model = nn.Sequential(cls(8, 6, rank=2, alpha=2.0), nn.ReLU(), cls(6, 4, rank=2, alpha=2.0))
+    model = nn.Sequential(cls(8, 6, rank=2, alpha=5.0), nn.ReLU(), cls(6, 4, rank=2, alpha=5.0))  # s = 2.5
     for layer in (model[0], model[2]):
         layer.weight.requires_grad_(False)
         nn.init.normal_(layer.lora_b.weight)
@@ -367,8 +380,13 @@ def test_real_torchtune_lora_and_dora(cls):
     snap = _snapshot(model)
     model(torch.randn(5, 8)).sum().backward()
     opt.step()
-    _check_records(mon, snap, _snapshot(model))
+    _check_records(mon, snap, _snapshot(model), scale=2.5)
     assert all(r["act_B_dA"] > 0 and r["act_dB_A"] > 0 for r in mon.records)
+    if cls is DoRALinear:  # what ΔW means there is said, per layer
+        assert set(mon.notes) == {"0", "2"} and all("DoRA" in n for n in mon.notes.values())
+        assert "DoRA: ΔW terms are those of the direction's low-rank update s·B·A" in mon.summary()
+    else:
+        assert mon.notes == {}
 
 
 class _HandLoRA(nn.Module):
@@ -632,12 +650,50 @@ def test_tensorboard_writer_and_log_dir(trained, tmp_path):
     assert [e.step for e in events] == [0, 1] and events[0].value == pytest.approx(0.1)
 
 
-def test_summary_reports_balance_per_layer_group(trained):
-    text = trained.summary()
-    assert "3 adapters, 4 sampled steps" in text and "activation RMS" in text
-    line = next(line for line in text.splitlines() if line.startswith("layers.*"))
-    assert any(v in line for v in ("balanced", "dominates"))
-    assert "B-side dominates" in trained.summary(band=1.0001) or "A-side dominates" in trained.summary(band=1.0001)
+def _explicit_run(steps: int = 8, every: int = 2):
+    """A monitored run that also records, by its own hooks, every layer input and the factors around each step."""
+    model = tiny_lora_model(layers=3)
+    opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=1e-2)
+    mon = Monitor(opt, model, every=every, activations=True)
+    inputs: dict[int, torch.Tensor] = {}
+    probes = [
+        layer.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].detach().clone()))
+        for i, layer in enumerate(model.layers)
+    ]
+    torch.manual_seed(0)
+    truth = []  # (step, layer, A-side, B-side) from explicit products
+    for step in range(steps):
+        before = _snapshot(model)
+        model(torch.randn(16, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        after = _snapshot(model)
+        for i in range(3):
+            a, b = f"layers.{i}.lora_A.default.weight", f"layers.{i}.lora_B.default.weight"
+            da, db = after[a] - before[a], after[b] - before[b]
+            rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+            truth.append((step, i, rms(inputs[i] @ da.t() @ before[b].t()), rms(inputs[i] @ before[a].t() @ db.t())))
+    for h in probes:
+        h.remove()
+    mon.close()
+    return mon, truth
+
+
+def test_summary_numbers_and_verdict_come_from_explicit_products():
+    mon, truth = _explicit_run()
+    sampled = [(a, b) for step, _, a, b in truth if step % 2 == 0 and a > 0 and b > 0]
+    assert len(sampled) == 9  # step 0 has B = 0 (A-side 0) and is left out: an odd count, one middle value
+    a_med = sorted(a for a, _ in sampled)[4]
+    b_med = sorted(b for _, b in sampled)[4]
+    ratio = sorted(a / b for a, b in sampled)[4]
+    row = next(line for line in mon.summary().splitlines() if line.startswith("layers.*"))
+    cells = row.split()
+    assert [float(c) for c in cells[1:4]] == pytest.approx([a_med, b_med, ratio], rel=5e-3)  # printed to 3 digits
+    off = max(ratio, 1 / ratio)
+    assert off > 1.05  # so that the two bands below straddle it
+    assert mon.summary(band=off * 1.02).splitlines()[3].endswith("balanced")
+    side = "A-side dominates" if ratio > 1 else "B-side dominates"
+    assert side in mon.summary(band=off / 1.02).splitlines()[3]
 
 
 # --------------------------------------------------------------------------- errors
@@ -735,3 +791,296 @@ def test_width_sweep_shared_lr_drifts_but_ratio_proportional_to_width_stays_in_a
     assert shared[-1] / shared[0] > 8
     # λ ∝ width (LoRA+): the balance stays within a constant band
     assert max(scaled) / min(scaled) < 3
+
+
+# --------------------------------------------------------------------------- finding 1: safe to leave attached
+
+
+def _hook_counts(opt, model):
+    return (
+        len(opt._optimizer_step_pre_hooks),
+        len(opt._optimizer_step_post_hooks),
+        [len(layer._forward_pre_hooks) for layer in model.layers],
+    )
+
+
+def test_dropped_monitors_detach_themselves_after_gc():
+    model = tiny_lora_model()
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
+    baseline = _hook_counts(opt, model)
+    refs = []
+    for _epoch in range(3):  # one Monitor per epoch, never closed
+        mon = Monitor(opt, model, every=1, activations=True)
+        refs.append(weakref.ref(mon))
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    held = mon
+    del mon
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, False]  # only the one still referenced lives
+    assert _hook_counts(opt, model) == (baseline[0] + 1, baseline[1] + 1, [1, 1])  # its hooks only
+    assert len(held.records) == len(held.pairs)  # the dropped ones stopped recording: no rows from other steps
+    del held
+    gc.collect()
+    assert refs[-1]() is None
+    assert _hook_counts(opt, model) == baseline
+
+
+def test_close_is_idempotent_and_history_is_bounded_while_sinks_stream_everything(tmp_path):
+    model = tiny_lora_model()
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
+    full = Monitor(opt, model, keep=None)
+    mon = Monitor(opt, model, keep=3, csv=tmp_path / "m.csv", jsonl=tmp_path / "m.jsonl")
+    for _ in range(7):
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+    mon.close()
+    mon.close()
+    full.close()
+    assert mon.closed and "closed" in repr(mon)
+    assert sorted({r["step"] for r in mon.records}) == [4, 5, 6]  # the last 3 sampled steps
+    assert [row["step"] for row in mon.lrs] == [4, 5, 6]
+    assert [json.loads(line) for line in open(tmp_path / "m.jsonl")] == full.records  # every step, streamed
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in full.records]
+    assert float(rows[-1]["delta_B"]) == pytest.approx(full.records[-1]["delta_B"])
+    with pytest.raises(LoraPlusError, match="keep must be a positive int"):
+        Monitor(opt, model, keep=0)
+
+
+# --------------------------------------------------------------------------- finding 2: never break training
+
+
+class _DiskFull:
+    """A TensorBoard writer whose disk fills up after a few scalars."""
+
+    def __init__(self, ok_calls: int = 5):
+        self.calls = 0
+        self.ok_calls = ok_calls
+
+    def add_scalar(self, tag, value, step):
+        self.calls += 1
+        if self.calls > self.ok_calls:
+            raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("where", ["sink", "measure", "capture", "snapshot"])
+def test_a_failure_while_monitoring_warns_once_detaches_and_leaves_training_bit_identical(where, monkeypatch):
+    ref_model, ref_opt, ref_losses, _, _ = _train(0, None)
+    kwargs = dict(every=1, activations=True)
+    if where == "sink":
+        kwargs["tensorboard"] = _DiskFull()
+    else:
+        target = {"measure": "weight_terms", "capture": "take_rows", "snapshot": "stack_factors"}[where]
+        monkeypatch.setattr(f"loraplus._recorder.{target}", _boom)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, opt, losses, mon, _ = _train(0, kwargs)
+        mon.close()  # closing again (the writer's flush fails too) adds no second warning
+    ours = [w for w in caught if "loraplus.Monitor" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert issubclass(ours[0].category, RuntimeWarning)
+    cause = "OSError: [Errno 28] No space left on device" if where == "sink" else "RuntimeError: boom"
+    assert cause in str(ours[0].message) and "training is not affected" in str(ours[0].message)
+    assert mon.closed
+    assert len(opt._optimizer_step_pre_hooks) == 0 and len(opt._optimizer_step_post_hooks) == 0
+    assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses))
+    for (n, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), n
+    s1, s2 = ref_opt.state_dict()["state"], opt.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+
+
+def test_capture_from_concurrent_replica_threads_keeps_exactly_max_rows():
+    """nn.DataParallel runs the forward pre-hooks of its replicas in threads: the row budget must hold."""
+    model = tiny_lora_model(layers=1)
+    with torch.no_grad():
+        model.layers[0].lora_B["default"].weight.normal_()
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
+    mon = Monitor(opt, model, activations=True, max_rows=10)
+    x = torch.randn(4, 8)
+    barrier = threading.Barrier(8)
+    losses = []
+
+    def replica():
+        barrier.wait()
+        losses.append(model.layers[0](x).square().sum())
+
+    threads = [threading.Thread(target=replica) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sum(losses).backward()
+    snap = _snapshot(model)
+    opt.step()
+    after = _snapshot(model)
+    # whatever the thread order: 4 rows, 4 rows, then the 2-row budget left takes x[::2]
+    rows = torch.cat([x, x, x[::2]])
+    a0, b0 = snap["layers.0.lora_A.default.weight"], snap["layers.0.lora_B.default.weight"]
+    da, db = after["layers.0.lora_A.default.weight"] - a0, after["layers.0.lora_B.default.weight"] - b0
+    rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    (rec,) = mon.records
+    assert _close(rec["act_B_dA"], rms(rows @ da.t() @ b0.t()))
+    assert _close(rec["act_dB_A"], rms(rows @ a0.t() @ db.t()))
+    mon.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_inputs_on_another_device_are_moved_to_the_factors():
+    model = tiny_lora_model(layers=1)
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
+    mon = Monitor(opt, model, activations=True)
+    x = torch.randn(4, 8)
+    hook = next(iter(model.layers[0]._forward_pre_hooks.values()))
+    hook(model.layers[0], (x.cuda(),), {})  # as a replica on cuda:0 would
+    model.layers[0](x).sum().backward()
+    opt.step()
+    assert all(r["act_dB_A"] > 0 for r in mon.records) and not mon.notes
+    mon.close()
+
+
+# --------------------------------------------------------------------------- finding 3: units
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_scaling_alpha_over_r_and_rslora_alpha_over_sqrt_r(rslora):
+    torch.manual_seed(0)
+    r, alpha = 4, 6
+    model = get_peft_model(
+        _Net(), LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["q"], init_lora_weights="gaussian")
+    )
+    with torch.no_grad():
+        model.base_model.model.q.lora_B["default"].weight.normal_(0, 0.1)
+    s = alpha / math.sqrt(r) if rslora else alpha / r  # 3.0 or 1.5, from the config
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1)
+    mon = Monitor(opt, model, activations=True)
+    q = model.base_model.model.q
+    x = torch.randn(6, 8)
+    before_out = q(x).detach()
+    snap = _snapshot(model)
+    q(x).square().sum().backward()
+    opt.step()
+    _check_records(mon, snap, _snapshot(model), scale=s)
+    after = _snapshot(model)
+    a0, b0 = snap["base_model.model.q.lora_A.default.weight"], snap["base_model.model.q.lora_B.default.weight"]
+    a1, b1 = after["base_model.model.q.lora_A.default.weight"], after["base_model.model.q.lora_B.default.weight"]
+    # the layer's own forward confirms the test's s: its output changed by s·(B'A' − BA)·x
+    assert torch.allclose(q(x).detach() - before_out, s * x @ (b1 @ a1 - b0 @ a0).t(), atol=1e-5)
+    rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    (rec,) = mon.records
+    assert _close(rec["act_B_dA"], rms(s * x @ (a1 - a0).t() @ b0.t()))
+    assert _close(rec["act_dB_A"], rms(s * x @ a0.t() @ (b1 - b0).t()))
+    assert _close(rec["act_dB_dA"], rms(s * x @ (a1 - a0).t() @ (b1 - b0).t()))
+    mon.close()
+
+
+def test_unknown_scaling_is_null_in_records_and_named_in_the_summary(tmp_path):
+    model = tiny_lora_model(layers=2)  # PEFT names, but no `scaling` table on the layers
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
+    mon = Monitor(opt, model, jsonl=tmp_path / "m.jsonl")
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    mon.close()
+    assert [r["scale"] for r in mon.records] == [None, None]
+    assert [json.loads(line)["scale"] for line in open(tmp_path / "m.jsonl")] == [None, None]
+    assert "scale unknown (ΔW terms are B·A, s = 1) for 2 adapters" in mon.summary()
+    assert "layers.0[default], layers.1[default]" in mon.summary()
+
+
+# --------------------------------------------------------------------------- finding 4: resume
+
+
+class _Scalars:
+    def __init__(self):
+        self.steps = []
+
+    def add_scalar(self, tag, value, step):
+        if tag == "loraplus/lr/A":
+            self.steps.append(step)
+
+
+def test_a_resumed_monitor_continues_the_step_count_history_and_files(tmp_path):
+    model = tiny_lora_model()
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1)
+    tb = _Scalars()
+    mon = Monitor(opt, model, every=3, activations=True, csv=tmp_path / "m.csv", tensorboard=tb)
+    for _ in range(3):  # steps 0, 1, 2
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()
+    torch.save({"monitor": mon.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck")
+    mon.close()
+    first_records = mon.records
+
+    ck = torch.load(tmp_path / "ck")  # a new process: fresh model, optimizer and Monitor
+    model2 = tiny_lora_model()
+    model2.load_state_dict(ck["model"])
+    opt2 = loraplus.LoraPlus(torch.optim.SGD, model2, lr=0.1)
+    opt2.load_state_dict(ck["opt"])
+    mon2 = Monitor(opt2, model2, every=3, activations=True, csv=tmp_path / "m.csv", tensorboard=tb)
+    mon2.load_state_dict(ck["monitor"])
+    assert mon2.step == 3
+    for _ in range(4):  # steps 3..6
+        model2(torch.randn(2, 8)).sum().backward()
+        opt2.step()
+    mon2.close()
+    assert mon2.step == 7
+    assert sorted({r["step"] for r in mon2.records}) == [0, 3, 6]
+    assert mon2.records[: len(first_records)] == first_records
+    assert all(r["act_dB_A"] > 0 for r in mon2.records if r["step"] == 3)  # capture armed for the resumed step
+    assert tb.steps == [0, 3, 6]  # no TensorBoard step collides
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))  # one header, appended
+    assert [int(r["step"]) for r in rows] == [0, 0, 3, 3, 6, 6]
+    other = Monitor(loraplus.LoraPlus(torch.optim.SGD, tiny_lora_model(layers=3), lr=0.1))
+    with pytest.raises(LoraPlusError, match="monitored other adapters"):
+        other.load_state_dict(ck["monitor"])
+    with pytest.raises(LoraPlusError, match="same activations= setting"):
+        Monitor(opt2, model2).load_state_dict(ck["monitor"])
+
+
+# --------------------------------------------------------------------------- the pure pieces, alone
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    k=st.integers(1, 3),
+    r=st.integers(1, 4),
+    n_in=st.integers(1, 6),
+    n_out=st.integers(1, 6),
+    rows=st.integers(1, 5),
+    scale=st.sampled_from([None, 0.5, 3.0, -2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_measure_functions_equal_explicit_products(k, r, n_in, n_out, rows, scale, seed):
+    from loraplus._measure import StepFactors, activation_terms, weight_terms
+
+    g = torch.Generator().manual_seed(seed)
+    a0, a1 = torch.randn(k, r, n_in, generator=g), torch.randn(k, r, n_in, generator=g)
+    b0, b1 = torch.randn(k, n_out, r, generator=g), torch.randn(k, n_out, r, generator=g)
+    s = torch.full((k,), scale) if scale is not None else None
+    got, factors = weight_terms(a0, b0, a1, b1, s)
+    x = torch.randn(k, rows, n_in, generator=g)
+    acts = activation_terms(x, factors, n_out, s)
+    m = 1.0 if scale is None else abs(scale)
+    rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    for j in range(k):
+        want = _reference(a0[j], b0[j], a1[j], b1[j], "standard", m)
+        assert all(_close(got[j, i].item(), v) for i, v in enumerate(want.values())), (j, got[j], want)
+        da, db = a1[j] - a0[j], b1[j] - b0[j]
+        xj = x[j]
+        explicit = [rms(m * xj @ da.t() @ b0[j].t()), rms(m * xj @ a0[j].t() @ db.t()), rms(m * xj @ da.t() @ db.t())]
+        assert all(_close(acts[j, i].item(), v) for i, v in enumerate(explicit)), (acts[j], explicit)
+    ids = torch.randint(0, n_in, (1, rows), generator=g)  # an embedding: token ids pick columns of A
+    one = StepFactors(factors.a0[:1], factors.da[:1], factors.gb[:1], factors.gdb[:1])
+    emb = activation_terms(ids, one, n_out, None if s is None else s[:1], embedding=True)
+    onehot = torch.nn.functional.one_hot(ids[0], n_in).float()
+    want_emb = rms(m * onehot @ (a1[0] - a0[0]).t() @ b0[0].t())
+    assert _close(emb[0, 0].item(), want_emb)

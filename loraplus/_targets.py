@@ -1,0 +1,148 @@
+"""What a Monitor watches: the A/B pairs an optimizer updates, with their groups, hosts and notes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import LoraPlusError
+from ._history import AdapterInfo
+from ._pairs import Pair, pair_labels
+from ._roles import Label, Role, RuleSpec, label_parameters, named_modules_map
+
+__all__ = ["Targets", "find_targets", "unwrap_optimizer"]
+
+DORA_NOTE = (
+    "DoRA: ΔW terms are those of the direction's low-rank update s·B·A, before DoRA's magnitude vector and "
+    "column normalisation (which the terms exclude)"
+)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The monitored adapters and what is known about each.
+
+    Attributes:
+        pairs: the pairs whose two factors the optimizer updates, in model order.
+        adapters: one :class:`AdapterInfo` per pair (key, names, scaling, param groups).
+        hosts: per pair, the module whose input is the layer input; ``None`` where activation terms
+            are not measured (or not asked for).
+        unpaired: ``{factor name: reason}`` for adapter factors not monitored.
+        notes: ``{key: note}`` where the ΔW terms are not plain s·B·A (DoRA).
+        missing: ``{key: reason}`` for adapters without activation terms.
+    """
+
+    pairs: list[Pair]
+    adapters: list[AdapterInfo]
+    hosts: list[nn.Module | None]
+    unpaired: dict[str, str]
+    notes: dict[str, str]
+    missing: dict[str, str]
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside wrappers that expose it as ``.optimizer`` (accelerate)."""
+    for _ in range(8):
+        if hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            break
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _labels_from_groups(optimizer: torch.optim.Optimizer) -> list[Label]:
+    labels: list[Label] = []
+    holder = nn.Module()  # no model: names and roles come from the groups
+    for i, g in enumerate(optimizer.param_groups):
+        names = g.get("param_names")
+        role = g.get("role")
+        if names is None or role is None:
+            raise LoraPlusError(
+                f"param group {i} of {type(optimizer).__name__} has no 'param_names'/'role', so the monitor cannot "
+                "tell A from B without the model; pass the model: loraplus.Monitor(optimizer, model)"
+            )
+        for name, p in zip(names, g["params"]):
+            labels.append(Label(name, p, Role.coerce(role), None, f"group {g.get('name', i)}", holder))
+    return labels
+
+
+def _is_dora(pair: Pair, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether the pair's layer applies DoRA (PEFT ``lora_magnitude_vector``, torchtune/NeMo magnitude)."""
+    host = modules.get(pair.host)
+    if host is None:
+        return False
+    mags = host._modules.get("lora_magnitude_vector")
+    if mags is not None:
+        return pair.adapter in getattr(mags, "keys", lambda: ())()
+    return any(n in host._parameters for n in ("magnitude", "weight_magnitude"))
+
+
+def _with_scaling(pair: Pair, modules: Mapping[str, nn.Module]) -> Pair:
+    """Fill in a scaling ``pairs()`` left unknown when the layer holds a plain numeric ``scaling``.
+
+    torchtune's ``DoRALinear`` keeps only ``scaling`` (= alpha / rank), not ``alpha`` and ``rank``.
+    """
+    if pair.scaling is not None:
+        return pair
+    value = getattr(modules.get(pair.host), "__dict__", {}).get("scaling")
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return dataclasses.replace(pair, scaling=float(value))
+    return pair
+
+
+def find_targets(
+    optimizer: torch.optim.Optimizer, model: nn.Module | None, rules: RuleSpec | None, activations: bool
+) -> Targets:
+    """Pair the factors (of ``model``, or named by the optimizer's groups) and keep those the optimizer updates.
+
+    Raises:
+        LoraPlusError: when no pair is left.
+    """
+    modules = named_modules_map(model) if model is not None else {}
+    labels = label_parameters(model, rules, modules=modules) if model is not None else _labels_from_groups(optimizer)
+    found, unpaired = pair_labels(labels, modules)
+    found = [_with_scaling(p, modules) for p in found]
+    where: dict[int, int] = {}  # parameter -> index of its param group
+    for gi, g in enumerate(optimizer.param_groups):
+        for p in g["params"]:
+            where.setdefault(id(p), gi)
+    pairs: list[Pair] = []
+    for pair in found:
+        missing = [n for n, t in ((pair.a_name, pair.a), (pair.b_name, pair.b)) if id(t) not in where]
+        if missing:
+            unpaired[pair.a_name] = unpaired[pair.b_name] = f"{missing[0]!r} is not in the optimizer"
+        else:
+            pairs.append(pair)
+    if not pairs:
+        shown = "; ".join(f"{n}: {r}" for n, r in list(unpaired.items())[:5]) or "no adapter factors found"
+        raise LoraPlusError(
+            f"Monitor found no A/B factor pair to monitor ({shown}). Pass rules= (or the model) so that "
+            "each adapted layer has one A and one B factor"
+        )
+    no_act: dict[str, str] = {}
+    hosts: list[nn.Module | None] = []
+    for p in pairs:
+        host = modules.get(p.host) if activations else None
+        if activations and host is None:
+            no_act[p.key] = "adapted layer module not found"
+        elif isinstance(getattr(host, "base_layer", host), nn.MultiheadAttention) or (activations and p.kind == "conv"):
+            # MHA takes (query, key, value); conv inputs are not rows of in-features
+            no_act[p.key] = "activation terms are measured for Linear and Embedding adapters only"
+            host = None
+        hosts.append(host)
+    adapters = [
+        AdapterInfo(p.key, p.layer, p.adapter, p.layer_group, p.scaling, where[id(p.a)], where[id(p.b)]) for p in pairs
+    ]
+    notes = {p.key: DORA_NOTE for p in pairs if _is_dora(p, modules)}
+    return Targets(pairs, adapters, hosts, unpaired, notes, no_act)
