@@ -10,6 +10,7 @@ from torch import nn
 from ._errors import LoraPlusError
 from ._groups import DEFAULT_RATIO, prepare
 from ._roles import NoDecaySpec, Role, RuleSpec, is_no_decay, normalize_no_decay
+from ._table import render_table
 
 __all__ = ["explain"]
 
@@ -22,16 +23,6 @@ def _fmt_lr(value: Any, relative: bool) -> str:
         return f"{float(value):.3g}"
     except (TypeError, ValueError):
         return str(value)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def _group_rows(groups: Sequence[Mapping[str, Any]], relative: bool) -> list[list[str]]:
@@ -105,7 +96,7 @@ def explain(
         )
         title = f"LoRA+ groups (ratio {ratio:g}, " + ("rates relative to lr)" if relative else f"lr {lr:g})")
         frozen = [(n, p) for n, p in target.named_parameters() if not p.requires_grad]
-        parts = [title, _table(headers, _group_rows(groups, relative), right)]
+        parts = [title, render_table(headers, _group_rows(groups, relative), right)]
         counts: dict[str, int] = {}
         for lab in labels:
             counts[lab.role.value] = counts.get(lab.role.value, 0) + 1
@@ -116,17 +107,17 @@ def explain(
         if verbose:
             nd = normalize_no_decay(no_decay)
             rows = [[lab.name, lab.role.value, "no" if is_no_decay(lab, nd) else "yes", lab.source] for lab in labels]
-            parts.append(_table(["parameter", "role", "decay", "why"], rows, set()))
+            parts.append(render_table(["parameter", "role", "decay", "why"], rows, set()))
         return "\n".join(parts)
     groups = getattr(target, "param_groups", None)
     if not isinstance(groups, list):
         raise LoraPlusError(f"explain() takes a model or an optimizer, got {type(target).__name__}")
-    parts = [f"{type(target).__name__} param groups", _table(headers, _group_rows(groups, False), right)]
+    parts = [f"{type(target).__name__} param groups", render_table(headers, _group_rows(groups, False), right)]
     if verbose:
         rows = [
             [name, str(g.get("role", "?")), str(g.get("name", i))]
             for i, g in enumerate(groups)
             for name in g.get("param_names", [])
         ]
-        parts.append(_table(["parameter", "role", "group"], rows, set()))
+        parts.append(render_table(["parameter", "role", "group"], rows, set()))
     return "\n".join(parts)

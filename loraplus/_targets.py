@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +12,7 @@ from torch import nn
 from ._errors import LoraPlusError
 from ._history import AdapterInfo
 from ._pairs import Pair, pair_labels
-from ._roles import Label, Role, RuleSpec, label_parameters, named_modules_map
+from ._roles import Label, Role, RuleSpec, label_model
 
 __all__ = ["Targets", "find_targets", "unwrap_optimizer"]
 
@@ -86,21 +83,6 @@ def _is_dora(pair: Pair, modules: Mapping[str, nn.Module]) -> bool:
     return any(n in host._parameters for n in ("magnitude", "weight_magnitude"))
 
 
-def _with_scaling(pair: Pair, modules: Mapping[str, nn.Module]) -> Pair:
-    """Fill in a scaling ``pairs()`` left unknown when the layer holds a plain numeric ``scaling``.
-
-    torchtune's ``DoRALinear`` keeps only ``scaling`` (= alpha / rank), not ``alpha`` and ``rank``.
-    """
-    if pair.scaling is not None:
-        return pair
-    value = getattr(modules.get(pair.host), "__dict__", {}).get("scaling")
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
-        return dataclasses.replace(pair, scaling=float(value))
-    return pair
-
-
 def find_targets(
     optimizer: torch.optim.Optimizer, model: nn.Module | None, rules: RuleSpec | None, activations: bool
 ) -> Targets:
@@ -109,10 +91,11 @@ def find_targets(
     Raises:
         LoraPlusError: when no pair is left.
     """
-    modules = named_modules_map(model) if model is not None else {}
-    labels = label_parameters(model, rules, modules=modules) if model is not None else _labels_from_groups(optimizer)
+    if model is not None:
+        labels, modules = label_model(model, rules)
+    else:
+        labels, modules = _labels_from_groups(optimizer), {}
     found, unpaired = pair_labels(labels, modules)
-    found = [_with_scaling(p, modules) for p in found]
     where: dict[int, int] = {}  # parameter -> index of its param group
     for gi, g in enumerate(optimizer.param_groups):
         for p in g["params"]:
