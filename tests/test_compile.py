@@ -66,7 +66,8 @@ def test_compiled_model_classifies_like_the_eager_one(make: Callable[[], nn.Modu
     assert eager_roles == want
     assert loraplus.classify(compiled) == {f"_orig_mod.{n}": r for n, r in want.items()}
     opt = loraplus.LoraPlus(torch.optim.AdamW, compiled, ratio=RATIO, lr=LR)
-    assert_loraplus_groups(opt, compiled, ratio=RATIO, lr=LR, expected_roles={f"_orig_mod.{n}": r for n, r in want.items()})
+    compiled_roles = {f"_orig_mod.{n}": r for n, r in want.items()}
+    assert_loraplus_groups(opt, compiled, ratio=RATIO, lr=LR, expected_roles=compiled_roles)
     same = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=RATIO, lr=LR)
     for g, h in zip(opt.param_groups, same.param_groups):
         assert (g["name"], g["lr"]) == (h["name"], h["lr"])

@@ -31,7 +31,7 @@ from torch import nn
 
 from .._errors import LoraPlusError
 from .._roles import Role
-from ._layers import BOTTLENECK_CONVENTIONS, CONVENTION_NAMES, PLAIN_NAMES, WRAPPER_NAMES, _frozen, _PeftLinear
+from ._layers import CONVENTION_NAMES, PLAIN_NAMES, WRAPPER_NAMES, _frozen, _PeftLinear
 from ._layers import adapted_layer as _adapted_layer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -363,7 +363,9 @@ def assert_loraplus_groups(
         no_decay = model.no_decay if no_decay is None else no_decay
         model = model.model
     if not isinstance(model, nn.Module):
-        raise LoraPlusError(f"assert_loraplus_groups(optimizer, model): model must be an nn.Module, got {type(model).__name__}")
+        raise LoraPlusError(
+            f"assert_loraplus_groups(optimizer, model): model must be an nn.Module, got {type(model).__name__}"
+        )
     if expected_roles is None:
         raise LoraPlusError(
             "assert_loraplus_groups needs ground truth: pass a loraplus.testing.GeneratedModel, or "
