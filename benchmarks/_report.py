@@ -123,6 +123,9 @@ def compare(bests: dict[Any, dict[str, Any]], base_key: Any) -> None:
             a, c = steps_to(base["seed_curves"][s], target), steps_to(b["seed_curves"][s], target)
             sp.append(a / c if a and c else None)
         b["speedup_per_seed"] = sp
+        got = sorted(v for v in sp if v is not None)
+        b["speedup_median"] = statistics.median(got) if got else None
+        b["speedup_range"] = [got[0], got[-1]] if got else None
         b["seed_targets"] = targets
 
 

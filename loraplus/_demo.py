@@ -215,6 +215,7 @@ class DemoResult:
                 "diff_vs_lora_ci95": [p.low, p.high], "wins_vs_lora": p.wins, "seeds": p.n,
                 "steps_to_target": res.steps_to(self.target), "speedup": self.speedup_of(res),
                 "speedup_per_seed": self.seed_speedups(res),
+                **_median_range("speedup_per_seed", self.seed_speedups(res)),
                 "val_final_by_lr": {f"{lr:g}": v for lr, v in sorted(res.sweep.items())},
             })
         return {
@@ -642,6 +643,13 @@ def _plot(result: DemoResult, path: Path) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return f"plot written to {path}"
+
+
+def _median_range(name: str, values: Sequence[float | None]) -> dict[str, float | None]:
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return {f"{name}_median": None, f"{name}_min": None, f"{name}_max": None}
+    return {f"{name}_median": statistics.median(got), f"{name}_min": got[0], f"{name}_max": got[-1]}
 
 
 def _speedup_text(values: Sequence[float | None]) -> str:

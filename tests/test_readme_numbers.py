@@ -4,6 +4,9 @@ The README cannot drift from the data again: each decimal number in the table's 
 must equal, at the precision printed, some number stored in ``benchmarks/results/*.json`` (the
 demo's row: ``benchmarks/results/demo_mlp.json``, written by the command the Benchmarks page
 gives). A ratio printed as ``1.9×`` must be stored as a ratio, not derived in the prose.
+
+Only summary values count: raw per-run data (curves, grids of every seed, per-step timings)
+hold so many numbers that a short decimal would match one of them by chance.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ def results_table() -> list[str]:
     return [[cell.strip() for cell in row.strip("|").split("|")][1] for row in rows[1:]]
 
 
+#: Keys whose values are raw data, not summaries.
+RAW = {"runs", "test", "train", "mean_test", "median_test", "best_cell_curve", "best_diagonal_curve", "seconds",
+       "step_seconds", "curve", "seed_curves", "grid"}
+#: Lists longer than this are raw data too (curves, per-repetition timings).
+MAX_LIST = 12
+
+
 def stored_numbers() -> list[float]:
     out: list[float] = []
 
@@ -35,9 +45,10 @@ def stored_numbers() -> list[float]:
             if math.isfinite(v):
                 out.append(float(v))
         elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
+            for k, x in v.items():
+                if k not in RAW:
+                    walk(x)
+        elif isinstance(v, (list, tuple)) and len(v) <= MAX_LIST:
             for x in v:
                 walk(x)
 
