@@ -422,7 +422,7 @@ def _train(
 
 MINILM_PRESETS = {
     "quick": DemoConfig(steps=16, lrs=(1e-3, 3e-3), seeds=(0,), eval_every=8, batch=16, rank=8),
-    "full": DemoConfig(steps=60, lrs=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0,), eval_every=10, batch=32, rank=8),
+    "full": DemoConfig(steps=60, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), seeds=(0,), eval_every=10, batch=32, rank=8),
 }
 
 
@@ -713,9 +713,11 @@ def verdict(result: DemoResult) -> str:
                 f"({p.mean:+.4f}, 95% CI {p.low:+.4f} to {p.high:+.4f})."
             )
         else:
+            why = "one seed is no evidence" if p.n == 1 else (
+                f"95% CI {p.low:+.4f} to {p.high:+.4f} includes 0: not conclusive with {p.n} seeds")
             lines.append(
-                f"{res.label} vs plain LoRA: no clear difference ({p.mean:+.4f} test loss, lower on {p.wins} of "
-                f"{p.n} seeds{'' if p.n > 1 else ': one seed is no evidence'}); speed-up to the target {sp}."
+                f"{res.label} vs plain LoRA: {p.mean:+.4f} test loss, lower on {p.wins} of {p.n} seeds ({why}); "
+                f"speed-up to the target {sp}."
             )
     return "\n".join(lines)
 

@@ -84,3 +84,18 @@ def test_every_decimal_in_the_results_table_is_in_a_committed_json():
 def test_the_checker_rejects_an_invented_number():
     assert not matches("123.4567", stored_numbers())
     assert printed_numbers("ratio 4: **1.094** vs `lr=2e-4` (λ=4) 0.5 [link 9.9](x.md)") == ["1.094", "0.5"]
+
+
+def test_the_demo_output_in_the_readme_is_the_committed_runs():
+    """The demo's printed table in README.md shows what ``benchmarks/results/demo_mlp.json`` holds."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## What we measured", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```text", 1)[1].split("```", 1)[0]
+    demo = json.loads((ROOT / "benchmarks" / "results" / "demo_mlp.json").read_text())
+    table = block.split("\n\n", 1)[0]  # the table, before the verdict lines
+    rows = [line for line in table.splitlines() if line.startswith("LoRA")]
+    assert [row.split("  ")[0] for row in rows] == [s["label"] for s in demo["summary"]]
+    for row, s in zip(rows, demo["summary"]):
+        assert f"{s['test_final_mean']:.4f}" in row and f"{s['lr_A']:g}" in row
+    assert f"steps to {demo['target']:.4f}" in block
+    assert f"total time {demo['seconds']:.1f} s" in block
