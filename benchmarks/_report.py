@@ -4,7 +4,7 @@ Best-vs-best: for every configuration (λ, init, family, ...) the learning rate 
 the *training stream* — the seed-mean of the last ``SELECT_LAST`` per-step training losses,
 each measured on a fresh batch before the model steps on it (no window repeats within a run) —
 and the fixed held-out set (disjoint from the stream) is only used to report that lr's seeds:
-mean ± sd, min–max, and the paired-by-seed difference to λ=1 (same seed: same head init and
+mean ± sd, min–max, and the paired-by-seed difference to λ=1 (same seed: same adapter and head init and
 batch order) with its 95 % t-interval and the number of seeds where λ beats λ=1. A best lr at
 either end of its grid is flagged "edge, not best-vs-best".
 
