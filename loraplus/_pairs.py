@@ -21,7 +21,17 @@ import torch
 from torch import nn
 
 from ._errors import LoraPlusError
-from ._roles import _INDEX, Label, Role, RuleSpec, _kept_segments, _matching_tail, canonical_name, label_model
+from ._roles import (
+    _INDEX,
+    Label,
+    Role,
+    RuleSpec,
+    _kept_segments,
+    _matching_tail,
+    _may_have_wrappers,
+    canonical_name,
+    label_model,
+)
 
 __all__ = ["Pair", "Pairs", "Unpaired", "pair_labels", "pairs", "stack_factors", "std_factor"]
 
@@ -203,6 +213,25 @@ def _find_factor(label: Label) -> tuple[int, str, list[str], list[int]] | None:
     return None
 
 
+def _quick_key(label: Label) -> tuple[str, ...] | None:
+    """The pairing key of a factor named by a convention, without wrapper segments: one ``rsplit``.
+
+    The same key :func:`_find_factor` leads to (names with wrapper segments, or labelled another
+    way, return None and take that path).
+    """
+    k = label.pattern_len
+    if not k or _may_have_wrappers(label.name):
+        return None
+    parts = label.name.rsplit(".", k)
+    head, seg = (parts[0], parts[1]) if len(parts) > k else ("", parts[0])
+    table = _FACTOR_SEGMENTS if label.role in _A_SIDE else _B_SEGMENTS
+    if seg not in table:
+        return None
+    a_seg = seg if label.role in _A_SIDE else _B_SEGMENTS[seg]
+    tail = parts[-k + 1 :] if k > 1 else []
+    return (*head.split("."), a_seg, *tail) if head else (a_seg, *tail)
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -271,13 +300,15 @@ def pair_labels(
         if lab.family in NOT_A_PRODUCT:
             unpaired[lab.name] = f"{NOT_A_PRODUCT[lab.family]} factors do not form one B·A product"
             continue
-        found = _find_factor(lab)
-        if found is None:
-            loose.append(lab)
-            continue
-        i, seg, segs, kept = found
-        a_seg = seg if lab.role in _A_SIDE else _B_SEGMENTS[seg]
-        key = (*segs[:i], a_seg, *segs[i + 1 :])
+        key = _quick_key(lab) if not records else None
+        if key is None:
+            found = _find_factor(lab)
+            if found is None:
+                loose.append(lab)
+                continue
+            i, seg, segs, kept = found
+            a_seg = seg if lab.role in _A_SIDE else _B_SEGMENTS[seg]
+            key = (*segs[:i], a_seg, *segs[i + 1 :])
         side = "A" if lab.role in _A_SIDE else "B"
         sides = by_key.get(key)
         if sides is None:
