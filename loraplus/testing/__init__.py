@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +29,8 @@ from torch import nn
 
 from .._errors import LoraPlusError
 from .._roles import Role
-from ._layers import CONVENTION_NAMES, PLAIN_NAMES, WRAPPER_NAMES, _frozen, _PeftLinear
 from ._check import assert_loraplus_groups, expected_lr
+from ._layers import CONVENTION_NAMES, PLAIN_NAMES, WRAPPER_NAMES, _frozen, _PeftLinear
 from ._layers import adapted_layer as _adapted_layer
 
 if TYPE_CHECKING:  # pragma: no cover
