@@ -19,7 +19,9 @@ from ._explain import explain
 from ._factory import LoraPlus
 from ._groups import DEFAULT_RATIO, param_groups, split_groups
 from ._monitor import Monitor
+from ._pair_params import pair_params
 from ._pairs import Pair, Pairs, Unpaired, pairs
+from ._precondition import Preconditioner, precondition
 from ._roles import CONVENTIONS, Convention, Role, classify
 from ._schedulers import per_group
 
@@ -32,14 +34,17 @@ __all__ = [
     "Monitor",
     "Pair",
     "Pairs",
+    "Preconditioner",
     "Unpaired",
     "Role",
     "classify",
     "explain",
     "load_state_dict",
+    "pair_params",
     "pairs",
     "param_groups",
     "per_group",
+    "precondition",
     "split_groups",
     "testing",
 ]

@@ -61,9 +61,9 @@ class Pair:
         embedding: whether the adapted layer is an embedding (its input is one-hot).
         host: the module whose first input is the layer input x (raw name, ``""`` when unknown).
         scaling: the factor ``s`` the layer applies to B·A (PEFT ``scaling[adapter]``, loralib,
-            litgpt ``scaling``, torchtune ``alpha``/``rank``, minLoRA ``scale``, kohya ``alpha``/rank, diffusers
-            ``network_alpha``/rank, NeMo ``alpha``/``dim``, DeepSpeed-Chat ``lora_scaling``);
-            ``None`` where the layout does not record it.
+            litgpt ``scaling``, torchtune ``alpha``/``rank`` (DoRA: ``scaling``), minLoRA ``scale``,
+            kohya ``alpha``/rank, diffusers ``network_alpha``/rank, NeMo ``alpha``/``dim``, DeepSpeed-Chat
+            ``lora_scaling``); ``None`` where the layout does not record it.
         a, b: the parameters themselves.
     """
 
@@ -231,8 +231,9 @@ def layer_scaling(convention: str, holder: nn.Module | None, adapter: str) -> fl
             return None
         alpha = attrs.get("network_alpha")
         return 1.0 if alpha is None else _ratio(alpha, attrs["rank"])
-    if convention == "torchtune":  # LoRALinear / DoRALinear: (alpha / rank) * lora_b(lora_a(x))
-        return _ratio(attrs.get("alpha"), attrs.get("rank"))
+    if convention == "torchtune":  # LoRALinear: (alpha / rank) * lora_b(lora_a(x)); DoRALinear keeps `scaling`
+        ratio = _ratio(attrs.get("alpha"), attrs.get("rank"))
+        return ratio if ratio is not None else _number(attrs.get("scaling"))
     if convention == "NeMo":
         return _ratio(attrs.get("alpha"), attrs.get("dim"))
     if convention == "DeepSpeed-Chat":  # LinearLayer_LoRA keeps lora_scaling / lora_dim as lora_scaling

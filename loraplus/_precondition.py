@@ -1,0 +1,360 @@
+"""Pair preconditioners (Riemannian, LoRA-FA) attached to any optimizer as a step pre-hook.
+
+Lifecycle only: :func:`precondition` finds the pairs (``_pairs.py``), checks that the optimizer
+holds whole factors, buckets the pairs by shape and registers a hook; the maths of one bucket
+lives in :func:`_solve_bucket`. Nothing is stored between steps: the r×r systems are rebuilt
+from the current factors each step, so there is no state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import LoraPlusError
+from ._pairs import Pair, pairs
+from ._roles import RuleSpec
+
+__all__ = ["DEFAULT_REG", "METHODS", "Preconditioner", "precondition"]
+
+#: Methods :func:`precondition` knows, and the damping δ each uses by default (PEFT's defaults:
+#: ``create_riemannian_optimizer(reg=1e-2)``, ``LoraFAOptimizer``'s ``delta = 1e-8``).
+DEFAULT_REG: dict[str, float] = {"riemannian": 1e-2, "lorafa": 1e-8}
+METHODS = tuple(DEFAULT_REG)
+
+#: Optimizers attached to, so a second preconditioner on the same optimizer is refused.
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, Preconditioner] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Pairs whose factors share shapes, dtype, device and orientation: one batched solve each step."""
+
+    a: tuple[nn.Parameter, ...]
+    b: tuple[nn.Parameter, ...]
+    transposed: bool
+    inv_s2: torch.Tensor | None  # (k, 1, 1) 1/s² per pair (LoRA-FA only)
+
+
+def _matrices(stacked: torch.Tensor) -> torch.Tensor:
+    """(k, rows, cols) view of stacked factors in their stored layout (conv kernels flattened)."""
+    return stacked.flatten(2) if stacked.dim() > 3 else stacked
+
+
+def _damped_inverse(gram: torch.Tensor, reg: float) -> torch.Tensor:
+    """(gram + reg·I)⁻¹ for a batch of symmetric PSD r×r matrices: Cholesky, pinv where it fails."""
+    r = gram.shape[-1]
+    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    system = gram + reg * eye
+    chol, info = torch.linalg.cholesky_ex(system)
+    linv = torch.linalg.solve_triangular(chol, eye.expand_as(system), upper=False)
+    out = linv.mT @ linv
+    bad = info.nonzero().flatten()
+    if bad.numel():  # singular (reg = 0 on a zero factor) or not finite: what PEFT's pinv gives
+        out[bad] = torch.linalg.pinv(system[bad])
+    return out
+
+
+class _Workspace:
+    """Buffers one side of one bucket reuses every step (stacked factors, stacked grads, the result)."""
+
+    def __init__(self, own: Sequence[nn.Parameter], partner: Sequence[nn.Parameter], dtype: torch.dtype):
+        k = len(own)
+        self.partner = torch.empty((k, *partner[0].shape), dtype=dtype, device=own[0].device)
+        self.grad = torch.empty((k, *own[0].shape), dtype=dtype, device=own[0].device)
+        self.out = torch.empty_like(self.grad)
+        self.views = list(self.out.unbind(0))
+
+
+def _side(own: Sequence[nn.Parameter], partner: Sequence[nn.Parameter], grads: list[torch.Tensor], rank_left: bool,
+          reg: float, scale: torch.Tensor | None, dtype: torch.dtype, ws: _Workspace | None) -> None:
+    """Precondition the stored gradients of one side of a bucket in place.
+
+    ``rank_left``: the own factor is stored with r as its first dimension (standard A,
+    transposed B), so its partner has r last, the partner's Gram matrix is Xᵀ·X and the
+    gradient is multiplied on the left; otherwise the mirror image. In standard orientation
+    this is g_A ← (BᵀB + δI)⁻¹ g_A and g_B ← g_B (AAᵀ + δI)⁻¹.
+    """
+    if ws is not None:
+        torch.stack(list(partner), out=ws.partner)
+        torch.stack(grads, out=ws.grad)
+        x, g = _matrices(ws.partner), _matrices(ws.grad)
+    else:
+        x = _matrices(torch.stack(list(partner)).to(dtype))
+        g = _matrices(torch.stack(grads).to(dtype))
+    inv = _damped_inverse(x.mT @ x if rank_left else x @ x.mT, reg)
+    if scale is not None:
+        inv = inv * scale
+    if ws is not None and ws.out.dtype == grads[0].dtype:
+        torch.bmm(inv, g, out=_matrices(ws.out)) if rank_left else torch.bmm(g, inv, out=_matrices(ws.out))
+        torch._foreach_copy_(grads, ws.views)
+        return
+    new = (inv @ g if rank_left else g @ inv).to(grads[0].dtype).reshape(len(grads), *grads[0].shape)
+    torch._foreach_copy_(grads, list(new.unbind(0)))
+
+
+def _check_sparse(grads: Sequence[torch.Tensor], own: Sequence[nn.Parameter]) -> None:
+    if any(g.is_sparse for g in grads):
+        raise LoraPlusError(f"sparse gradients cannot be preconditioned (factors of shape {tuple(own[0].shape)}); "
+                            "use dense embeddings")
+
+
+@torch.no_grad()
+def _solve_bucket(bucket: _Bucket, method: str, reg: float, cache: dict[tuple[int, str], _Workspace]) -> None:
+    """Rewrite the gradients of one bucket in place (the maths; ``cache`` only holds buffers)."""
+    dtype = torch.promote_types(torch.promote_types(bucket.a[0].dtype, bucket.b[0].dtype), torch.float32)
+    if method == "lorafa":
+        for p in bucket.a:  # A is frozen: the optimizer skips parameters without a gradient
+            p.grad = None
+    sides = [("A", bucket.a, bucket.b), ("B", bucket.b, bucket.a)]
+    if method == "lorafa":
+        sides = sides[1:]
+    for side, own, partner in sides:
+        grads = [p.grad for p in own]
+        rank_left = (side == "A") != bucket.transposed
+        scale = bucket.inv_s2 if side == "B" else None
+        if any(g is None for g in grads):  # a side without gradient is left alone
+            idx = [i for i, g in enumerate(grads) if g is not None]
+            if not idx:
+                continue
+            grads = [grads[i] for i in idx]
+            _check_sparse(grads, own)
+            _side([own[i] for i in idx], [partner[i] for i in idx], grads, rank_left, reg,
+                  None if scale is None else scale[idx], dtype, None)
+            continue
+        _check_sparse(grads, own)
+        key = (id(bucket), side)
+        if key not in cache:
+            cache[key] = _Workspace(own, partner, dtype)
+        _side(own, partner, grads, rank_left, reg, scale, dtype, cache[key])
+
+
+class Preconditioner:
+    """The handle :func:`precondition` returns: what is preconditioned, and ``remove()``.
+
+    Attributes:
+        method: ``"riemannian"`` or ``"lorafa"``.
+        reg: the damping δ added to the r×r matrices' diagonal.
+        pairs: the :class:`loraplus.Pair` records whose gradients are rewritten, in model order.
+        skipped: ``(name, reason)`` for adapter factors left as the optimizer sees them.
+
+    It holds no state between steps (the r×r systems are rebuilt from the factors each step), so
+    there is nothing to checkpoint: attach it again after loading a checkpoint.
+
+    Example:
+        >>> import torch, loraplus
+        >>> model = loraplus.testing.tiny_lora_model()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with loraplus.precondition(opt, model) as pre:
+        ...     [p.key for p in pre.pairs]
+        ['layers.0[default]', 'layers.1[default]']
+        >>> pre.active
+        False
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, method: str, reg: float, found: Sequence[Pair],
+                 skipped: Sequence[tuple[str, str]], buckets: Sequence[_Bucket]):
+        self.method = method
+        self.reg = reg
+        self.pairs = tuple(found)
+        self.skipped = tuple(skipped)
+        self._buckets = tuple(buckets)
+        self._cache: dict[tuple[int, str], _Workspace] = {}
+        self._optimizer = weakref.ref(optimizer)
+        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hook is still attached."""
+        return self._handle is not None
+
+    def apply(self) -> None:
+        """Precondition the current gradients now (what the hook does before each step)."""
+        for bucket in self._buckets:
+            _solve_bucket(bucket, self.method, self.reg, self._cache)
+
+    def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # torch passes step()'s own arguments: args = (optimizer, closure?, …)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.apply()
+            return None
+
+        def preconditioned_closure() -> Any:  # the closure computes the gradients: precondition after it
+            loss = closure()
+            self.apply()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": preconditioned_closure}
+        return (args[0], preconditioned_closure, *args[2:]), kwargs
+
+    def remove(self) -> None:
+        """Detach the hook; the optimizer steps on raw gradients again. Idempotent."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            self._cache.clear()
+            opt = self._optimizer()
+            if opt is not None and _ATTACHED.get(opt) is self:
+                del _ATTACHED[opt]
+
+    def __enter__(self) -> Preconditioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.active else "removed"
+        return (f"Preconditioner({self.method!r}, reg={self.reg:g}, {len(self.pairs)} pairs, "
+                f"{len(self._buckets)} buckets, {len(self.skipped)} skipped, {state})")
+
+
+def _sharding_error(model: nn.Module, params: Sequence[nn.Parameter]) -> str | None:
+    """Why the factors are not whole tensors on this rank (FSDP, DTensor, ZeRO-3), or None."""
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "FullyShardedDataParallel":
+            return f"{name or 'the model'} is wrapped in FSDP (FullyShardedDataParallel): its factors are flat shards"
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        DTensor = ()  # noqa: N806
+    for p in params:
+        if DTensor and isinstance(p, DTensor):
+            return f"a factor is a DTensor placed as {p.placements} (FSDP2 / tensor parallel)"
+        if hasattr(p, "ds_id"):
+            return "the factors are DeepSpeed ZeRO-3 partitions"
+        if type(p).__name__ == "FlatParameter":
+            return "the factors are FSDP flat parameters"
+    return None
+
+
+def precondition(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    *,
+    method: str = "riemannian",
+    reg: float | None = None,
+    rules: RuleSpec | None = None,
+) -> Preconditioner:
+    """Precondition the LoRA factors' gradients of ``model`` before every ``optimizer.step()``.
+
+    Registers a step pre-hook that rewrites each pair's ``.grad`` in place, so any optimizer
+    class (and its LoRA+ group learning rates) then steps on the preconditioned gradients:
+
+    * ``"riemannian"`` (Zhang & Pilanci 2024): g_A ← (BᵀB + δI)⁻¹ g_A and g_B ← g_B (AAᵀ + δI)⁻¹.
+      Matches ``peft.optimizers.create_riemannian_optimizer`` (same δ, no LoRA scaling).
+    * ``"lorafa"`` (LoRA-FA): A is frozen (its gradient is dropped, so the optimizer skips it) and
+      g_B ← g_B (AAᵀ + δI)⁻¹ / s², s being the layer's LoRA scaling. Needs every pair's scaling.
+
+    Pairs come from :func:`loraplus.pairs` (every layout: transposed factors, conv factors read as
+    (r, in·k·k) matrices, embedding adapters). Pairs sharing one shape, dtype, device and
+    orientation are solved together: one batched Cholesky solve per bucket, in float32 for
+    half-precision factors. A side whose gradient is ``None`` is left alone (the other side is
+    still preconditioned). Gradient accumulation needs nothing: the hook runs once per step on the
+    accumulated gradient. With ``step(closure)`` the gradients the closure computes are
+    preconditioned before the update.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` holding the model's factors (any class but LBFGS).
+        model: the model whose pairs are preconditioned.
+        method: ``"riemannian"`` or ``"lorafa"``.
+        reg: the damping δ (default: :data:`DEFAULT_REG` of the method, PEFT's values).
+        rules: role rules, as for :func:`loraplus.LoraPlus`.
+
+    Returns:
+        A :class:`Preconditioner`: ``.remove()`` detaches it (also a context manager).
+
+    Raises:
+        LoraPlusError: unknown method, negative ``reg``, an optimizer that is not a torch optimizer
+            or is LBFGS or already preconditioned, no pair whose factors the optimizer holds,
+            sharded factors (FSDP, DTensor, ZeRO-3), or LoRA-FA on a layout without scaling.
+
+    Example:
+        >>> import torch, loraplus
+        >>> model = loraplus.testing.tiny_lora_model()
+        >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=4, lr=1e-3)
+        >>> pre = loraplus.precondition(opt, model, method="riemannian")
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> opt.step()
+        >>> pre
+        Preconditioner('riemannian', reg=0.01, 2 pairs, 1 buckets, 0 skipped, attached)
+        >>> pre.remove()
+    """
+    if method not in METHODS:
+        raise LoraPlusError(f"method must be one of {METHODS}, got {method!r}")
+    reg = DEFAULT_REG[method] if reg is None else reg
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not reg >= 0 or reg == float("inf"):
+        raise LoraPlusError(f"reg must be a finite number >= 0, got {reg!r}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise LoraPlusError(
+            f"precondition() needs a torch.optim.Optimizer (it registers a step pre-hook), got "
+            f"{type(optimizer).__name__}; for DeepSpeed, attach it to the client optimizer before "
+            "deepspeed.initialize and do not use ZeRO (its optimizer holds flattened partitions)"
+        )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise LoraPlusError("LBFGS re-evaluates its closure many times per step; preconditioning would break its "
+                            "curvature estimate. Use a first-order optimizer (SGD, AdamW, …)")
+    if optimizer in _ATTACHED:
+        raise LoraPlusError(f"this optimizer is already preconditioned ({_ATTACHED[optimizer]!r}); remove() it first")
+    found = pairs(model, rules)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    kept: list[Pair] = []
+    skipped = [(u.name, u.reason) for u in found.unpaired]
+    for pr in found:
+        if id(pr.a) not in held and id(pr.b) not in held:
+            why = "the optimizer does not hold these factors"
+        elif method == "lorafa" and id(pr.b) not in held:
+            why = "the optimizer does not hold B"
+        else:
+            kept.append(pr)
+            continue
+        skipped += [(pr.a_name, why), (pr.b_name, why)]
+    if not kept:
+        raise LoraPlusError(
+            f"no A/B pair of the model is held by the optimizer ({len(found)} pairs found, "
+            f"{len(optimizer.param_groups)} param groups); build the optimizer over this model's parameters "
+            "(ZeRO and other optimizers that hold flattened copies cannot be preconditioned)"
+        )
+    why = _sharding_error(model, [p for pr in kept for p in (pr.a, pr.b)])
+    if why is not None:
+        raise LoraPlusError(f"cannot precondition sharded factors: {why}. The r×r systems need whole A and B; "
+                            "gather them (e.g. DDP instead of FSDP/ZeRO-3) or train without precondition=")
+    if method == "lorafa":
+        unknown = [pr.key for pr in kept if not pr.scaling]
+        if unknown:
+            raise LoraPlusError(
+                f"LoRA-FA divides by the LoRA scaling s², which the layout does not record for {unknown[:3]} "
+                f"({len(unknown)} pairs); give the layer a `scaling` attribute (alpha / r)"
+            )
+    if skipped:
+        shown = "; ".join(f"{n}: {r}" for n, r in skipped[:4])
+        more = "; …" if len(skipped) > 4 else ""
+        warnings.warn(f"{len(skipped)} adapter factors are not preconditioned ({shown}{more})", UserWarning,
+                      stacklevel=2)
+    handle = Preconditioner(optimizer, method, float(reg), kept, skipped, _buckets(kept, method))
+    _ATTACHED[optimizer] = handle
+    return handle
+
+
+def _buckets(found: Sequence[Pair], method: str) -> list[_Bucket]:
+    groups: dict[tuple, list[Pair]] = {}
+    for pr in found:
+        key = (tuple(pr.a.shape), tuple(pr.b.shape), pr.a.dtype, pr.b.dtype, pr.a.device, pr.transposed)
+        groups.setdefault(key, []).append(pr)
+    out = []
+    for members in groups.values():
+        inv_s2 = None
+        if method == "lorafa":
+            s = torch.tensor([pr.scaling for pr in members], dtype=torch.float64)
+            dtype = torch.promote_types(members[0].a.dtype, torch.float32)
+            inv_s2 = (1.0 / s**2).to(dtype=dtype, device=members[0].a.device).view(-1, 1, 1)
+        out.append(_Bucket(tuple(p.a for p in members), tuple(p.b for p in members), members[0].transposed, inv_s2))
+    return out
