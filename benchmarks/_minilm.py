@@ -309,7 +309,9 @@ def _run_dict(cfg: RunConfig) -> dict[str, Any]:
 def sweep(configs: Sequence[RunConfig], out_path: Path, workers: int | None = None, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run every configuration (``workers`` processes, 1 thread each), saving JSON as results arrive.
 
-    Already finished configurations found in ``out_path`` are kept (a crashed sweep resumes).
+    Already finished configurations found in ``out_path`` are kept (a crashed sweep resumes);
+    runs in ``out_path`` that ``configs`` does not list are dropped, so the file always holds
+    exactly what the command asks for.
     """
     workers = workers or int(os.environ.get("MINILM_WORKERS", 2))
     done: list[dict[str, Any]] = []
@@ -319,6 +321,11 @@ def sweep(configs: Sequence[RunConfig], out_path: Path, workers: int | None = No
         done = prev.get("runs", [])
         meta["wall_seconds_prev"] = prev.get("meta", {}).get("wall_seconds", 0.0)
     key = lambda c: json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()}, sort_keys=True)
+    wanted = {key(c) for c in configs}
+    dropped = [r for r in done if json.dumps(r["config"], sort_keys=True) not in wanted]
+    if dropped:
+        print(f"dropping {len(dropped)} runs from {out_path.name} that these configurations do not list", flush=True)
+        done = [r for r in done if json.dumps(r["config"], sort_keys=True) in wanted]
     have = {json.dumps(r["config"], sort_keys=True) for r in done}
     todo = [c for c in configs if key(c) not in have]
     meta.update(seq=SEQ, batch=BATCH, head_lr=HEAD_LR, n_eval=N_EVAL, machine="2 shared CPU cores, torch %s" % torch.__version__)

@@ -1,9 +1,16 @@
 """Tables and figures from the MiniLM sweeps (``benchmarks/results/{minilm,adapters}*.json``).
 
-Best-vs-best: for every configuration (λ, init, family, ...) the learning rate with the lowest
-seed-mean held-out loss is chosen, and that lr's seeds are reported (mean ± standard deviation,
-and min–max). Steps-to-target: the first step at which the seed-mean smoothed training loss of
-a configuration at its best lr reaches the loss that λ=1 (at *its* best lr) reaches at 75 % of the run.
+Best-vs-best: for every configuration (λ, init, family, ...) the learning rate is picked on
+the *training stream* — the seed-mean of the last ``SELECT_LAST`` per-step training losses,
+each measured on a fresh batch before the model steps on it (no window repeats within a run) —
+and the fixed held-out set (disjoint from the stream) is only used to report that lr's seeds:
+mean ± sd, min–max, and the paired-by-seed difference to λ=1 (same seed: same head init and
+batch order) with its 95 % t-interval and the number of seeds where λ beats λ=1. A best lr at
+either end of its grid is flagged "edge, not best-vs-best".
+
+Steps to target, per seed: the target is the highest of every configuration's lowest smoothed
+training loss within the first 75 % of the run, so every configuration reaches it on every
+seed; speed-up = λ=1's steps / λ's steps, median and range over seeds.
 """
 
 from __future__ import annotations
@@ -18,7 +25,11 @@ from typing import Any
 
 from _minilm import RESULTS, smooth
 
+from loraplus._demo import paired
+
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+#: Steps at the end of a run whose training losses pick the learning rate.
+SELECT_LAST = 15
 
 
 def load(name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -33,21 +44,27 @@ def _finite(v: float) -> float:
     return v if math.isfinite(v) else 10.0  # a diverged seed counts as a very bad loss
 
 
+def _select_loss(run: dict[str, Any]) -> float:
+    """Mean training loss of the last ``SELECT_LAST`` steps (fresh batches, not the held-out set)."""
+    tail = run["train_loss"][-SELECT_LAST:]
+    if len(run["train_loss"]) < run["config"]["steps"] or not all(math.isfinite(v) for v in tail):
+        return 10.0
+    return statistics.fmean(tail)
+
+
 def group_runs(runs: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> dict[Any, dict[float, list[dict]]]:
-    """{key: {lr: [runs of the seeds]}}."""
+    """{key: {lr: [runs of the seeds, in seed order]}}."""
     out: dict[Any, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r["config"]["seed"]):
         out[key(r["config"])][r["config"]["lr"]].append(r)
     return out
 
 
 def best(by_lr: dict[float, list[dict]]) -> dict[str, Any]:
-    """The lr with the lowest seed-mean held-out loss and the statistics of its seeds."""
-    stats = {}
-    for lr, rs in by_lr.items():
-        losses = [_finite(r["eval_loss"]) for r in rs]
-        stats[lr] = statistics.fmean(losses)
-    lr = min(stats, key=stats.get)
+    """The lr with the lowest seed-mean training-stream loss and the held-out statistics of its seeds."""
+    select = {lr: statistics.fmean(_select_loss(r) for r in rs) for lr, rs in by_lr.items()}
+    held_out = {lr: statistics.fmean(_finite(r["eval_loss"]) for r in rs) for lr, rs in by_lr.items()}
+    lr = min(select, key=select.get)
     rs = by_lr[lr]
     losses = [_finite(r["eval_loss"]) for r in rs]
     accs = [r["eval_acc"] for r in rs]
@@ -57,14 +74,19 @@ def best(by_lr: dict[float, list[dict]]) -> dict[str, Any]:
     return {
         "lr": lr,
         "lr_on_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
+        "lr_best_by_held_out": min(held_out, key=held_out.get),
         "mean": statistics.fmean(losses),
         "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
         "min": min(losses),
         "max": max(losses),
         "acc": statistics.fmean(accs),
         "seeds": len(rs),
+        "seed_ids": [r["config"]["seed"] for r in rs],
+        "per_seed": losses,
         "curve": mean_curve,
-        "grid": {str(k): v for k, v in sorted(stats.items())},
+        "seed_curves": [smooth(r["train_loss"]) for r in rs],
+        "grid": {str(k): v for k, v in sorted(held_out.items())},
+        "grid_select": {str(k): v for k, v in sorted(select.items())},
     }
 
 
@@ -79,35 +101,71 @@ def fmt(b: dict[str, Any]) -> str:
     return f"{b['mean']:.3f} ± {b['std']:.3f} ({b['min']:.3f}–{b['max']:.3f})"
 
 
+def compare(bests: dict[Any, dict[str, Any]], base_key: Any) -> None:
+    """Add to every entry of ``bests`` its paired difference to ``bests[base_key]`` and per-seed speed-ups."""
+    base = bests.get(base_key)
+    if base is None:
+        return
+    keys = list(bests)
+    n_seeds = min(len(bests[k]["seed_curves"]) for k in keys)
+    targets = []
+    for s in range(n_seeds):
+        curves = [bests[k]["seed_curves"][s] for k in keys]
+        at = math.ceil(0.75 * len(curves[0]))
+        targets.append(max(min(c[:at]) for c in curves))
+    for k, b in bests.items():
+        if b["seed_ids"] != base["seed_ids"]:
+            raise ValueError(f"{k}: seeds {b['seed_ids']} differ from λ=1's {base['seed_ids']}: cannot pair")
+        p = paired(b["per_seed"], base["per_seed"])
+        b["diff"] = {"per_seed": list(p.diffs), "mean": p.mean, "ci95": [p.low, p.high], "wins": p.wins, "n": p.n}
+        sp = []
+        for s, target in enumerate(targets):
+            a, c = steps_to(base["seed_curves"][s], target), steps_to(b["seed_curves"][s], target)
+            sp.append(a / c if a and c else None)
+        b["speedup_per_seed"] = sp
+        got = sorted(v for v in sp if v is not None)
+        b["speedup_median"] = statistics.median(got) if got else None
+        b["speedup_range"] = [got[0], got[-1]] if got else None
+        b["seed_targets"] = targets
+
+
+def fmt_diff(b: dict[str, Any]) -> str:
+    d = b["diff"]
+    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], {d['wins']}/{d['n']}"
+
+
+def fmt_speedup(b: dict[str, Any]) -> str:
+    got = sorted(v for v in b["speedup_per_seed"] if v is not None)
+    if not got:
+        return "–"
+    return f"{statistics.median(got):.2f}× ({got[0]:.2f}–{got[-1]:.2f})"
+
+
+def edge(b: dict[str, Any]) -> str:
+    return " (edge, not best-vs-best)" if b["lr_on_edge"] else ""
+
+
 def ratio_table(runs: list[dict], title: str) -> tuple[str, dict[float, dict[str, Any]]]:
-    """Markdown table of best-vs-best per λ, with speed-up to λ=1's final loss."""
+    """Markdown table of best-vs-best per λ: held-out loss, paired difference to λ=1, speed-up."""
     by = group_runs(runs, lambda c: c["ratio"])
     bests = {lam: best(by[lam]) for lam in sorted(by)}
+    compare(bests, 1.0)
     lines = [
         f"**{title}**",
         "",
-        "| λ | best lr(A) | held-out loss at best lr: mean ± sd (min–max) | accuracy | steps to target | speed-up |",
+        "| λ | best lr(A) | held-out loss: mean ± sd (min–max) | vs λ=1, paired: mean [95 % CI], wins | accuracy | speed-up to target: median (range) |",
         "|---|---|---|---|---|---|",
     ]
-    base = bests.get(1.0)
-    # target: the loss plain LoRA (λ=1, its best lr) reaches at 75 % of the run, so that λ=1 itself
-    # reaches it by construction and faster configurations show as a speed-up > 1
-    at = math.ceil(0.75 * len(base["curve"])) if base and base["curve"] else None
-    target = min(base["curve"][:at]) if at else None
-    base_steps = steps_to(base["curve"], target) if target is not None else None
     for lam, b in bests.items():
-        edge = " (grid edge)" if b["lr_on_edge"] else ""
-        s = steps_to(b["curve"], target) if target is not None else None
-        b["steps_to_target"] = s
-        b["speedup"] = base_steps / s if (s and base_steps) else None
-        sp = f"{b['speedup']:.2f}×" if b["speedup"] else "not reached"
-        lines.append(
-            f"| {lam:g} | {b['lr']:g}{edge} | {fmt(b)} | {b['acc']:.3f} | {s if s else 'not reached'} | {sp} |"
-        )
+        diff = "–" if lam == 1.0 else fmt_diff(b)
+        sp = "1.00×" if lam == 1.0 else fmt_speedup(b)
+        lines.append(f"| {lam:g} | {b['lr']:g}{edge(b)} | {fmt(b)} | {diff} | {b['acc']:.3f} | {sp} |")
+    first = bests[next(iter(bests))]
+    targets = first.get("seed_targets", [])
     lines.append("")
     lines.append(
-        f"({bests[next(iter(bests))]['seeds']} seeds per cell; target = the lowest smoothed training loss λ=1 "
-        f"reaches by 75 % of the run: {target:.3f}, at step {base_steps}.)" if target is not None else ""
+        f"({first['seeds']} seeds per cell, paired by seed; lr picked on the training stream, loss on the held-out "
+        f"set; per-seed targets {', '.join(f'{t:.3f}' for t in targets)}.)"
     )
     return "\n".join(lines), bests
 
@@ -167,29 +225,22 @@ def _plot_ratio(series: list[tuple[str, dict[float, dict]]], path: Path) -> None
     plt.close(fig)
 
 
+def _strip(b: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in b.items() if k not in ("curve", "seed_curves")}
+
+
 def minilm_report() -> dict[str, Any]:
     DOCS_IMG.mkdir(parents=True, exist_ok=True)
     parts = {
         "main": ("minilm_main.json", "B=0 init (PEFT default), r=8 on query/value, hard task"),
-        "a0": (("minilm_a0.json", "minilm_a0_more.json"), "A=0 init (paper), r=8 on query/value, hard task"),
+        "a0": ("minilm_a0.json", "A=0 init (paper), r=8 on query/value, hard task"),
         "all_linear": ("minilm_all_linear.json", "B=0 init, r=8 on all linear layers, hard task"),
         "easy": ("minilm_easy.json", "B=0 init, r=8 on query/value, easy control task"),
     }
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"command": "python benchmarks/minilm_convergence.py report", "method": __doc__}
     panels, series = [], []
-    for part, (files, title) in parts.items():
-        runs: list[dict] = []
-        meta: dict[str, Any] = {}
-        for f in (files,) if isinstance(files, str) else files:
-            m, rs = load(f)
-            meta = meta or m
-            runs += rs
-        if part == "main":  # older sweeps wrote both inits to one file
-            runs = [r for r in runs if r["config"]["init"] == "B0"]
-            _, extra = load("minilm_main.json")
-            a0_extra = [r for r in extra if r["config"]["init"] == "A0"]
-        if part == "a0":
-            runs += a0_extra
+    for part, (name, title) in parts.items():
+        meta, runs = load(name)
         if not runs:
             continue
         table, bests = ratio_table(runs, title)
@@ -200,7 +251,7 @@ def minilm_report() -> dict[str, Any]:
         summary[part] = {
             "title": title,
             "meta": meta,
-            "best": {str(k): {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in bests.items()},
+            "best": {str(k): _strip(v) for k, v in bests.items()},
             "runs": len(runs),
             "run_seconds": sum(r["seconds"] for r in runs),
         }
@@ -220,19 +271,20 @@ def adapters_report() -> dict[str, Any]:
     plain = [r for r in runs if r["config"]["magnitude"] == "A" and not r["config"]["magnitude_decay"]]
     by = group_runs(plain, lambda c: (c["family"], c["ratio"]))
     fams = sorted({k[0] for k in by}, key=["dora", "adalora", "loha", "lokr", "vera"].index)
-    summary: dict[str, Any] = {"meta": meta, "families": {}}
+    summary: dict[str, Any] = {"command": "python benchmarks/adapters.py report", "method": __doc__, "meta": meta,
+                               "families": {}}
     lines = [
-        "| family | λ | best lr(A) | held-out loss: mean ± sd (min–max) | Δ vs λ=1 | accuracy |",
+        "| family | λ | best lr(A) (grid) | held-out loss: mean ± sd (min–max) | vs λ=1, paired: mean [95 % CI], wins | accuracy |",
         "|---|---|---|---|---|---|",
     ]
     for fam in fams:
         fb = {lam: best(by[(fam, lam)]) for (f, lam) in sorted(by) if f == fam}
-        base = fb.get(1.0)
+        compare(fb, 1.0)
         for lam, b in fb.items():
-            delta = f"{b['mean'] - base['mean']:+.3f}" if base and lam != 1.0 else "–"
-            edge = " (grid edge)" if b["lr_on_edge"] else ""
-            lines.append(f"| {fam} | {lam:g} | {b['lr']:g}{edge} | {fmt(b)} | {delta} | {b['acc']:.3f} |")
-        summary["families"][fam] = {str(k): {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in fb.items()}
+            delta = fmt_diff(b) if lam != 1.0 and "diff" in b else "–"
+            grid = ", ".join(f"{float(x):g}" for x in b["grid"])
+            lines.append(f"| {fam} | {lam:g} | {b['lr']:g}{edge(b)} ({grid}) | {fmt(b)} | {delta} | {b['acc']:.3f} |")
+        summary["families"][fam] = {str(k): _strip(v) for k, v in fb.items()}
     print("\n".join(lines))
     # DoRA magnitude variants at one (λ, lr)
     dora = [r for r in runs if r["config"]["family"] == "dora"]

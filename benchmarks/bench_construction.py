@@ -1,12 +1,14 @@
-"""Construction time of a LoRA+ optimizer on a large mixture-of-experts LoRA model.
+"""Construction time of a LoRA+ optimizer on mixture-of-experts LoRA models of several sizes.
 
 Builds, on the meta device (no memory, no data), a decoder with ``--layers`` layers of
 ``--experts`` experts, each expert an MLP whose ``gate_proj``/``up_proj``/``down_proj`` carry a
 PEFT-named LoRA adapter (``…lora_A.default.weight`` / ``…lora_B.default.weight``), plus LoRA on
 the attention ``q_proj``/``v_proj`` and trainable RMSNorm-style weights. The default size
-(48 × 256) gives 73,728 expert adapter tensors, 74,016 trainable tensors in all.
+(48 × 256) gives 73,728 expert adapter tensors, 74,016 trainable tensors in all; the sizes
+run by default are 48 layers × {4, 16, 64, 256} experts: 1,440 to 74,016 trainable tensors.
 
-It then times, interleaved and repeated, in one process:
+For each size it times, interleaved (each repetition runs every method once, rotating the
+order) and repeated, in one process:
 
 * ``loraplus``  — ``loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=1e-4, weight_decay=0.01)``
 * ``bare``      — ``torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)``
@@ -14,13 +16,15 @@ It then times, interleaved and repeated, in one process:
   loraplus_lr_ratio=16, weight_decay=0.01)`` (when PEFT is installed; it accepts any
   ``nn.Module``: it only walks ``named_parameters`` and ``named_children``)
 
-and prints medians and the ratios ``loraplus / bare`` (target ≤ 2) and ``peft / loraplus``
-(target ≥ 20). Results go to ``benchmarks/results/construction.json``.
+and prints medians, the per-repetition ratios ``loraplus / bare`` and ``peft / loraplus``
+(median and range), and the log–log slope of each method's median time against the number of
+trainable tensors (1 = linear, 2 = quadratic). Results go to
+``benchmarks/results/construction.json``.
 
 Usage::
 
-    python benchmarks/bench_construction.py            # full size, ~2-3 minutes (PEFT dominates)
-    python benchmarks/bench_construction.py --layers 4 --experts 16 --repeat 3   # smoke run
+    python benchmarks/bench_construction.py            # 4 sizes, ~10 minutes (PEFT at 74k dominates)
+    python benchmarks/bench_construction.py --layers 4 --experts 4 16 --repeat 3   # smoke run
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -112,106 +117,114 @@ def _time(fn: Callable[[], Any]) -> float:
     return dt
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=48)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=5, help="repetitions of loraplus and bare AdamW")
-    parser.add_argument("--peft-repeat", type=int, default=1, help="repetitions of PEFT's function (slow)")
-    parser.add_argument("--no-peft", action="store_true", help="skip PEFT's create_loraplus_optimizer")
-    parser.add_argument("--out", type=Path, default=RESULTS / "construction.json")
-    args = parser.parse_args(argv)
+def loglog_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log(y) against log(x): 1 = linear, 2 = quadratic."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
+
+def measure(layers: int, experts: int, repeat: int, peft_repeat: int, use_peft: bool) -> dict[str, Any]:
+    """Time the three constructions on one model size, interleaved in rotating order."""
     t0 = time.perf_counter()
-    model = build_model(args.layers, args.experts)
+    model = build_model(layers, experts)
     build_s = time.perf_counter() - t0
     trainable = [p for p in model.parameters() if p.requires_grad]
     roles = loraplus.classify(model)
     n_adapters = sum(r in (loraplus.Role.A, loraplus.Role.B) for r in roles.values())
-    print(
-        f"model: {args.layers} layers x {args.experts} experts, {len(trainable):,} trainable tensors "
-        f"({n_adapters:,} LoRA factors), built on meta in {build_s:.1f} s",
-        file=sys.stderr,
-    )
+    print(f"model: {layers} layers x {experts} experts, {len(trainable):,} trainable tensors "
+          f"({n_adapters:,} LoRA factors), built on meta in {build_s:.1f} s", file=sys.stderr)
 
-    def run_loraplus() -> Any:
-        return loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=1e-4, weight_decay=0.01)
+    fns: dict[str, Callable[[], Any]] = {
+        "bare": lambda: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4),
+        "loraplus": lambda: loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=1e-4, weight_decay=0.01),
+    }
+    if use_peft:
+        from peft.optimizers import create_loraplus_optimizer
 
-    def run_bare() -> Any:
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
+        fns["peft"] = lambda: create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16, weight_decay=0.01)
     # sanity: LoRA+ groups cover every trainable tensor exactly once
-    opt = run_loraplus()
+    opt = fns["loraplus"]()
     assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
     del opt
-
-    times: dict[str, list[float]] = {"loraplus": [], "bare": []}
-    run_bare(), run_loraplus()  # warm-up
-    for i in range(args.repeat):  # interleaved, alternating order
-        order = [("bare", run_bare), ("loraplus", run_loraplus)]
-        for key, fn in order if i % 2 == 0 else order[::-1]:
-            times[key].append(_time(fn))
-        print(f"  rep {i + 1}/{args.repeat}: bare {times['bare'][-1]:.3f} s, loraplus {times['loraplus'][-1]:.3f} s",
+    fns["bare"](), fns["loraplus"]()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for i in range(repeat):  # interleaved: every repetition runs each method once, in rotating order
+        order = keys[i % len(keys):] + keys[: i % len(keys)]
+        for key in order:
+            if key == "peft" and i >= peft_repeat:
+                continue
+            times[key].append(_time(fns[key]))
+        print(f"  rep {i + 1}/{repeat}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items() if v),
               file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    per_rep = [lp / b for lp, b in zip(times["loraplus"], times["bare"])]
+    out: dict[str, Any] = {
+        "layers": layers, "experts": experts, "trainable_tensors": len(trainable), "lora_factors": n_adapters,
+        "seconds": times, "median_s": med,
+        "loraplus_over_bare_per_repetition": per_rep,
+        "loraplus_over_bare": {"median": statistics.median(per_rep), "min": min(per_rep), "max": max(per_rep)},
+    }
+    if "peft" in times:
+        per = [p / lp for p, lp in zip(times["peft"], times["loraplus"])]
+        out["peft_over_loraplus_per_repetition"] = per
+        out["peft_over_loraplus"] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+    return out
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64, 256],
+                        help="experts per layer, one model size each (48 layers: 1,440 to 74,016 trainable tensors)")
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved repetitions per size")
+    parser.add_argument("--peft-repeat", type=int, default=3, help="how many of those repetitions include PEFT (slow)")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT's create_loraplus_optimizer")
+    parser.add_argument("--out", type=Path, default=RESULTS / "construction.json")
+    args = parser.parse_args(argv)
+    use_peft = not args.no_peft
     peft_version = None
-    if not args.no_peft:
+    if use_peft:
         try:
             import peft
-            from peft.optimizers import create_loraplus_optimizer
         except ImportError:
             print("PEFT not installed: skipping create_loraplus_optimizer", file=sys.stderr)
+            use_peft = False
         else:
             peft_version = peft.__version__
-            times["peft"] = []
-            for i in range(args.peft_repeat):
-                times["peft"].append(
-                    _time(lambda: create_loraplus_optimizer(
-                        model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16, weight_decay=0.01
-                    ))
-                )
-                print(f"  peft rep {i + 1}/{args.peft_repeat}: {times['peft'][-1]:.2f} s", file=sys.stderr)
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    # each repetition times bare and loraplus back to back, so the ratio within a repetition
-    # cancels most of the load from other processes on a shared machine
-    per_rep = [lp / b for lp, b in zip(times["loraplus"], times["bare"])]
-    ratios = {
-        "loraplus_over_bare": med["loraplus"] / med["bare"],
-        "loraplus_over_bare_median_of_pairs": statistics.median(per_rep),
-    }
-    if "peft" in med:
-        ratios["peft_over_loraplus"] = med["peft"] / med["loraplus"]
+    t0 = time.perf_counter()
+    sizes = [measure(args.layers, e, args.repeat, args.peft_repeat, use_peft) for e in args.experts]
+    n = [s["trainable_tensors"] for s in sizes]
+    slopes = {}
+    for key in sizes[0]["median_s"]:
+        ys = [s["median_s"][key] for s in sizes]
+        slopes[key] = {"all_sizes": loglog_slope(n, ys) if len(n) > 1 else None,
+                       "two_largest": loglog_slope(n[-2:], ys[-2:]) if len(n) > 1 else None}
     result = {
         "benchmark": "construction",
-        "command": "python benchmarks/bench_construction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": {
-            "layers": args.layers,
-            "experts": args.experts,
-            "trainable_tensors": len(trainable),
-            "lora_factors": n_adapters,
-            "device": "meta",
-        },
-        "seconds": times,
-        "loraplus_over_bare_per_repetition": per_rep,
-        "median_s": med,
-        "ratios": ratios,
-        "targets": {"loraplus_over_bare_max": 2.0, "peft_over_loraplus_min": 20.0},
+        "command": "python benchmarks/bench_construction.py" + "".join(
+            " " + a for a in (argv if argv is not None else sys.argv[1:])),
+        "model": "MoE LoRA on the meta device, 48 layers x experts, PEFT names under base_model.model.",
+        "sizes": sizes,
+        "loglog_slope": slopes,
+        "seconds_total": time.perf_counter() - t0,
         "versions": {"torch": torch.__version__, "loraplus": loraplus.__version__, "peft": peft_version,
                      "python": platform.python_version()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
     }
-
-    print(f"\n{'optimizer construction':<44}{'median s':>10}{'x bare':>9}")
-    rows = [("bare torch.optim.AdamW (1 group)", "bare"), ("loraplus.LoraPlus(AdamW)", "loraplus"),
-            ("peft create_loraplus_optimizer(AdamW)", "peft")]
-    for label, key in rows:
-        if key in med:
-            print(f"{label:<44}{med[key]:>10.3f}{med[key] / med['bare']:>9.2f}")
-    print(f"\nloraplus / bare = {ratios['loraplus_over_bare']:.2f}x (ratio of medians; median of per-repetition "
-          f"ratios {ratios['loraplus_over_bare_median_of_pairs']:.2f}x; target <= 2)")
-    if "peft_over_loraplus" in ratios:
-        print(f"peft / loraplus = {ratios['peft_over_loraplus']:.1f}x (target >= 20)")
+    print(f"\n{'trainable tensors':>18}" + "".join(f"{k + ' s':>12}" for k in sizes[0]["median_s"])
+          + f"{'lp/bare':>18}{'peft/lp':>22}")
+    for s in sizes:
+        lb = s["loraplus_over_bare"]
+        pl = s.get("peft_over_loraplus")
+        print(f"{s['trainable_tensors']:>18,}" + "".join(f"{v:>12.4f}" for v in s["median_s"].values())
+              + f"{lb['median']:>8.2f} ({lb['min']:.2f}-{lb['max']:.2f})"
+              + (f"{pl['median']:>10.1f} ({pl['min']:.1f}-{pl['max']:.1f})" if pl else ""))
+    print("log-log slope of median time vs trainable tensors (1 = linear, 2 = quadratic): "
+          + ", ".join(f"{k} {v['all_sizes']:.2f} (two largest sizes {v['two_largest']:.2f})" for k, v in slopes.items()))
+    print(f"total {result['seconds_total']:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """LoRA vs LoRA+ on a real pretrained model: all-MiniLM-L6-v2, λ × learning rate × seed sweeps.
 
-Usage (each part saves ``benchmarks/results/minilm_<part>.json`` and resumes if interrupted)::
+Usage (each part saves ``benchmarks/results/minilm_<part>.json`` and resumes if interrupted; the
+file holds exactly the runs the part lists — delete it to rerun the part from scratch)::
 
     python benchmarks/minilm_convergence.py run main        # r=8 on query/value, hard task, PEFT init (B=0)
     python benchmarks/minilm_convergence.py run a0          # the same with the paper's init (A=0), λ ∈ {1,4,16,32}
@@ -29,7 +30,7 @@ RATIOS = (1, 2, 4, 8, 16, 32)
 PARTS = {
     "main": dict(task="order", targets=H.QV, inits=("B0",), ratios=RATIOS),
     "a0": dict(task="order", targets=H.QV, inits=("A0",), ratios=(1, 4, 16, 32),
-               lrs={1: (1e-3, 3e-3, 1e-2), 4: (1e-3, 3e-3, 1e-2), 16: (3e-4, 1e-3, 3e-3), 32: (3e-4, 1e-3, 3e-3)}),
+               lrs={1: (1e-3, 3e-3, 1e-2), 4: (1e-3, 3e-3, 1e-2), 16: (3e-4, 1e-3, 3e-3, 1e-2), 32: (3e-4, 1e-3, 3e-3)}),
     "all_linear": dict(task="order", targets=H.ALL_LINEAR, inits=("B0",), ratios=(1, 16),
                        lrs={1: (1e-3, 3e-3, 1e-2), 16: (3e-4, 1e-3, 3e-3, 1e-2)}),
     "easy": dict(task="source", targets=H.QV, inits=("B0",), ratios=(1, 16),
@@ -74,8 +75,10 @@ def configs(part: str) -> list[H.RunConfig]:
 def main(argv: list[str]) -> None:
     if len(argv) >= 2 and argv[0] == "run":
         for part in argv[1:]:
+            p = PARTS[part]
             H.sweep(configs(part), H.RESULTS / f"minilm_{part}.json", meta={"part": part, "steps": STEPS,
-                    "lr_grid": {str(k): v for k, v in LR_GRID.items()}, "seeds": SEEDS, "command": f"python benchmarks/minilm_convergence.py run {part}"})
+                    "lr_grid": {str(lam): _lrs(p, lam) for lam in p["ratios"]}, "seeds": SEEDS,
+                    "command": f"python benchmarks/minilm_convergence.py run {part}"})
     elif argv[:1] == ["report"]:
         import _report
 

