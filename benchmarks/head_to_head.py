@@ -9,7 +9,8 @@ runs already in the file are skipped — and records the command that made it)::
     python benchmarks/head_to_head.py quick                         # smoke run of the harness (tests)
 
 Slices: ``<task>_<targets>_<init>``: task ``order`` (the hard word-order task of
-``_minilm.py``), targets ``qv`` (query/value) or ``all`` (every linear layer), init ``B0`` (PEFT's)
+``_minilm.py``) or ``source`` (a different classification on the same weights: does the window
+come from a standard-library or a torch docstring), targets ``qv`` (query/value) or ``all`` (every linear layer), init ``B0`` (PEFT's)
 or ``A0`` (the paper's). Methods, every one built through ``loraplus``:
 
 * ``lora``: ``LoraPlus(AdamW, ratio=1)`` (plain LoRA); ``loraplus4``, ``loraplus16``: ratio 4, 16;
@@ -71,9 +72,30 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
         "loraplus16": (3e-4, 1e-3, 3e-3),
         "riemannian": (3e-3, 1e-2, 3e-2),
         "riemannian_loraplus4": (1e-3, 3e-3, 1e-2),
-        "lorafa": (3e-3, 1e-2, 3e-2),
-        "lorarite": (3e-3, 1e-2, 3e-2),
-        "lorapro": (3e-3, 1e-2, 3e-2),
+        "lorafa": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),  # extended: best at 3e-2, the first grid's edge
+        "lorarite": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),  # extended: best at 3e-3, the first grid's edge
+        "lorapro": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),  # extended: best at 3e-3, the first grid's edge
+    },
+    # The paper's init (A = 0): LoRA-FA is not run, its frozen A = 0 gives B a zero gradient forever.
+    "order_qv_A0": {
+        "lora": (1e-3, 3e-3, 1e-2),
+        "loraplus4": (1e-3, 3e-3, 1e-2),
+        "loraplus16": (1e-3, 3e-3, 1e-2),
+        "riemannian": (1e-3, 3e-3, 1e-2),
+        "riemannian_loraplus4": (1e-3, 3e-3, 1e-2),
+        "lorarite": (3e-4, 1e-3, 3e-3),
+        "lorapro": (3e-4, 1e-3, 3e-3),
+    },
+    # A second task on the same weights: which source (stdlib or torch docstring) a window comes from
+    "source_qv_B0": {
+        "lora": (3e-3, 1e-2, 3e-2),
+        "loraplus4": (1e-3, 3e-3, 1e-2),
+        "loraplus16": (3e-4, 1e-3, 3e-3),
+        "riemannian": (3e-3, 1e-2, 3e-2),
+        "riemannian_loraplus4": (1e-3, 3e-3, 1e-2),
+        "lorafa": (1e-2, 3e-2, 1e-1),
+        "lorarite": (3e-4, 1e-3, 3e-3),
+        "lorapro": (3e-4, 1e-3, 3e-3),
     },
 }
 
@@ -401,7 +423,7 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     if a.cmd == "run":
         command = "python benchmarks/head_to_head.py " + shlex.join(argv)
-        for m in METHODS if a.method == "all" else (a.method,):
+        for m in [m for m in METHODS if m in GRIDS[a.slice]] if a.method == "all" else (a.method,):
             run_slice(a.slice, m, GRIDS[a.slice][m], tuple(range(a.seeds)), STEPS, OUT / f"{a.slice}__{m}.json",
                       command, a.workers)
     elif a.cmd == "report":
