@@ -56,6 +56,7 @@ STEPS = 60
 SEEDS = (0, 1, 2, 3, 4)
 N_VAL = 256
 OUT = H.RESULTS / "h2h"
+TIMING = H.RESULTS / "h2h_timing.json"
 METHODS = ("lora", "loraplus4", "loraplus16", "riemannian", "riemannian_loraplus4", "lorafa", "lorarite", "lorapro")
 LABELS = {
     "lora": "LoRA (λ=1)", "loraplus4": "LoRA+ λ=4", "loraplus16": "LoRA+ λ=16", "riemannian": "Riemannian",
@@ -96,6 +97,16 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
         "lorafa": (1e-2, 3e-2, 1e-1),
         "lorarite": (3e-4, 1e-3, 3e-3),
         "lorapro": (3e-4, 1e-3, 3e-3),
+    },
+    "order_all_B0": {
+        "lora": (1e-3, 3e-3, 1e-2),
+        "loraplus4": (3e-4, 1e-3, 3e-3),
+        "loraplus16": (1e-4, 3e-4, 1e-3),
+        "riemannian": (1e-3, 3e-3, 1e-2),
+        "riemannian_loraplus4": (3e-4, 1e-3, 3e-3),
+        "lorafa": (3e-3, 1e-2, 3e-2),
+        "lorarite": (3e-4, 1e-3, 3e-3),
+        "lorapro": (1e-4, 3e-4, 1e-3),
     },
 }
 
@@ -291,13 +302,27 @@ def method_best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "seed_ids": [r["config"]["seed"] for r in rs], "seeds": len(rs),
         "band": [grid[lo], grid[hi]], "band_factor": grid[hi] / grid[lo],
         "band_open": lo == 0 or hi == len(grid) - 1,
+        # the band cannot reach the first rates outside it: an upper bound on its width
+        "band_bound": (grid[min(hi + 1, len(grid) - 1)] / grid[max(lo - 1, 0)]),
         "seconds_per_step": statistics.median(r["seconds_per_step"] for rs_ in by.values() for r in rs_),
         "seed_curves": [H.smooth(r["train_loss"]) for r in rs],
+        "raw_curves": [[_fin(v) for v in r["train_loss"]] for r in rs],
     }
 
 
-def slice_report(slice_name: str, runs_by_method: dict[str, list[dict]]) -> tuple[str, dict[str, Any]]:
-    from _report import compare, steps_to
+SMOOTH = 15  # steps in the trailing mean of the training loss used for steps-to-target
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    """Seed mean of the full-window trailing means: entry i is the mean loss of steps i-14 … i (i ≥ 14)."""
+    sm = [H.smooth(c, SMOOTH)[SMOOTH - 1 :] for c in curves]
+    n = min(map(len, sm))
+    return [statistics.fmean(c[i] for c in sm) for i in range(n)]
+
+
+def slice_report(slice_name: str, runs_by_method: dict[str, list[dict]],
+                 timing: dict[str, float] | None = None) -> tuple[str, dict[str, Any]]:
+    from loraplus._demo import paired
 
     bests = {m: method_best(runs_by_method[m]) for m in METHODS if runs_by_method.get(m)}
     if "lora" not in bests:
@@ -307,16 +332,26 @@ def slice_report(slice_name: str, runs_by_method: dict[str, list[dict]]) -> tupl
         keep = [i for i, s in enumerate(b["seed_ids"]) if s in common]
         b["per_seed"] = [b["per_seed"][i] for i in keep]
         b["seed_curves"] = [b["seed_curves"][i] for i in keep]
+        b["raw_curves"] = [b["raw_curves"][i] for i in keep]
         b["seed_ids"] = common
-    compare(bests, "lora")
-    for b in bests.values():
-        got = [steps_to(c, t) for c, t in zip(b["seed_curves"], b["seed_targets"])]
-        b["steps_to_target"] = got
-        ok = [g for g in got if g is not None]
-        b["steps_to_target_median"] = statistics.median(ok) if ok else None
+    base = bests["lora"]
+    for m, b in bests.items():
+        if m != "lora":
+            p = paired(b["per_seed"], base["per_seed"])
+            b["diff"] = {"per_seed": list(p.diffs), "mean": p.mean, "ci95": [p.low, p.high], "wins": p.wins, "n": p.n}
+    # steps to target on the seed-mean curve (single seeds are bimodal: some stay at chance for the
+    # whole run): the target is the highest of every method's lowest seed-mean loss in the first 75 %
+    curves = {m: _mean_curve(b["raw_curves"]) for m, b in bests.items()}
+    at = max(1, math.ceil(0.75 * len(curves["lora"])))
+    target = max(min(c[:at]) for c in curves.values())
+    for m, b in bests.items():
+        b["steps_to_target"] = next(i for i, v in enumerate(curves[m]) if v <= target) + SMOOTH
+        b["target"] = target
+        if timing and m in timing:
+            b["seconds_per_step_interleaved"] = timing[m]
     lines = [
-        "| method | lr (grid) | test loss: mean ± sd | vs LoRA, paired: mean [95 % CI] | wins | good-lr band (×) "
-        "| steps to target: median (range) | s/step |",
+        "| method | best lr (grid) | test loss: mean ± sd | vs LoRA, paired: mean [95 % CI] | wins | good-lr band "
+        "| steps to target | s/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for m, b in bests.items():
@@ -328,17 +363,20 @@ def slice_report(slice_name: str, runs_by_method: dict[str, list[dict]]) -> tupl
             d = b["diff"]
             diff = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
             wins = f"{d['wins']}/{d['n']}"
-        band = ("≥ " if b["band_open"] else "") + f"{b['band_factor']:g}" + f" ({b['band'][0]:g}–{b['band'][1]:g})"
-        st = [s for s in b["steps_to_target"] if s is not None]
-        steps = f"{statistics.median(st):g} ({min(st)}–{max(st)})" if st else "–"
-        if len(st) < len(b["steps_to_target"]):
-            steps += f", {len(b['steps_to_target']) - len(st)} seeds never"
-        lines.append(f"| {LABELS[m]} | {lr} | {b['mean']:.3f} ± {b['std']:.3f} | {diff} | {wins} | {band} | {steps} "
-                     f"| {b['seconds_per_step']:.3f} |")
+        lo, hi = b["band"]
+        if b["band_open"]:
+            band = f"≥ {b['band_factor']:.3g}× ({lo:g}–{hi:g}, grid edge)"
+        elif b["band_factor"] == 1:
+            band = f"one rate ({lo:g}; < {b['band_bound']:.3g}×)"
+        else:
+            band = f"{b['band_factor']:.3g}× ({lo:g}–{hi:g}; < {b['band_bound']:.3g}×)"
+        sec = b.get("seconds_per_step_interleaved", b["seconds_per_step"])
+        lines.append(f"| {LABELS[m]} | {lr} | {b['mean']:.3f} ± {b['std']:.3f} | {diff} | {wins} | {band} "
+                     f"| {b['steps_to_target']} | {sec:.3f} |")
     lines.append("")
-    targets = bests["lora"]["seed_targets"]
     lines.append(f"({len(common)} seeds, paired; lr picked on the validation split, loss on the test split; "
-                 f"per-seed targets {', '.join(f'{t:.3f}' for t in targets)} — smoothed training loss.)")
+                 f"target {target:.3f}: seed-mean {SMOOTH}-step training loss; s/step: "
+                 + ("interleaved timing, `time` command)" if timing else "median over the sweep's runs, noisy)"))
     return "\n".join(lines), bests
 
 
@@ -375,10 +413,12 @@ def plot(slice_name: str, bests: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path | None = None) -> dict[str, Any]:
+def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path | None = None,
+           timing_path: Path = TIMING) -> dict[str, Any]:
     from _report import DOCS_IMG
 
     img_dir = img_dir or DOCS_IMG
+    timing = json.loads(timing_path.read_text())["slices"] if timing_path.exists() else {}
     runs: dict[str, dict[str, list[dict]]] = {}
     metas: dict[str, dict[str, Any]] = {}
     for f in sorted(results.glob("*.json")):
@@ -388,16 +428,60 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
         m = data["meta"]
         runs.setdefault(m["slice"], {}).setdefault(m["method"], []).extend(data["runs"])
         metas[f.name] = {k: m[k] for k in ("commands", "wall_seconds", "lr_grid", "steps") if k in m}
-    summary: dict[str, Any] = {"command": "python benchmarks/head_to_head.py report", "files": metas, "slices": {}}
+    summary: dict[str, Any] = {"command": "python benchmarks/head_to_head.py report", "files": metas, "slices": {},
+                               "method": __doc__}
     for s, by_method in runs.items():
-        table, bests = slice_report(s, by_method)
+        table, bests = slice_report(s, by_method, timing.get(s, {}).get("median_seconds"))
         print(f"**{s}**\n\n{table}\n\ntest loss (seed mean) at every rate:\n\n{grid_table(bests) if bests else ''}\n")
         if bests:
             img_dir.mkdir(parents=True, exist_ok=True)
             plot(s, bests, img_dir / f"h2h_{s}.png")
-            summary["slices"][s] = {m: {k: v for k, v in b.items() if k != "seed_curves"} for m, b in bests.items()}
+            summary["slices"][s] = {m: {k: v for k, v in b.items() if k not in ("seed_curves", "raw_curves")}
+                                    for m, b in bests.items()}
     (summary_path or results / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def time_steps(slice_name: str, rounds: int = 20, warmup: int = 3, path: Path = TIMING,
+               command: str = "") -> dict[str, float]:
+    """Median wall time of one training step (forward, backward, every optimizer's step) per method.
+
+    All methods are built first (seed 0, the middle rate of each grid) and then stepped round-robin,
+    one step each per round, on the same batch, so every method is timed under the same load.
+    """
+    torch.set_num_threads(1)
+    task, targets, init = parse_slice(slice_name)
+    train_idx, _ = H.split(task)
+    x, y = H.make_batch(task, train_idx[: H.BATCH], torch.Generator().manual_seed(0))
+    loss_fn = nn.CrossEntropyLoss()
+    methods = [m for m in METHODS if m in GRIDS[slice_name]]
+    built = {}
+    for m in methods:
+        model = H.adapted_model("lora", init, targets, 0)
+        grid = GRIDS[slice_name][m]
+        built[m] = (model, build(m, model, grid[len(grid) // 2]))
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in range(warmup + rounds):
+        for m in methods:
+            model, opts = built[m]
+            t0 = time.perf_counter()
+            loss = loss_fn(model(x), y)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            if i >= warmup:
+                times[m].append(time.perf_counter() - t0)
+    out = {m: statistics.median(t) for m, t in times.items()}
+    data = json.loads(path.read_text()) if path.exists() else {"commands": {}, "slices": {}}
+    data["slices"][slice_name] = {"median_seconds": out, "rounds": rounds, "min_seconds": {m: min(t) for m, t in times.items()}}
+    data["commands"][slice_name] = command
+    data["machine"] = f"2 shared CPU cores, one thread, torch {torch.__version__}"
+    path.write_text(json.dumps(data, indent=1))
+    for m in methods:
+        print(f"{m:22s} {out[m] * 1e3:7.1f} ms/step (median of {rounds}; fastest {min(times[m]) * 1e3:.1f})")
+    return out
 
 
 def quick(tmp: Path) -> dict[str, Any]:
@@ -406,7 +490,8 @@ def quick(tmp: Path) -> dict[str, Any]:
     for m in METHODS:
         run_slice("order_qv_B0", m, (1e-3, 3e-3), (0, 1), 2, out / f"order_qv_B0__{m}.json", "quick", workers=1,
                   n_eval=32)
-    return report(out, img_dir=tmp / "img", summary_path=out / "summary.json")
+    time_steps("order_qv_B0", rounds=1, warmup=0, path=tmp / "timing.json", command="quick")
+    return report(out, img_dir=tmp / "img", summary_path=out / "summary.json", timing_path=tmp / "timing.json")
 
 
 def main(argv: list[str]) -> None:
@@ -417,6 +502,9 @@ def main(argv: list[str]) -> None:
     r.add_argument("method", choices=[*METHODS, "all"])
     r.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds (0..n-1)")
     r.add_argument("--workers", type=int, default=int(os.environ.get("MINILM_WORKERS", 2)))
+    t = sub.add_parser("time")
+    t.add_argument("slice", choices=sorted(GRIDS))
+    t.add_argument("--rounds", type=int, default=20)
     sub.add_parser("report")
     q = sub.add_parser("quick")
     q.add_argument("out", type=Path)
@@ -426,6 +514,8 @@ def main(argv: list[str]) -> None:
         for m in [m for m in METHODS if m in GRIDS[a.slice]] if a.method == "all" else (a.method,):
             run_slice(a.slice, m, GRIDS[a.slice][m], tuple(range(a.seeds)), STEPS, OUT / f"{a.slice}__{m}.json",
                       command, a.workers)
+    elif a.cmd == "time":
+        time_steps(a.slice, a.rounds, command="python benchmarks/head_to_head.py " + shlex.join(argv))
     elif a.cmd == "report":
         report()
     else:
