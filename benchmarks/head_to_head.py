@@ -313,11 +313,12 @@ def method_best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 SMOOTH = 15  # steps in the trailing mean of the training loss used for steps-to-target
 
 
-def _mean_curve(curves: list[list[float]]) -> list[float]:
+def _mean_curve(curves: list[list[float]]) -> tuple[int, list[float]]:
     """Seed mean of the full-window trailing means: entry i is the mean loss of steps i-14 … i (i ≥ 14)."""
-    sm = [H.smooth(c, SMOOTH)[SMOOTH - 1 :] for c in curves]
+    k = min([SMOOTH, *map(len, curves)])  # smoke runs are shorter than the window
+    sm = [H.smooth(c, k)[k - 1 :] for c in curves]
     n = min(map(len, sm))
-    return [statistics.fmean(c[i] for c in sm) for i in range(n)]
+    return k, [statistics.fmean(c[i] for c in sm) for i in range(n)]
 
 
 def slice_report(slice_name: str, runs_by_method: dict[str, list[dict]],
@@ -341,11 +342,13 @@ def slice_report(slice_name: str, runs_by_method: dict[str, list[dict]],
             b["diff"] = {"per_seed": list(p.diffs), "mean": p.mean, "ci95": [p.low, p.high], "wins": p.wins, "n": p.n}
     # steps to target on the seed-mean curve (single seeds are bimodal: some stay at chance for the
     # whole run): the target is the highest of every method's lowest seed-mean loss in the first 75 %
-    curves = {m: _mean_curve(b["raw_curves"]) for m, b in bests.items()}
+    windows = {m: _mean_curve(b["raw_curves"]) for m, b in bests.items()}
+    curves = {m: c for m, (_, c) in windows.items()}
     at = max(1, math.ceil(0.75 * len(curves["lora"])))
     target = max(min(c[:at]) for c in curves.values())
     for m, b in bests.items():
-        b["steps_to_target"] = next(i for i, v in enumerate(curves[m]) if v <= target) + SMOOTH
+        k = windows[m][0]
+        b["steps_to_target"] = next(i for i, v in enumerate(curves[m]) if v <= target) + k
         b["target"] = target
         if timing and m in timing:
             b["seconds_per_step_interleaved"] = timing[m]
