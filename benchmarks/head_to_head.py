@@ -81,10 +81,10 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "order_qv_A0": {
         "lora": (1e-3, 3e-3, 1e-2),
         "loraplus4": (1e-3, 3e-3, 1e-2),
-        "loraplus16": (1e-3, 3e-3, 1e-2),
+        "loraplus16": (3e-4, 1e-3, 3e-3, 1e-2),  # extended: best at 1e-3, the first grid's edge
         "riemannian": (1e-3, 3e-3, 1e-2),
         "riemannian_loraplus4": (1e-3, 3e-3, 1e-2),
-        "lorarite": (3e-4, 1e-3, 3e-3),
+        "lorarite": (3e-4, 1e-3, 3e-3, 1e-2),  # extended: best at 3e-3, the first grid's edge
         "lorapro": (3e-4, 1e-3, 3e-3),
     },
     # A second task on the same weights: which source (stdlib or torch docstring) a window comes from
@@ -433,15 +433,20 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
         metas[f.name] = {k: m[k] for k in ("commands", "wall_seconds", "lr_grid", "steps") if k in m}
     summary: dict[str, Any] = {"command": "python benchmarks/head_to_head.py report", "files": metas, "slices": {},
                                "method": __doc__}
-    for s, by_method in runs.items():
-        table, bests = slice_report(s, by_method, timing.get(s, {}).get("median_seconds"))
-        print(f"**{s}**\n\n{table}\n\ntest loss (seed mean) at every rate:\n\n{grid_table(bests) if bests else ''}\n")
+    md: list[str] = []
+    order = [s for s in GRIDS if s in runs] + sorted(s for s in runs if s not in GRIDS)
+    for s in order:
+        table, bests = slice_report(s, runs[s], timing.get(s, {}).get("median_seconds"))
+        md.append(f"**{s}**\n\n{table}\n\nTest loss (seed mean) at every rate:\n\n{grid_table(bests) if bests else ''}\n")
+        print(md[-1])
         if bests:
             img_dir.mkdir(parents=True, exist_ok=True)
             plot(s, bests, img_dir / f"h2h_{s}.png")
             summary["slices"][s] = {m: {k: v for k, v in b.items() if k not in ("seed_curves", "raw_curves")}
                                     for m, b in bests.items()}
-    (summary_path or results / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary_path = summary_path or results / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=1))
+    summary_path.with_name("report.md").write_text("\n".join(md))
     return summary
 
 
