@@ -100,8 +100,8 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     },
     "order_all_B0": {
         "lora": (1e-3, 3e-3, 1e-2),
-        "loraplus4": (3e-4, 1e-3, 3e-3),
-        "loraplus16": (1e-4, 3e-4, 1e-3),
+        "loraplus4": (3e-4, 1e-3, 3e-3, 1e-2),  # extended: best at 3e-3, the first grid's edge
+        "loraplus16": (1e-4, 3e-4, 1e-3, 3e-3),  # extended: best at 1e-3, the first grid's edge
         "riemannian": (1e-3, 3e-3, 1e-2),
         "riemannian_loraplus4": (3e-4, 1e-3, 3e-3),
         "lorafa": (3e-3, 1e-2, 3e-2),
@@ -431,6 +431,7 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
         m = data["meta"]
         runs.setdefault(m["slice"], {}).setdefault(m["method"], []).extend(data["runs"])
         metas[f.name] = {k: m[k] for k in ("commands", "wall_seconds", "lr_grid", "steps") if k in m}
+        metas[f.name]["runs"] = len(data["runs"])
     summary: dict[str, Any] = {"command": "python benchmarks/head_to_head.py report", "files": metas, "slices": {},
                                "method": __doc__}
     md: list[str] = []
@@ -444,6 +445,15 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
             plot(s, bests, img_dir / f"h2h_{s}.png")
             summary["slices"][s] = {m: {k: v for k, v in b.items() if k not in ("seed_curves", "raw_curves")}
                                     for m, b in bests.items()}
+    lines = ["| file | runs | wall time | command(s) |", "|---|---|---|---|"]
+    for name, m in metas.items():
+        cmds = "<br>".join(f"`{c}`" for c in m.get("commands", []))
+        lines.append(f"| {name} | {m['runs']} | {m.get('wall_seconds', 0.0) / 60:.1f} min | {cmds} |")
+    total = sum(m.get("wall_seconds", 0.0) for m in metas.values())
+    lines.append(f"\n({len(metas)} files, {sum(m['runs'] for m in metas.values())} runs, {total / 60:.0f} min of wall time "
+                 "in all, two training processes at a time.)")
+    md.append("**Commands and run times**\n\n" + "\n".join(lines) + "\n")
+    print(md[-1])
     summary_path = summary_path or results / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1))
     summary_path.with_name("report.md").write_text("\n".join(md))
