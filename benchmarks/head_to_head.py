@@ -10,7 +10,8 @@ runs already in the file are skipped — and records the command that made it)::
 
 Slices: ``<task>_<targets>_<init>``: task ``order`` (the hard word-order task of
 ``_minilm.py``) or ``source`` (a different classification on the same weights: does the window
-come from a standard-library or a torch docstring), targets ``qv`` (query/value) or ``all`` (every linear layer), init ``B0`` (PEFT's)
+come from a standard-library or a torch docstring), targets ``qv`` (query/value) or ``all``
+(every linear layer), init ``B0`` (PEFT's)
 or ``A0`` (the paper's). Methods, every one built through ``loraplus``:
 
 * ``lora``: ``LoraPlus(AdamW, ratio=1)`` (plain LoRA); ``loraplus4``, ``loraplus16``: ratio 4, 16;
@@ -45,12 +46,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _minilm as H  # noqa: E402
+import _minilm as H
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import loraplus  # noqa: E402
+import loraplus
 
 STEPS = 60
 SEEDS = (0, 1, 2, 3, 4)
@@ -118,7 +118,7 @@ def parse_slice(name: str) -> tuple[str, tuple[str, ...], str]:
 
 def build(method: str, model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
     """The optimizer(s) of ``method`` for ``model`` (adapter factors at ``lr``, the head at ``HEAD_LR``)."""
-    common: dict[str, Any] = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    common: dict[str, Any] = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
     head = {loraplus.Role.OTHER: H.HEAD_LR}
     if method in ("lora", "loraplus4", "loraplus16"):
         ratio = {"lora": 1, "loraplus4": 4, "loraplus16": 16}[method]
@@ -170,7 +170,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     opts = build(cfg["method"], model, cfg["lr"])
     steps = cfg["steps"]
     warm = max(1, steps // 10)
-    lam = lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))  # noqa: E731
+    lam = lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lam) for o in opts]
     train_idx, test_idx = H.split(task)
     val_idx, stream = train_idx[:N_VAL], train_idx[N_VAL:]
@@ -222,7 +222,7 @@ def run_slice(slice_name: str, method: str, lrs: tuple[float, ...], seeds: tuple
     if out.exists():
         data = json.loads(out.read_text())
     have = {_key(r["config"]) for r in data["runs"]}
-    todo = [dict(slice=slice_name, method=method, lr=lr, seed=s, steps=steps) for lr in lrs for s in seeds]
+    todo = [{"slice": slice_name, "method": method, "lr": lr, "seed": s, "steps": steps} for lr in lrs for s in seeds]
     if n_eval:
         todo = [dict(c, n_eval=n_eval) for c in todo]
     todo = [c for c in todo if _key(c) not in have]
@@ -362,8 +362,8 @@ def slice_report(slice_name: str, runs_by_method: dict[str, list[dict]],
         if timing and m in timing:
             b["seconds_per_step_interleaved"] = timing[m]
     lines = [
-        "| method | best lr (grid) | test loss: mean ± sd | vs LoRA, paired: mean [95 % CI] | wins | good-lr band "
-        "| steps to target | s/step |",
+        ("| method | best lr (grid) | test loss: mean ± sd | vs LoRA, paired: mean [95 % CI] | wins | good-lr band "
+         "| steps to target | s/step |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for m, b in bests.items():
@@ -447,7 +447,8 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
     order = [s for s in GRIDS if s in runs] + sorted(s for s in runs if s not in GRIDS)
     for s in order:
         table, bests = slice_report(s, runs[s], timing.get(s, {}).get("median_seconds"))
-        md.append(f"**{s}**\n\n{table}\n\nTest loss (seed mean) at every rate:\n\n{grid_table(bests) if bests else ''}\n")
+        grid = grid_table(bests) if bests else ""
+        md.append(f"**{s}**\n\n{table}\n\nTest loss (seed mean) at every rate:\n\n{grid}\n")
         print(md[-1])
         if bests:
             img_dir.mkdir(parents=True, exist_ok=True)
@@ -459,7 +460,8 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
         cmds = "<br>".join(f"`{c}`" for c in m.get("commands", []))
         lines.append(f"| {name} | {m['runs']} | {m.get('wall_seconds', 0.0) / 60:.1f} min | {cmds} |")
     total = sum(m.get("wall_seconds", 0.0) for m in metas.values())
-    lines.append(f"\n({len(metas)} files, {sum(m['runs'] for m in metas.values())} runs, {total / 60:.0f} min of wall time "
+    n_runs = sum(m["runs"] for m in metas.values())
+    lines.append(f"\n({len(metas)} files, {n_runs} runs, {total / 60:.0f} min of wall time "
                  "in all, two training processes at a time.)")
     md.append("**Commands and run times**\n\n" + "\n".join(lines) + "\n")
     print(md[-1])
@@ -502,7 +504,8 @@ def time_steps(slice_name: str, rounds: int = 20, warmup: int = 3, path: Path = 
                 times[m].append(time.perf_counter() - t0)
     out = {m: statistics.median(t) for m, t in times.items()}
     data = json.loads(path.read_text()) if path.exists() else {"commands": {}, "slices": {}}
-    data["slices"][slice_name] = {"median_seconds": out, "rounds": rounds, "min_seconds": {m: min(t) for m, t in times.items()}}
+    data["slices"][slice_name] = {"median_seconds": out, "rounds": rounds,
+                                  "min_seconds": {m: min(t) for m, t in times.items()}}
     data["commands"][slice_name] = command
     data["machine"] = f"2 shared CPU cores, one thread, torch {torch.__version__}"
     path.write_text(json.dumps(data, indent=1))
@@ -528,7 +531,7 @@ def main(argv: list[str]) -> None:
     r.add_argument("slice", choices=sorted(GRIDS))
     r.add_argument("method", choices=[*METHODS, "all"])
     r.add_argument("--seeds", type=int, default=len(SEEDS), help="number of seeds (0..n-1)")
-    r.add_argument("--workers", type=int, default=int(os.environ.get("MINILM_WORKERS", 2)))
+    r.add_argument("--workers", type=int, default=int(os.environ.get("MINILM_WORKERS", "2")))
     t = sub.add_parser("time")
     t.add_argument("slice", choices=sorted(GRIDS))
     t.add_argument("--rounds", type=int, default=20)

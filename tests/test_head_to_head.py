@@ -14,7 +14,7 @@ pytest.importorskip("lora_pro")
 pytest.importorskip("matplotlib")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import head_to_head as HH  # noqa: E402
+import head_to_head as HH
 
 
 def test_quick_runs_every_method_on_the_real_task_and_reports(tmp_path):
