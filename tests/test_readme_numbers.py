@@ -52,7 +52,7 @@ def stored_numbers() -> list[float]:
             for x in v:
                 walk(x)
 
-    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
         walk(json.loads(path.read_text()))
     return out
 
@@ -103,9 +103,13 @@ def test_the_demo_output_in_the_readme_is_the_committed_runs():
 
 def test_every_committed_result_names_the_command_that_produced_it():
     missing = []
-    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
         data = json.loads(path.read_text())
-        command = data.get("command") or data.get("meta", {}).get("command") or data.get("setup", {}).get("command")
+        meta = data.get("meta", {})
+        command = data.get("command") or meta.get("command") or data.get("setup", {}).get("command")
+        commands = meta.get("commands") or data.get("commands")
+        if not command and commands:  # a resumable file lists every command that added to it
+            command = commands[0] if isinstance(commands, list) else next(iter(commands.values()))
         parts = [v for v in data.values() if isinstance(v, dict)]
         if not command and parts and all(isinstance(v.get("command"), str) for v in parts):
             command = parts[0]["command"]  # a file of parts (the width sweep and its real run), each with its command
