@@ -161,6 +161,17 @@ def _evaluate(model: nn.Module, task: str, idx: torch.Tensor, seed: int) -> tupl
     return total / len(idx), correct / len(idx)
 
 
+def _step(model: Any, opts: list[Any], loss_fn: Any, x: Any, y: Any) -> Any:
+    """One training step shared by the runs and the timing: forward, backward, every optimizer."""
+    loss = loss_fn(model(x), y)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in opts:
+        o.step()
+    return loss
+
+
 def train(cfg: dict[str, Any]) -> dict[str, Any]:
     """One run: ``cfg`` = slice, method, lr, seed, steps. Returns the config, curves and losses."""
     torch.set_num_threads(1)
@@ -185,12 +196,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     for step in range(steps):
         lo = (step * H.BATCH) % max(1, len(order) - H.BATCH)
         x, y = H.make_batch(task, order[lo : lo + H.BATCH], gen)
-        loss = loss_fn(model(x), y)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
+        loss = _step(model, opts, loss_fn, x, y)
         for s in scheds:
             s.step()
         val = float(loss.detach())
@@ -494,12 +500,7 @@ def time_steps(slice_name: str, rounds: int = 20, warmup: int = 3, path: Path = 
         for m in methods:
             model, opts = built[m]
             t0 = time.perf_counter()
-            loss = loss_fn(model(x), y)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
+            _step(model, opts, loss_fn, x, y)
             if i >= warmup:
                 times[m].append(time.perf_counter() - t0)
     out = {m: statistics.median(t) for m, t in times.items()}

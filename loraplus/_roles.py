@@ -21,7 +21,6 @@ from ._conventions import (  # noqa: F401 - re-exported: the rest of the package
     WRAPPER_SEGMENTS,
     Convention,
     Role,
-    _index_conventions,
     _INDEX,
     _kept_segments,
     _matching_tail,
