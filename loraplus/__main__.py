@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._groups import DEFAULT_RATIO
+    from ._groups._build import DEFAULT_RATIO
 
     parser = argparse.ArgumentParser(prog="loraplus", description="LoRA+ for any LoRA implementation and optimizer")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ._errors import LoraPlusError
-from ._factory import build_optimizer
-from ._groups import check_number
+from ._groups._factory import build_optimizer
+from ._numbers import check_number
 
 __all__ = ["create_loraplus_optimizer", "peft_param_groups"]
 

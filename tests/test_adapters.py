@@ -13,7 +13,7 @@ from torchtune.modules.peft import DoRALinear
 
 import loraplus
 from loraplus import Role
-from loraplus._roles import label_parameters
+from loraplus._labels._label import label_parameters
 from loraplus.testing import assert_loraplus_groups, lora_models
 
 A, B, CORE, MAG, OTHER = Role.A, Role.B, Role.CORE, Role.MAGNITUDE, Role.OTHER

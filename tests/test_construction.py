@@ -12,7 +12,8 @@ from hypothesis import given
 from torch import nn
 
 import loraplus
-from loraplus import _roles
+from loraplus._labels import _decay, _walk
+from loraplus._layouts import LAYOUTS, NAME_INDEX, NameIndex, NameMatcher
 from loraplus.testing import lora_models, tiny_lora_model
 
 
@@ -22,7 +23,7 @@ def _torch_walk(model: nn.Module):
 
 @given(lora_models())
 def test_walk_equals_torch_named_modules_and_named_parameters(gen):
-    modules, params = _roles._walk(gen.model)
+    modules, params = _walk.walk(gen.model)
     ref_modules, ref_params = _torch_walk(gen.model)
     assert list(modules.items()) == list(ref_modules.items())
     assert params is not None
@@ -40,7 +41,7 @@ def test_walk_with_shared_modules_tied_parameters_and_none_children():
     model.register_module("missing", None)
     model.bias_only = nn.Linear(3, 3)
     model.bias_only.register_parameter("weight", None)
-    modules, params = _roles._walk(model)
+    modules, params = _walk.walk(model)
     ref_modules, ref_params = _torch_walk(model)
     assert list(modules.items()) == list(ref_modules.items())
     assert "second.1" in modules  # duplicates keep every name, like remove_duplicate=False
@@ -71,17 +72,17 @@ class _CustomWalk(nn.Module):
 
 def test_walk_defers_to_overridden_methods():
     model = _RenamingModule()
-    modules, params = _roles._walk(model)
+    modules, params = _walk.walk(model)
     assert params is None
     assert modules == dict(model.named_modules(remove_duplicate=False))
     assert set(loraplus.classify(model)) == {n for n, p in model.named_parameters() if p.requires_grad}
     nested = nn.Sequential(_CustomWalk())
-    assert _roles._walk(nested)[1] is None
+    assert _walk.walk(nested)[1] is None
 
 
 def test_cached_convention_matching_agrees_with_a_fresh_scan():
     model = tiny_lora_model()
-    modules = _roles.named_modules_map(model)
+    modules = _walk.named_modules_map(model)
     names = [n for n, _ in model.named_parameters()] + [
         "x.lora_A.default.weight",
         "module._orig_mod.x.lora_B.default.weight",
@@ -89,9 +90,12 @@ def test_cached_convention_matching_agrees_with_a_fresh_scan():
         "lora_A",
         "weight",
     ]
-    uncached = {k: list(v) for k, v in _roles._INDEX.items()}  # same content, not the cached index
-    for name in names * 2:  # second pass hits the cache
-        assert _roles.match_convention(name, modules) == _roles.match_convention(name, modules, uncached)
+    cached = NameMatcher(NAME_INDEX, modules)
+    for name in names * 2:  # second pass hits the per-model tail cache
+        fresh = NameMatcher(NameIndex(LAYOUTS), modules)  # a fresh index and an empty cache
+        assert cached.match(name) == fresh.match(name)
+    assert cached.match("x.lora_A.default.weight") is None  # no module `x` with a lora_B: no partner
+    assert cached.match("layers.0.lora_A.default.weight") is not None
 
 
 def test_cached_leaf_rule():
@@ -105,7 +109,7 @@ def test_cached_leaf_rule():
         ("default", False),
         ("lora_B", False),
     ]:
-        assert _roles._no_decay_leaf(leaf) is expected, leaf
+        assert _decay._no_decay_leaf(leaf) is expected, leaf
 
 
 def test_large_moe_model_groups_every_tensor_once():

@@ -15,7 +15,7 @@ from torch import nn
 
 import loraplus
 from loraplus import LoraPlus, LoraPlusError, Role, classify, explain, param_groups
-from loraplus._roles import label_parameters
+from loraplus._labels._label import label_parameters
 from loraplus.testing import assert_loraplus_groups, build_model, lora_models, tiny_lora_model
 
 # tiny_lora_model()'s ground truth, from how it is built (two PEFT-named layers, a LayerNorm, a head)

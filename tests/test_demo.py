@@ -102,14 +102,16 @@ def test_demo_is_deterministic_and_both_methods_use_loraplus_groups(monkeypatch)
     )
     monkeypatch.setitem(_demo.MLP_PRESETS, "quick", tiny)
     built = []
-    real = _demo.LoraPlus
+    from loraplus._demo import _train as demo_train
+
+    real = demo_train.LoraPlus
 
     def spy(cls, model, ratio=loraplus.DEFAULT_RATIO, **kw):
         opt = real(cls, model, ratio, **kw)
         built.append({g["role"]: g["lr"] for g in opt.param_groups})
         return opt
 
-    monkeypatch.setattr(_demo, "LoraPlus", spy)
+    monkeypatch.setattr(demo_train, "LoraPlus", spy)
     first = _demo.run_demo(quick=True, progress=False, ratios=(8,))
     second = _demo.run_demo(quick=True, progress=False, ratios=(8,))
     assert first.lora.seed_curves == second.lora.seed_curves and first.loraplus.curve == second.loraplus.curve

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import loraplus
-from loraplus._roles import canonical_name
+from loraplus._labels._label import canonical_name
 from loraplus.compat import peft_param_groups
 from loraplus.testing import tiny_lora_model
 

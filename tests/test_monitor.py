@@ -148,7 +148,7 @@ def test_every_generated_factor_is_paired_or_reported(gen):
     paired = {p.a_name for p in mon.pairs} | {p.b_name for p in mon.pairs}
     factors = {n for n, r in gen.expected.items() if r in (Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B)}
     assert paired | set(mon.unpaired) == factors and not paired & set(mon.unpaired)
-    allowed = {"an adapter bias, not a factor"}
+    allowed = {"the adapted layer's own bias, not a factor"}
     allowed |= {f"{f} factors do not form one B·A product" for f in _NOT_A_PRODUCT.values()}
     assert set(mon.unpaired.values()) <= allowed
     assert len({p.key for p in mon.pairs}) == len(mon.pairs)
@@ -380,7 +380,8 @@ def test_real_torchtune_lora_and_dora(cls):
             layer.initialize_dora_magnitude()
     opt = loraplus.LoraPlus(torch.optim.Adam, model, ratio=4, lr=1e-2)
     mon = Monitor(opt, model, activations=True)
-    assert [(p.layer, p.convention) for p in mon.pairs] == [("0", "torchtune"), ("2", "torchtune")]
+    layout = "torchtune DoRA" if cls is DoRALinear else "torchtune"
+    assert [(p.layer, p.convention) for p in mon.pairs] == [("0", layout), ("2", layout)]
     snap = _snapshot(model)
     model(torch.randn(5, 8)).sum().backward()
     opt.step()
@@ -884,7 +885,7 @@ def test_a_failure_while_monitoring_warns_once_detaches_and_leaves_training_bit_
         kwargs["tensorboard"] = _DiskFull()
     else:
         target = {"measure": "weight_terms", "capture": "take_rows", "snapshot": "stack_factors"}[where]
-        monkeypatch.setattr(f"loraplus._recorder.{target}", _boom)
+        monkeypatch.setattr(f"loraplus._monitor._recorder.{target}", _boom)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, opt, losses, mon, _ = _train(0, kwargs)
@@ -1064,7 +1065,7 @@ def test_a_resumed_monitor_continues_the_step_count_history_and_files(tmp_path):
     seed=st.integers(0, 2**16),
 )
 def test_measure_functions_equal_explicit_products(k, r, n_in, n_out, rows, scale, seed):
-    from loraplus._measure import StepFactors, activation_terms, weight_terms
+    from loraplus._monitor._measure import StepFactors, activation_terms, weight_terms
 
     g = torch.Generator().manual_seed(seed)
     a0, a1 = torch.randn(k, r, n_in, generator=g), torch.randn(k, r, n_in, generator=g)

@@ -162,7 +162,7 @@ def test_torchtune_lora_and_dora_linear(cls_name):
         p.requires_grad_("lora_" in n or "magnitude" in n)
     (p,) = pairs(model)
     assert (p.layer, p.adapter, p.a_name, p.b_name, p.convention) == (
-        "proj", "", "proj.lora_a.weight", "proj.lora_b.weight", "torchtune")
+        "proj", "", "proj.lora_a.weight", "proj.lora_b.weight", {"LoRALinear": "torchtune", "DoRALinear": "torchtune DoRA"}[cls_name])
     assert p.scaling == 16 / 2 and p.rank == 2
 
 

@@ -153,7 +153,7 @@ def test_peft_two_active_adapters():
 
 def test_peft_sources_come_from_the_tuner_layer():
     """PEFT layers are recognised by module type, before the name table."""
-    from loraplus._roles import label_parameters
+    from loraplus._labels._label import label_parameters
 
     model = _peft(r=2, target_modules=["q"])
     sources = {lab.name: lab.source for lab in label_parameters(model)}
@@ -199,9 +199,12 @@ def test_torchtune_lora_and_dora():
         "v_proj.lora_a.weight": Role.A,
         "v_proj.lora_b.weight": Role.B,
     }
-    from loraplus._roles import label_parameters
+    from loraplus._labels._label import label_parameters
 
-    assert {lab.source for lab in label_parameters(model)} == {"torchtune LoRALinear", "torchtune DoRALinear"}
+    assert {lab.source for lab in label_parameters(model)} == {
+        "torchtune LoRALinear.lora_a", "torchtune LoRALinear.lora_b", "torchtune DoRALinear.lora_a",
+        "torchtune DoRALinear.lora_b", "torchtune DoRALinear.magnitude",
+    }
     opt = LoraPlus(torch.optim.AdamW, model, 4, lr=1e-3, weight_decay=0.01)
     assert_loraplus_groups(opt, model, ratio=4, lr=1e-3, weight_decay=0.01, **truth(model))
     assert {g["name"] for g in opt.param_groups} == {"A", "B", "magnitude.no_decay"}

@@ -24,12 +24,13 @@ from typing import Any
 
 from torch import nn
 
-from .._checkpoint import check_state_dict
+from .._groups._checkpoint import check_state_dict
 from .._errors import LoraPlusError
-from .._factory import build_optimizer
-from .._groups import DEFAULT_RATIO, check_number, param_groups, role_lrs
-from .._roles import normalize_no_decay, normalize_rules
-from .._roles import NoDecaySpec, Role, RuleSpec
+from .._groups._factory import build_optimizer
+from .._groups._build import DEFAULT_RATIO, param_groups, role_lrs
+from .._numbers import check_number
+from .._labels import NoDecaySpec, RuleSpec, normalize_no_decay, normalize_rules
+from .._role import Role
 
 try:
     import transformers

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._errors import LoraPlusError
-from .._roles import Role
+from .._role import Role
 from ._check import assert_loraplus_groups, expected_lr
 from ._layers import CONVENTION_NAMES, PLAIN_NAMES, WRAPPER_NAMES, _frozen, _PeftLinear
 from ._layers import adapted_layer as _adapted_layer
@@ -129,8 +129,10 @@ def build_model(
 
     A layer spec has ``conv`` (one of :data:`CONVENTION_NAMES`), ``d_in``, ``d_out``, ``r``,
     ``adapters`` (names), ``lora_bias`` and, for ``raw_named``, ``names`` (the two factors'
-    attribute names). ``plain`` adds ordinary blocks (indices into the names they take: ``down``/``up``
-    that expand, ``linear_in``/``linear_out``, ``A``/``B``, ``lora``/``proj``); ``hostile_module``
+    attribute names). ``plain`` adds ordinary blocks: index ``i`` takes the names
+    ``PLAIN_NAMES[i % 4]`` (``down``/``up``, ``linear_in``/``linear_out``, ``A``/``B``, ``lora``/``proj``) and
+    the shape ``PLAIN_SHAPES[i // 4 % 3]`` (an MLP that expands, a squeeze-excite block of biased 1×1
+    convolutions d → 2 → d, a bottleneck adapter with biases d → 2 → d); ``hostile_module``
     adds a plain ``nn.Linear`` under that attribute name. This is what :func:`lora_models` draws
     from; it is public so a failing example can be rebuilt.
     """
@@ -155,9 +157,12 @@ def build_model(
     root = nn.Module()
     root.layers = blocks
     if plain:
-        from ._layers import _Plain
+        from ._layers import PLAIN_SHAPES, _Plain
 
-        root.plain = nn.ModuleList(_Plain(4, reg, PLAIN_NAMES[i % len(PLAIN_NAMES)]) for i in plain)
+        k = len(PLAIN_NAMES)
+        root.plain = nn.ModuleList(
+            _Plain(4, reg, PLAIN_NAMES[i % k], PLAIN_SHAPES[(i // k) % len(PLAIN_SHAPES)]) for i in plain
+        )
     if hostile_module is not None:
         lin = nn.Linear(4, 4)
         setattr(root, hostile_module, lin)
@@ -256,7 +261,7 @@ def lora_models(
         norm=st.booleans(),
         tie_head=st.booleans(),
         frozen_extra=st.booleans(),
-        plain=st.lists(st.integers(0, len(PLAIN_NAMES) - 1), max_size=2),
+        plain=st.lists(st.integers(0, 3 * len(PLAIN_NAMES) - 1), max_size=2),
         hostile_module=st.one_of(st.none(), adapter_name.filter(lambda n: n not in _RESERVED)),
     )
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._errors import LoraPlusError
-from .._roles import Role
+from .._role import Role
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import GeneratedModel

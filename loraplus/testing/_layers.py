@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._errors import LoraPlusError
-from .._roles import Role
+from .._role import Role
 
 #: ``reg(param, role, no_decay=False, rule=False, pair=None)``: records what a parameter must get, decided by
 #: how it was built; factors with the same ``pair`` tag form one A/B pair (one B·A product).
@@ -318,18 +318,33 @@ class _RawNamed(nn.Module):
 
 
 class _Plain(nn.Module):
-    """An ordinary block (no adapter) whose layers carry adapter-like names: ``down``/``up`` that
-    expand instead of forming a rank bottleneck, ``A``/``B``/``lora``, NeMo-like ``linear_in``/``linear_out``."""
+    """An ordinary block (no adapter) whose layers carry adapter-like names (``down``/``up``, ``A``/``B``,
+    ``lora``, NeMo-like ``linear_in``/``linear_out``), in one of three shapes: an MLP that expands, a
+    squeeze-excite block (1×1 convolutions d → r → d with biases) or a bottleneck adapter (Linear d → r,
+    GELU, Linear r → d, with biases). The last two are rank bottlenecks; their biases make them ordinary."""
 
-    def __init__(self, d: int, reg: _Reg, names: tuple[str, str]):
+    def __init__(self, d: int, reg: _Reg, names: tuple[str, str], shape: str = "expand"):
         super().__init__()
-        first, second = nn.Linear(d, 2 * d + 1), nn.Linear(2 * d + 1, d)
+        first: nn.Module
+        second: nn.Module
+        if shape == "expand":
+            first, second = nn.Linear(d, 2 * d + 1), nn.Linear(2 * d + 1, d)
+        elif shape == "squeeze_excite":
+            first, second = nn.Conv2d(d, 2, 1), nn.Conv2d(2, d, 1)
+        elif shape == "bottleneck_adapter":
+            first, second = nn.Linear(d, 2), nn.Linear(2, d)
+            self.act = nn.GELU()
+        else:
+            raise LoraPlusError(f"unknown plain block shape {shape!r}; choose one of {PLAIN_SHAPES}")
         setattr(self, names[0], first)
         setattr(self, names[1], second)
         for lin in (first, second):
             reg(lin.weight, Role.OTHER)
             reg(lin.bias, Role.OTHER, no_decay=True)
 
+
+#: Shapes of the ordinary blocks: an expanding MLP, a squeeze-excite block, a bottleneck adapter.
+PLAIN_SHAPES = ("expand", "squeeze_excite", "bottleneck_adapter")
 
 #: Names an ordinary (non-adapter) block may give its two layers.
 PLAIN_NAMES = (("down", "up"), ("linear_in", "linear_out"), ("A", "B"), ("lora", "proj"))

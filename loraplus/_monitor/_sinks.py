@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
 
 __all__ = ["CsvSink", "JsonlSink", "TensorBoardSink", "open_tensorboard", "write_csv", "write_jsonl"]
 

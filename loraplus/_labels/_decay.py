@@ -8,17 +8,26 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import Protocol, Union
 
 from torch import nn
 
-from ._conventions import ADAPTER_ROLES, WRAPPER_SEGMENTS, Role, canonical_name, match_pattern
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
+from .._layouts import WRAPPER_SEGMENTS, canonical_name
+from .._role import ADAPTER_ROLES, Role
+from ._rules import match_pattern
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._roles import Label
+__all__ = ["NoDecaySpec", "default_no_decay", "is_no_decay", "is_norm_module", "norm_named", "normalize_no_decay"]
 
-__all__ = ["NoDecaySpec", "default_no_decay", "is_no_decay", "is_norm_module", "normalize_no_decay"]
+
+class Label(Protocol):
+    """What the decay rules read of a label (``loraplus._labels.Label``)."""
+
+    name: str
+    param: nn.Parameter
+    role: Role
+    module: nn.Module
+    norm_named: bool
 
 
 _NORM_CLASS = re.compile(r"Norm(\d*[dD])?(Gated)?$")
@@ -112,11 +121,10 @@ def is_no_decay(label: Label, user: Sequence[NoDecaySpec]) -> bool:
     return default_no_decay(label)
 
 
-
 _MATRIX_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention)
 
 
-def _norm_named(name: str, owner: nn.Module, modules: Mapping[str, nn.Module]) -> bool:
+def norm_named(name: str, owner: nn.Module, modules: Mapping[str, nn.Module]) -> bool:
     """Whether the owner's own attribute name (not a ModuleDict key) names a normalisation layer."""
     segs = name.split(".")[:-1]
     while segs and segs[-1] in WRAPPER_SEGMENTS:

@@ -10,9 +10,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ._errors import LoraPlusError
-from ._groups import DEFAULT_RATIO, prepare
-from ._roles import NoDecaySpec, Role, RuleSpec
+from .._errors import LoraPlusError
+from ._build import DEFAULT_RATIO, prepare
+from .._labels import NoDecaySpec, RuleSpec
+from .._role import Role
 
 __all__ = ["GLOBAL_LR_OPTIMIZERS", "LoraPlus", "build_optimizer"]
 
@@ -138,7 +139,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
     )
     optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
     if precondition is not None:
-        from ._precondition import precondition as attach  # the hook lives as long as the optimizer
+        from .._pairs._precondition import precondition as attach  # the hook lives as long as the optimizer
 
         attach(optimizer, model, method=precondition, reg=precondition_reg, rules=rules)
     return optimizer

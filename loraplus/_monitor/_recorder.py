@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS, StepFactors, activation_terms, take_rows, weight_terms
-from ._pairs import Pair, stack_factors
+from .._pairs._pairs import Pair, stack_factors
 
 __all__ = ["Recorder"]
 

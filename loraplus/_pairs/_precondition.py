@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
 from ._pairs import Pair, pairs
-from ._roles import RuleSpec
+from .._labels import RuleSpec
 
 __all__ = ["DEFAULT_REG", "METHODS", "Preconditioner", "precondition"]
 

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
 from ._history import History, StepRecord
 from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS
-from ._pairs import Pair
+from .._pairs._pairs import Pair
 from ._recorder import Recorder
 from ._report import plot_history, summary_text
-from ._roles import RuleSpec
+from .._labels import RuleSpec
 from ._sinks import CsvSink, JsonlSink, open_tensorboard, write_csv, write_jsonl
 from ._targets import find_targets, unwrap_optimizer
 

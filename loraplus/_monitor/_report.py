@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
 from ._history import AdapterInfo
-from ._table import render_table
+from .._table import render_table
 
 __all__ = ["plot_history", "summary_text"]
 

@@ -2,54 +2,25 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from ._errors import LoraPlusError
-from ._pairs import NO_PARTNER, pair_labels
-from ._roles import (
-    ADAPTER_ROLES,
-    CONVENTIONS,
-    Label,
-    NoDecaySpec,
-    Role,
-    RuleSpec,
-    is_no_decay,
-    label_model,
-    normalize_no_decay,
-)
+from .._errors import LoraPlusError
+from .._labels import Label, NoDecaySpec, RuleSpec, is_no_decay, label_model, normalize_no_decay
+from .._layouts import LAYOUTS
+from .._numbers import check_number, check_product
+from .._pairs._pairs import Why, pair_labels
+from .._role import ADAPTER_ROLES, Role
 
-__all__ = ["DEFAULT_RATIO", "build_groups", "check_number", "param_groups", "role_lrs", "split_groups"]
+__all__ = ["DEFAULT_RATIO", "build_groups", "param_groups", "role_lrs", "split_groups"]
 
 #: The default B/A learning-rate ratio λ (see docs/convergence.md for the measurements behind it).
 DEFAULT_RATIO: float = 4.0
 
 _ROLE_ORDER = {role: i for i, role in enumerate(Role)}
-
-
-def check_number(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> float | None:
-    """Validate a positive finite real number (learning rates, ratios) and return it as float."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        raise LoraPlusError(
-            f"{name} must be a number, got the string {value!r}; YAML and CLI values arrive as strings — "
-            f"convert them first, e.g. {name}=float({value!r})"
-        )
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise LoraPlusError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise LoraPlusError(f"{name} must be finite, got {out!r}")
-    if out < 0 or (out == 0 and not allow_zero):
-        bound = "non-negative" if allow_zero else "positive"
-        raise LoraPlusError(f"{name} must be {bound}, got {out!r}")
-    return out
 
 
 def role_lrs(
@@ -81,14 +52,14 @@ def role_lrs(
             given[role] = checked
     out.update(given)
     if Role.B not in given:
-        out[Role.B] = ratio * out[Role.A]
+        out[Role.B] = check_product(f"B's learning rate (ratio {ratio:g} × A's {out[Role.A]:g})", ratio * out[Role.A])
     return out
 
 
 def _no_adapters_message(labels: Sequence[Label], rules_given: bool) -> str:
     names = [lab.name for lab in labels[:8]]
     more = f" (and {len(labels) - 8} more)" if len(labels) > 8 else ""
-    libs = sorted({c.library for c in CONVENTIONS})
+    libs = list(dict.fromkeys(layout.name for layout in LAYOUTS))
     hint = (
         "none of your rules= matched an adapter factor either"
         if rules_given
@@ -182,6 +153,7 @@ def prepare(
     lr_f = check_number("lr", lr)
     ratio_f = check_number("ratio", ratio)
     assert lr_f is not None and ratio_f is not None
+    check_product(f"lr × ratio ({lr_f:g} × {ratio_f:g})", lr_f * ratio_f)
     if ratio_f < 1:
         warnings.warn(
             f"ratio={ratio_f} < 1 gives the B factor a smaller learning rate than A; LoRA+ uses ratio >= 1 "
@@ -229,13 +201,17 @@ def warn_where_loraplus_does_not_apply(
                 "output-side factors with rules= if they exist"
             )
     _, unpaired = pair_labels(labels, modules, records=False)
-    lonely = [name for name, why in unpaired.items() if why.startswith(NO_PARTNER)]
+    lonely = [u.name for u in unpaired.values() if u.why is Why.NO_PARTNER]
     if lonely:
         shown = ", ".join(lonely[:5]) + (f" (and {len(lonely) - 5} more)" if len(lonely) > 5 else "")
         problems.append(
             f"{len(lonely)} adapter factor(s) have no partner factor in their layer: {shown}; they train at their "
             "role's rate, but check that the other factor is trainable and labelled (rules=, loraplus.pairs(model))"
         )
+    tied = [u for u in unpaired.values() if u.why is Why.TIED]
+    if tied:
+        shown = "; ".join(f"{u.name}: {u.reason}" for u in tied[:3]) + ("; …" if len(tied) > 3 else "")
+        problems.append(f"{len(tied)} adapter factor(s) sit in a layer whose other factor is a tied tensor ({shown})")
     if problems:
         warnings.warn("LoRA+ may not do what you expect: " + "; ".join(problems), UserWarning, stacklevel=4)
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._table import render_table
+from .._table import render_table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._demo import DemoConfig
+    from ._config import DemoConfig
 
 __all__ = ["DemoResult", "MethodResult", "Paired", "format_table", "paired", "plot", "report", "verdict"]
 

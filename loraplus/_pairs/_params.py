@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
 from ._pairs import pairs
-from ._roles import RuleSpec
+from .._labels import RuleSpec
 
 __all__ = ["pair_params"]
 

@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
 from ._history import AdapterInfo
-from ._pairs import Pair, pair_labels
-from ._roles import Label, Role, RuleSpec, label_model
+from .._pairs._pairs import Pair, pair_labels
+from .._labels import Label, Origin, RuleSpec, label_model
+from .._layouts import NAME_INDEX, Family, NameMatcher
+from .._role import Role
 
 __all__ = ["Targets", "find_targets", "unwrap_optimizer"]
 
@@ -57,8 +59,10 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def _labels_from_groups(optimizer: torch.optim.Optimizer) -> list[Label]:
+    """Labels from the groups' ``role`` and ``param_names``; the layer key from the names' layout pattern."""
     labels: list[Label] = []
     holder = nn.Module()  # no model: names and roles come from the groups
+    matcher = NameMatcher(NAME_INDEX, {})
     for i, g in enumerate(optimizer.param_groups):
         names = g.get("param_names")
         role = g.get("role")
@@ -68,19 +72,21 @@ def _labels_from_groups(optimizer: torch.optim.Optimizer) -> list[Label]:
                 "tell A from B without the model; pass the model: loraplus.Monitor(optimizer, model)"
             )
         for name, p in zip(names, g["params"]):
-            labels.append(Label(name, p, Role.coerce(role), None, f"group {g.get('name', i)}", holder))
+            role_ = Role.coerce(role)
+            # no modules to check partners or holders against: the most specific pattern of the group's role
+            # among layouts that need no structural check
+            hit = next((h for h in matcher.candidates(name) if h.layout.requires is None
+                        and ((h.factor.role.a_side and role_.a_side) or (h.factor.role.b_side and role_.b_side))), None)
+            labels.append(Label(name, p, role_, Origin.RULE, f"group {g.get('name', i)}", holder,
+                                None if hit is None else hit.layout, None if hit is None else hit.factor,
+                                name.rpartition(".")[0] if hit is None else hit.holder,
+                                "" if hit is None else hit.adapter))
     return labels
 
 
-def _is_dora(pair: Pair, modules: Mapping[str, nn.Module]) -> bool:
-    """Whether the pair's layer applies DoRA (PEFT ``lora_magnitude_vector``, torchtune/NeMo magnitude)."""
-    host = modules.get(pair.host)
-    if host is None:
-        return False
-    mags = host._modules.get("lora_magnitude_vector")
-    if mags is not None:
-        return pair.adapter in getattr(mags, "keys", lambda: ())()
-    return any(n in host._parameters for n in ("magnitude", "weight_magnitude"))
+def _is_dora(pair: Pair) -> bool:
+    """Whether the pair's layer applies DoRA (its layout's family)."""
+    return pair.layout is not None and pair.layout.family is Family.DORA
 
 
 def find_targets(
@@ -95,7 +101,8 @@ def find_targets(
         labels, modules = label_model(model, rules)
     else:
         labels, modules = _labels_from_groups(optimizer), {}
-    found, unpaired = pair_labels(labels, modules)
+    found, rest = pair_labels(labels, modules)
+    unpaired = {name: u.reason for name, u in rest.items()}
     where: dict[int, int] = {}  # parameter -> index of its param group
     for gi, g in enumerate(optimizer.param_groups):
         for p in g["params"]:
@@ -127,5 +134,5 @@ def find_targets(
     adapters = [
         AdapterInfo(p.key, p.layer, p.adapter, p.layer_group, p.scaling, where[id(p.a)], where[id(p.b)]) for p in pairs
     ]
-    notes = {p.key: DORA_NOTE for p in pairs if _is_dora(p, modules)}
+    notes = {p.key: DORA_NOTE for p in pairs if _is_dora(p)}
     return Targets(pairs, adapters, hosts, unpaired, notes, no_act)

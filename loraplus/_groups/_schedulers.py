@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._errors import LoraPlusError
-from ._groups import check_number
-from ._roles import Role
+from .._errors import LoraPlusError
+from .._numbers import check_number
+from .._role import Role
 
 __all__ = ["per_group"]
 

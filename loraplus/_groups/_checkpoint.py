@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ._errors import LoraPlusError
-from ._roles import canonical_name
+from .._errors import LoraPlusError
+from .._layouts import canonical_name
 
 __all__ = ["load_state_dict"]
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ._errors import LoraPlusError
+from .._errors import LoraPlusError
+from ._config import MINILM_HEAD_LR, DemoConfig
+from ._train import LoraLinear, _train
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._demo import DemoConfig
 
 __all__ = ["minilm_path"]
 
@@ -51,7 +51,6 @@ def _sentences(tokenizer: Any, length: int, limit: int) -> list[list[int]]:
 
 class _MiniLMLora(nn.Module):
     def __init__(self, encoder: nn.Module, rank: int) -> None:
-        from ._demo import LoraLinear  # the demo's own LoRA layer (imported here: _demo imports this module)
 
         super().__init__()
         self.encoder = encoder
@@ -72,7 +71,6 @@ class _MiniLMTask:
     name = "minilm"
 
     def __init__(self, cfg: DemoConfig, tick: Callable[[int], None]) -> None:
-        from ._demo import MINILM_HEAD_LR
 
         path = minilm_path()
         try:
@@ -107,7 +105,6 @@ class _MiniLMTask:
         tick(0)
 
     def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> tuple[list[float], float]:
-        from ._demo import MINILM_HEAD_LR, _train
 
         torch.manual_seed(seed)
         m = _MiniLMLora(copy.deepcopy(self.encoder), self.cfg.rank)

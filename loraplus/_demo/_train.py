@@ -1,0 +1,112 @@
+"""What every demo task shares: its LoRA layer, the training loop through LoraPlus, and the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .._groups._factory import LoraPlus
+
+__all__ = ["LoraLinear", "_progress", "_threads", "_train"]
+
+
+class _TextBar:
+    """A minimal progress bar on stderr when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total, self.n, self.desc, self.enabled = total, 0, desc, enabled
+        self._last = -1.0
+        self._t0 = time.perf_counter()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.2 or self.n >= self.total):
+            self._last = now
+            frac = self.n / max(self.total, 1)
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r{self.desc} [{bar:<30}] {100 * frac:5.1f}% {now - self._t0:5.1f}s")
+            sys.stderr.flush()
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _TextBar(total, desc, enabled)
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=True, mininterval=0.2)
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer plus a LoRA adapter, with PEFT's parameter names and init (B = 0)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+        super().__init__()
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, base.out_features, bias=False)})
+        nn.init.kaiming_uniform_(self.lora_A["default"].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B["default"].weight)
+        self.scaling = (alpha if alpha is not None else rank) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
+
+
+def _loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    m.eval()
+    with torch.no_grad():
+        val = nn.functional.cross_entropy(m(x), y).item()
+    m.train()
+    return val if math.isfinite(val) else float("inf")
+
+
+def _train(
+    m: nn.Module, task: Any, lr: float, ratio: float, seed: int, tick: Callable[[int], None],
+    role_lr: dict[str, float] | None = None,
+) -> tuple[list[float], float]:
+    """AdamW through LoraPlus on ``task``'s data (``x``, ``y``, ``x_val``, ``y_val``, ``x_test``,
+    ``y_test``, ``cfg``); returns the test loss every ``cfg.eval_every`` steps and the final
+    validation loss (``inf`` once it diverges)."""
+    cfg = task.cfg
+    m.train()
+    opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0, role_lr=role_lr)
+    gen = torch.Generator().manual_seed(100 + seed)
+    curve = []
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(task.x), (cfg.batch,), generator=gen)
+        loss = nn.functional.cross_entropy(m(task.x[idx]), task.y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tick(1)
+        if step % cfg.eval_every == 0:
+            curve.append(_loss(m, task.x_test, task.y_test))
+    return curve, _loss(m, task.x_val, task.y_val)
