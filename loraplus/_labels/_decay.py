@@ -5,7 +5,6 @@ Decided by a parameter's own (leaf) name and its module, never by a segment that
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, Union
@@ -41,16 +40,11 @@ _NORM_TYPES: tuple[type, ...] = (
 #: A parameter's own (leaf) name that says it is a normalisation weight: ``norm_weight``, ``ln_scale``.
 _NORM_LEAF = re.compile(r"(^|_)(norm|layernorm|rmsnorm|ln)(_|\d|$)")
 _CONTAINERS = (nn.ParameterDict, nn.ParameterList)
-_NORM_CLASS_CACHE: dict[type, bool] = {}
 
 
 def is_norm_module(module: nn.Module) -> bool:
     """A torch norm layer, or any class whose name ends in ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``)."""
-    cls = type(module)
-    hit = _NORM_CLASS_CACHE.get(cls)
-    if hit is None:
-        hit = _NORM_CLASS_CACHE[cls] = isinstance(module, _NORM_TYPES) or bool(_NORM_CLASS.search(cls.__name__))
-    return hit
+    return isinstance(module, _NORM_TYPES) or bool(_NORM_CLASS.search(type(module).__name__))
 
 
 def default_no_decay(label: Label) -> bool:
@@ -77,7 +71,6 @@ def default_no_decay(label: Label) -> bool:
     return _no_decay_leaf(leaf)
 
 
-@functools.lru_cache(maxsize=4096)
 def _no_decay_leaf(leaf: str) -> bool:
     low = leaf.lower()
     return low == "bias" or low.endswith("_bias") or bool(_NORM_LEAF.search(low))

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._errors import LoraPlusError
 from .._layouts import LAYOUTS, NAME_INDEX, Factor, Hit, Layout, NameMatcher, canonical_name, detect_by_type
-from .._role import Role
+from .._role import ADAPTER_ROLES, Role
 from ._decay import norm_named
 from ._rules import RuleSpec, normalize_rules
 from ._walk import walk
@@ -189,11 +189,15 @@ def label_model(model: nn.Module, rules: RuleSpec | None = None) -> tuple[list[L
                     if isinstance(_host(name, hit, modules), nn.Embedding):
                         role = Role.EMBEDDING_A if role.a_side else Role.EMBEDDING_B
                         source += " on an nn.Embedding"
+        if role is None:
+            role = Role.OTHER
         labels.append(
             Label(
-                name, param, Role.OTHER if role is None else role, origin, source, owner,
+                name, param, role, origin, source, owner,
                 None if hit is None else hit.layout, None if hit is None else hit.factor, holder,
-                "" if hit is None else hit.adapter, norm_named(name, owner, modules),
+                "" if hit is None else hit.adapter,
+                # only non-adapter tensors can be exempt as norms (the decay rules read it for them alone)
+                role is not Role.MAGNITUDE and role not in ADAPTER_ROLES and norm_named(name, owner, modules),
             )
         )
     return labels, modules

@@ -162,8 +162,8 @@ class NameMatcher:
         self._tails: dict[tuple[str, ...], tuple[tuple[Layout, Factor], ...]] = {}
         self._generic: dict[int, bool] = {}
 
-    def candidates(self, name: str) -> Iterator[Hit]:
-        """Every factor whose pattern matches the trailing segments of ``name``, most specific first, unchecked."""
+    def _located(self, name: str) -> Iterator[tuple[Layout, Factor, str, str]]:
+        """(layout, factor, holder name, adapter) for every pattern matching the trailing segments of ``name``."""
         wrapped = may_have_wrappers(name)
         if wrapped:
             segs, kept = kept_segments(name)
@@ -174,28 +174,38 @@ class NameMatcher:
         if found is None:
             found = self._tails[key] = self._index.tail(segs)
         n = len(segs)
+        holders: dict[int, str] = {}
         for layout, factor in found:
             k = len(factor.pattern)
             if layout.within is not None and layout.within not in segs[: n - k]:
                 continue
-            if wrapped:
-                holder_name = ".".join(name.split(".")[: kept[n - k]])
-            else:
-                holder_name = name.rsplit(".", k)[0] if n > k else ""
-            adapter = segs[n - k + factor.adapter_at] if factor.adapter_at is not None else ""
-            yield Hit(layout, factor, holder_name, adapter)
+            holder_name = holders.get(k)
+            if holder_name is None:
+                if wrapped:
+                    holder_name = ".".join(name.split(".")[: kept[n - k]])
+                else:
+                    holder_name = name.rsplit(".", k)[0] if n > k else ""
+                holders[k] = holder_name
+            at = factor.adapter_at
+            yield layout, factor, holder_name, segs[n - k + at] if at is not None else ""
+
+    def candidates(self, name: str) -> Iterator[Hit]:
+        """Every factor whose pattern matches the trailing segments of ``name``, most specific first, unchecked."""
+        for layout, factor, holder, adapter in self._located(name):
+            yield Hit(layout, factor, holder, adapter)
 
     def match(self, name: str) -> Hit | None:
         """The most specific factor whose pattern, partner, bottleneck and holder checks ``name`` passes."""
-        for hit in self.candidates(name):
-            holder = self._modules.get(hit.holder)
-            if hit.factor.partner is not None and not _has_attr(holder, hit.factor.partner):
+        modules = self._modules
+        for layout, factor, holder_name, adapter in self._located(name):
+            holder = modules.get(holder_name)
+            if factor.partner is not None and not _has_attr(holder, factor.partner):
                 continue
-            if hit.layout.generic and not self._low_rank(holder, hit.layout):
+            if layout.generic and not self._low_rank(holder, layout):
                 continue
-            if not hit.layout.accepts(holder, hit.adapter):
+            if layout.requires is not None and (holder is None or not layout.requires(holder, adapter)):
                 continue
-            return hit
+            return Hit(layout, factor, holder_name, adapter)
         return None
 
     def _low_rank(self, holder: nn.Module | None, layout: Layout) -> bool:

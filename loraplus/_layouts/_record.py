@@ -14,7 +14,7 @@ import math
 import numbers
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -70,10 +70,11 @@ class Factor:
         """The holder's attribute that holds this factor (``lora_A``, ``lora_down``, …)."""
         return self.pattern[0]
 
-    @property
-    def adapter_at(self) -> int | None:
-        """Index of the adapter-name wildcard in ``pattern`` (None: the layout has no adapter names)."""
-        return self.pattern.index("*") if "*" in self.pattern else None
+    #: Index of the adapter-name wildcard in ``pattern`` (None: the layout has no adapter names); derived.
+    adapter_at: int | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapter_at", self.pattern.index("*") if "*" in self.pattern else None)
 
 
 @dataclass(frozen=True)
