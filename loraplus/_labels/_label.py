@@ -44,7 +44,7 @@ class Label:
         param: the parameter.
         role: its role.
         origin: what decided the role.
-        source: the same, said for people (rule, declaring class, layout and pattern); never branched on.
+        detail: the rule's description, the declaring class or the detected module class (for :attr:`source`).
         module: the module that owns the parameter (the model itself for top-level parameters).
         layout: the layout it belongs to (None for rules, declared roles and ``Role.OTHER``).
         factor: which factor of the layout it is.
@@ -57,13 +57,26 @@ class Label:
     param: nn.Parameter
     role: Role
     origin: Origin
-    source: str
+    detail: str
     module: nn.Module
     layout: Layout | None = None
     factor: Factor | None = None
     holder: str = ""
     adapter: str = ""
     norm_named: bool = False
+
+    @property
+    def source(self) -> str:
+        """What decided the role, said for people (rule, declaring class, layout and pattern); never branched on."""
+        origin, layout, factor = self.origin, self.layout, self.factor
+        if layout is None or factor is None:
+            return self.detail if origin is not Origin.NONE else "not an adapter factor"
+        if origin is Origin.MODULE_TYPE:
+            text = f"{layout.library} {self.detail}.{factor.segment}"
+        else:
+            text = f"name {layout.name}: …{_pattern_text(factor)}"
+        promoted = self.role in (Role.EMBEDDING_A, Role.EMBEDDING_B) and factor.role in (Role.A, Role.B)
+        return text + " on an nn.Embedding" if promoted else text
 
     @property
     def family(self) -> str | None:
@@ -151,7 +164,7 @@ def label_model(model: nn.Module, rules: RuleSpec | None = None) -> tuple[list[L
             owner = model
         role: Role | None = None
         hit: Hit | None = None
-        holder, origin, source = owner_name, Origin.NONE, "not an adapter factor"
+        holder, origin, detail = owner_name, Origin.NONE, ""
         if user_rules:
             canon = canonical_name(name)
             hits = [(r, r.apply(name, canon, param, owner)) for r in user_rules]
@@ -164,36 +177,32 @@ def label_model(model: nn.Module, rules: RuleSpec | None = None) -> tuple[list[L
                         f"parameter {name!r} is matched by user rules with different roles ({shown}); "
                         "make the rules disjoint"
                     )
-                role, origin, source = hits[0][1], Origin.RULE, hits[0][0].description
-        if role is None:
+                role, origin, detail = hits[0][1], Origin.RULE, hits[0][0].description
+        if role is None and declared:
             dec = declared.get(id(param))
             if dec is not None:
-                role, holder, source = dec
+                role, holder, detail = dec
                 origin = Origin.DECLARED
         if role is None:
-            hit = typed.get(id(param))
-            origin = Origin.MODULE_TYPE
-            if hit is None:
-                hit = matcher.match(name)
-                origin = Origin.NAME
-            if hit is None:
-                origin = Origin.NONE
+            hit = typed.get(id(param)) if typed else None
+            if hit is not None:
+                origin = Origin.MODULE_TYPE
+                held = modules.get(hit.holder)
+                detail = type(held).__name__ if held is not None else "layer"
             else:
+                hit = matcher.match(name)
+                origin = Origin.NAME if hit is not None else Origin.NONE
+            if hit is not None:
                 role, holder = hit.factor.role, hit.holder
-                if origin is Origin.MODULE_TYPE:
-                    cls = type(modules[hit.holder]).__name__ if hit.holder in modules else "layer"
-                    source = f"{hit.layout.library} {cls}.{hit.factor.segment}"
-                else:
-                    source = f"name {hit.layout.name}: …{_pattern_text(hit.factor)}"
-                if role.a_side or role.b_side:
-                    if isinstance(_host(name, hit, modules), nn.Embedding):
-                        role = Role.EMBEDDING_A if role.a_side else Role.EMBEDDING_B
-                        source += " on an nn.Embedding"
+                if role is Role.A or role is Role.B:
+                    host = owner if hit.layout.within is None else _host(name, hit, modules)
+                    if isinstance(host, nn.Embedding):
+                        role = Role.EMBEDDING_A if role is Role.A else Role.EMBEDDING_B
         if role is None:
             role = Role.OTHER
         labels.append(
             Label(
-                name, param, role, origin, source, owner,
+                name, param, role, origin, detail, owner,
                 None if hit is None else hit.layout, None if hit is None else hit.factor, holder,
                 "" if hit is None else hit.adapter,
                 # only non-adapter tensors can be exempt as norms (the decay rules read it for them alone)

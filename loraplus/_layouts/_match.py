@@ -162,48 +162,64 @@ class NameMatcher:
         self._tails: dict[tuple[str, ...], tuple[tuple[Layout, Factor], ...]] = {}
         self._generic: dict[int, bool] = {}
 
-    def _located(self, name: str) -> Iterator[tuple[Layout, Factor, str, str]]:
-        """(layout, factor, holder name, adapter) for every pattern matching the trailing segments of ``name``."""
-        wrapped = may_have_wrappers(name)
-        if wrapped:
+    def _tail(self, name: str) -> tuple[list[str], list[int] | None, tuple[tuple[Layout, Factor], ...]]:
+        """The name's kept segments, their raw indices (None without wrapper segments) and the matching factors."""
+        if may_have_wrappers(name):
             segs, kept = kept_segments(name)
         else:
-            segs, kept = name.split("."), []
+            segs, kept = name.split("."), None
         key = tuple(segs[-self._index.longest:])
         found = self._tails.get(key)
         if found is None:
             found = self._tails[key] = self._index.tail(segs)
+        return segs, kept, found
+
+    @staticmethod
+    def _holder_name(name: str, n: int, k: int, kept: list[int] | None) -> str:
+        if kept is not None:
+            return ".".join(name.split(".")[: kept[n - k]])
+        return name.rsplit(".", k)[0] if n > k else ""
+
+    def candidates(self, name: str) -> Iterator[Hit]:
+        """Every factor whose pattern matches the trailing segments of ``name``, most specific first, unchecked."""
+        segs, kept, found = self._tail(name)
         n = len(segs)
-        holders: dict[int, str] = {}
         for layout, factor in found:
             k = len(factor.pattern)
             if layout.within is not None and layout.within not in segs[: n - k]:
                 continue
-            holder_name = holders.get(k)
-            if holder_name is None:
-                if wrapped:
-                    holder_name = ".".join(name.split(".")[: kept[n - k]])
-                else:
-                    holder_name = name.rsplit(".", k)[0] if n > k else ""
-                holders[k] = holder_name
             at = factor.adapter_at
-            yield layout, factor, holder_name, segs[n - k + at] if at is not None else ""
-
-    def candidates(self, name: str) -> Iterator[Hit]:
-        """Every factor whose pattern matches the trailing segments of ``name``, most specific first, unchecked."""
-        for layout, factor, holder, adapter in self._located(name):
-            yield Hit(layout, factor, holder, adapter)
+            yield Hit(layout, factor, self._holder_name(name, n, k, kept), segs[n - k + at] if at is not None else "")
 
     def match(self, name: str) -> Hit | None:
-        """The most specific factor whose pattern, partner, bottleneck and holder checks ``name`` passes."""
+        """The most specific factor whose pattern, partner, bottleneck and holder checks ``name`` passes.
+
+        The same candidates as :meth:`candidates`, in a plain loop: this runs once per parameter.
+        """
+        segs, kept, found = self._tail(name)
+        if not found:
+            return None
+        n = len(segs)
         modules = self._modules
-        for layout, factor, holder_name, adapter in self._located(name):
-            holder = modules.get(holder_name)
-            if factor.partner is not None and not _has_attr(holder, factor.partner):
+        last_k, holder_name, holder = -1, "", None
+        for layout, factor in found:
+            k = len(factor.pattern)
+            if layout.within is not None and layout.within not in segs[: n - k]:
+                continue
+            if k != last_k:
+                last_k, holder_name = k, self._holder_name(name, n, k, kept)
+                holder = modules.get(holder_name)
+            if holder is None:
+                continue
+            partner = factor.partner
+            if partner is not None and not (
+                    partner in holder._modules or partner in holder._parameters or partner in holder._buffers):
+                continue
+            at = factor.adapter_at
+            adapter = segs[n - k + at] if at is not None else ""
+            if layout.requires is not None and not layout.requires(holder, adapter):
                 continue
             if layout.generic and not self._low_rank(holder, layout):
-                continue
-            if layout.requires is not None and (holder is None or not layout.requires(holder, adapter)):
                 continue
             return Hit(layout, factor, holder_name, adapter)
         return None
