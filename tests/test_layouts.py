@@ -220,3 +220,84 @@ def test_no_code_branches_on_a_display_string():
                 if consts and any(a in _DISPLAY_FIELDS - {"name"} for a in attrs):
                     offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, offenders
+
+
+# ----------------------------------------------------------------------------------------------- package shape
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """``{module: modules of loraplus it imports at module level}``, read from the source."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "loraplus").rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        is_pkg = parts[-1] == "__init__"
+        if is_pkg:
+            parts = parts[:-1]
+        name = ".".join(parts)
+        package = parts if is_pkg else parts[:-1]
+        deps: set[str] = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level only
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+                continue
+            nodes = [node] if not isinstance(node, (ast.If, ast.Try)) else list(ast.walk(node))
+            for sub in nodes:
+                if isinstance(sub, ast.ImportFrom) and sub.level:
+                    base = package[: len(package) - sub.level + 1]
+                    target = ".".join(base + ([sub.module] if sub.module else []))
+                    deps.add(target)
+                    for alias in sub.names:  # `from . import testing` imports a submodule
+                        candidate = f"{target}.{alias.name}"
+                        if (ROOT / Path(*candidate.split("."))).is_dir() or (
+                                ROOT / Path(*candidate.split(".")).with_suffix(".py")).exists():
+                            deps.add(candidate)
+        graph[name] = {d for d in deps if d != name}
+    return graph
+
+
+def test_the_package_has_no_import_circles():
+    graph = _package_imports()
+    assert "loraplus._layouts._match" in graph and graph["loraplus._labels._label"]
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if dep not in graph:
+                continue
+            # a package's __init__ importing its own submodules is not a circle
+            if dep.startswith(node + "."):
+                continue
+            if state.get(dep) == 1 and not node.startswith(dep + "."):
+                cycle.extend(stack[stack.index(dep):] + [node, dep] if dep in stack else [node, dep])
+            elif dep not in state:
+                visit(dep, stack + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycle, cycle
+
+
+def test_import_loraplus_does_not_import_the_demo():
+    import subprocess
+    import sys
+
+    code = "import sys, loraplus; print(sorted(m for m in sys.modules if m.startswith('loraplus._demo')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_factor_whose_partner_is_tied_gets_a_warning_that_says_so():
+    first, second = LoraLinear(d=4, r=4), LoraLinear(d=4, r=4)
+    second.lora_A["default"].weight = first.lora_B["default"].weight  # one tensor shared by two layers
+    model = nn.Sequential(first, second)
+    with pytest.warns(UserWarning, match=r"tied to '0.lora_B.default.weight'") as caught:
+        loraplus.LoraPlus(torch.optim.AdamW, model, ratio=4, lr=1e-3)
+    assert not any("check that the other factor is trainable" in str(w.message) for w in caught)
+    found = loraplus.pairs(model)
+    assert [p.layer for p in found] == ["0"]
+    (u,) = found.unpaired
+    assert u.name == "1.lora_B.default.weight" and u.why is loraplus._pairs._pairs.Why.TIED
