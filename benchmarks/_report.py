@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from _minilm import RESULTS, smooth
+from _provenance import provenance
 
 from loraplus._demo import paired
 
@@ -237,7 +238,7 @@ def minilm_report() -> dict[str, Any]:
         "all_linear": ("minilm_all_linear.json", "B=0 init, r=8 on all linear layers, hard task"),
         "easy": ("minilm_easy.json", "B=0 init, r=8 on query/value, easy control task"),
     }
-    summary: dict[str, Any] = {"command": "python benchmarks/minilm_convergence.py report", "method": __doc__}
+    summary: dict[str, Any] = {**provenance(["report"], script="benchmarks/minilm_convergence.py"), "method": __doc__}
     panels, series = [], []
     for part, (name, title) in parts.items():
         meta, runs = load(name)
@@ -271,7 +272,7 @@ def adapters_report() -> dict[str, Any]:
     plain = [r for r in runs if r["config"]["magnitude"] == "A" and not r["config"]["magnitude_decay"]]
     by = group_runs(plain, lambda c: (c["family"], c["ratio"]))
     fams = sorted({k[0] for k in by}, key=["dora", "adalora", "loha", "lokr", "vera"].index)
-    summary: dict[str, Any] = {"command": "python benchmarks/adapters.py report", "method": __doc__, "meta": meta,
+    summary: dict[str, Any] = {**provenance(["report"], script="benchmarks/adapters.py"), "method": __doc__, "meta": meta,
                                "families": {}}
     lines = [
         "| family | λ | best lr(A) (grid) | held-out loss: mean ± sd (min–max) | vs λ=1, paired: mean [95 % CI], wins | accuracy |",

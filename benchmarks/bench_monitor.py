@@ -31,6 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 import loraplus  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 
 class Stack(nn.Module):
@@ -107,8 +109,8 @@ def main() -> None:
     load_after = os.getloadavg()
 
     result = {
-        "command": "python benchmarks/bench_monitor.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs (shared), {platform.system()}",
+        **provenance(script="benchmarks/bench_monitor.py"),
+        "machine_summary": f"{platform.machine()} {os.cpu_count()} logical CPUs (shared), {platform.system()}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": f"PEFT LoRA MLP, {n_pairs} adapted Linear({args.width},{args.width}) layers, r={args.rank}, "

@@ -51,6 +51,8 @@ import torch
 from torch import nn
 
 import loraplus
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 STEPS = 60
 SEEDS = (0, 1, 2, 3, 4)
@@ -238,6 +240,7 @@ def run_slice(slice_name: str, method: str, lrs: tuple[float, ...], seeds: tuple
         commands.append(command)
     meta.update(slice=slice_name, method=method, steps=steps, n_val=N_VAL, n_test=H.N_EVAL, batch=H.BATCH,
                 seq=H.SEQ, head_lr=H.HEAD_LR, machine=f"2 shared CPU cores, torch {torch.__version__}",
+                provenance=provenance(shlex.split(command)[2:], script="benchmarks/head_to_head.py"),
                 lr_grid=sorted({r["config"]["lr"] for r in data["runs"]} | set(lrs)))
     print(f"{slice_name} {method}: {len(todo)} runs to do ({len(data['runs'])} already in {out.name})", flush=True)
     t0 = time.perf_counter()
@@ -447,7 +450,7 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
         runs.setdefault(m["slice"], {}).setdefault(m["method"], []).extend(data["runs"])
         metas[f.name] = {k: m[k] for k in ("commands", "wall_seconds", "lr_grid", "steps") if k in m}
         metas[f.name]["runs"] = len(data["runs"])
-    summary: dict[str, Any] = {"command": "python benchmarks/head_to_head.py report", "files": metas, "slices": {},
+    summary: dict[str, Any] = {**provenance(["report"], script="benchmarks/head_to_head.py"), "files": metas, "slices": {},
                                "method": __doc__}
     md: list[str] = []
     order = [s for s in GRIDS if s in runs] + sorted(s for s in runs if s not in GRIDS)
@@ -509,6 +512,8 @@ def time_steps(slice_name: str, rounds: int = 20, warmup: int = 3, path: Path = 
                                   "min_seconds": {m: min(t) for m, t in times.items()}}
     data["commands"][slice_name] = command
     data["machine"] = f"2 shared CPU cores, one thread, torch {torch.__version__}"
+    data.setdefault("provenance", {})[slice_name] = provenance(shlex.split(command)[2:] if command.startswith("python ")
+                                                               else [], script="benchmarks/head_to_head.py")
     path.write_text(json.dumps(data, indent=1))
     for m in methods:
         print(f"{m:22s} {out[m] * 1e3:7.1f} ms/step (median of {rounds}; fastest {min(times[m]) * 1e3:.1f})")

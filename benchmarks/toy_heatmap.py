@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 D, N, R = 5, 100, 4
 N_TRAIN, N_TEST = 1000, 100
@@ -206,7 +208,7 @@ def main(init: str = "paper") -> dict:
     result: dict = {
         "setup": {"init": init, "d": D, "n": N, "r": R, "n_train": N_TRAIN, "n_test": N_TEST, "steps": STEPS,
                   "seeds": SEEDS, "dtype": str(DTYPE).replace("torch.", ""), "draw_dtype": "float64",
-                  "command": "python benchmarks/toy_heatmap.py", "machine": "2 shared CPU cores"},
+                  **provenance([init] if init != "paper" else [], script="benchmarks/toy_heatmap.py")},
         "grid": GRID,
         "test": {str(t): [r[t]["test"].tolist() for r in per_seed] for t in STEPS},
         "train": {str(t): [r[t]["train"].tolist() for r in per_seed] for t in STEPS},

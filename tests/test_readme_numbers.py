@@ -110,7 +110,7 @@ def test_every_committed_result_names_the_command_that_produced_it():
         commands = meta.get("commands") or data.get("commands")
         if not command and commands:  # a resumable file lists every command that added to it
             command = commands[0] if isinstance(commands, list) else next(iter(commands.values()))
-        parts = [v for v in data.values() if isinstance(v, dict)]
+        parts = [v for k, v in data.items() if isinstance(v, dict) and k != "provenance"]
         if not command and parts and all(isinstance(v.get("command"), str) for v in parts):
             command = parts[0]["command"]  # a file of parts (the width sweep and its real run), each with its command
         if not command:
@@ -118,3 +118,58 @@ def test_every_committed_result_names_the_command_that_produced_it():
         else:
             assert command.startswith("python "), (path.name, command)
     assert not missing, f"results without a command field: {missing}"
+
+
+#: The libraries whose versions every result records.
+LIBRARIES = ("torch", "peft", "transformers", "pytorch-optimizer", "lora-pro-adamw")
+
+
+def provenance_records(data: dict) -> list[dict]:
+    """Every ``{"command", "versions", "machine"}`` record in a result file (top level, ``provenance``, parts)."""
+    found = []
+    candidates = [data, data.get("provenance"), (data.get("meta") or {}).get("provenance")]
+    candidates += [v for v in data.values() if isinstance(v, dict)]
+    candidates += list((data.get("provenance") or {}).values()) if isinstance(data.get("provenance"), dict) else []
+    for c in candidates:
+        if isinstance(c, dict) and isinstance(c.get("versions"), dict) and "machine" in c and "command" in c:
+            found.append(c)
+    return found
+
+
+def test_every_committed_result_records_command_versions_and_machine():
+    """New runs record them (``benchmarks/_provenance.py``); older files carry a labelled retrofit."""
+    bad = []
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+        records = provenance_records(json.loads(path.read_text()))
+        complete = [r for r in records if all(r["versions"].get(lib) for lib in LIBRARIES) and r["machine"]]
+        if not complete:
+            bad.append(path.name)
+        for r in complete:
+            if "recorded" in r:  # a retrofit must say so
+                assert r["recorded"].startswith("added afterwards"), (path.name, r["recorded"])
+    assert not bad, f"results without command, versions of {LIBRARIES} and machine: {bad}"
+
+
+def test_a_recorded_output_path_is_the_file_itself():
+    """A command that names its output (``--out``, ``--json``) names the file it is stored in."""
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+        data = json.loads(path.read_text())
+        for r in provenance_records(data) + [data]:
+            cmd = r.get("command")
+            if not isinstance(cmd, str):
+                continue
+            words = cmd.split()
+            flag = "--json" if "--json" in words else "--out"  # the demo's --out is its figure
+            if flag in words:
+                assert Path(words[words.index(flag) + 1]).name == path.name, (path.name, cmd)
+
+
+def test_new_runs_record_provenance():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _provenance import provenance
+
+    p = provenance(["--rounds", "3"], script="benchmarks/bench_monitor.py")
+    assert p["command"] == "python benchmarks/bench_monitor.py --rounds 3"
+    assert set(LIBRARIES) <= set(p["versions"]) and p["machine"]["cpus"]
