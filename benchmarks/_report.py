@@ -3,7 +3,8 @@
 Best-vs-best: for every configuration (λ, init, family, ...) the learning rate is picked on
 the *training stream* — the seed-mean of the last ``SELECT_LAST`` per-step training losses,
 each measured on a fresh batch before the model steps on it (no window repeats within a run) —
-and the fixed held-out set (disjoint from the stream) is only used to report that lr's seeds:
+and the fixed held-out set (disjoint from the stream by index; about 30 % of its windows have an
+identical copy in the stream, ``benchmarks/window_overlap.py``) is only used to report that lr's seeds:
 mean ± sd, min–max, and the paired-by-seed difference to λ=1 (same seed: same adapter and head init and
 batch order) with its 95 % t-interval and the number of seeds where λ beats λ=1. A best lr at
 either end of its grid is flagged "edge, not best-vs-best".
