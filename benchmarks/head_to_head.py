@@ -482,6 +482,7 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
     lines.append(f"\n({len(metas)} files, {n_runs} runs, {total / 60:.0f} min of wall time "
                  "in all, two training processes at a time.)")
     md.append("**Commands and run times**\n\n" + "\n".join(lines) + "\n")
+    summary["total"] = {"files": len(metas), "runs": n_runs, "wall_seconds": total}
     print(md[-1])
     summary_path = summary_path or results / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1))

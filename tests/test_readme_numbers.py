@@ -1,89 +1,70 @@
-"""Every number in README.md's "What we measured" table comes from a committed JSON result.
+"""Every figure in README.md and docs/*.md is tied to one JSON key, and the check can fail.
 
-The README cannot drift from the data again: each decimal number in the table's result column
-must equal, at the precision printed, some number stored in ``benchmarks/results/*.json`` (the
-demo's row: ``benchmarks/results/demo_mlp.json``, written by the command the Benchmarks page
-gives). A ratio printed as ``1.9×`` must be stored as a ratio, not derived in the prose.
-
-Only summary values count: raw per-run data (curves, grids of every seed, per-step timings)
-hold so many numbers that a short decimal would match one of them by chance.
+Each page's table ``docs/_numbers/<page>.toml`` maps every quoted number to
+``benchmarks/results/<file>.json#/json/pointer`` with the format it is printed in; the checker
+(``tests/figures.py``) compares the printed number with the stored one at that rounding (sign,
+digits, integers) and fails on any number in the prose or tables that has no entry and is not an
+allowed non-figure. The mutation tests change every registered figure of a copy of the README
+(and of a docs page) and require the checker to report each change.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 
+import pytest
+
+import figures
+
 ROOT = Path(__file__).resolve().parent.parent
-NUMBER = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*(?:\.\d+)?")
 
 
-def results_table() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## What we measured", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
-    assert rows and rows[0].startswith("| question"), "the results table moved: update this test"
-    return [[cell.strip() for cell in row.strip("|").split("|")][1] for row in rows[1:]]
+@pytest.mark.parametrize("page", figures.PAGES)
+def test_every_number_on_the_page_is_tied_to_its_json(page):
+    problems = figures.check_page(page)
+    assert not problems, f"{page}: " + "\n".join(problems[:40]) + (f"\n… {len(problems)} in all" if len(problems) > 40 else "")
 
 
-#: Keys whose values are raw data, not summaries.
-RAW = {"runs", "test", "train", "mean_test", "median_test", "best_cell_curve", "best_diagonal_curve", "seconds",
-       "step_seconds", "curve", "seed_curves", "grid"}
-#: Lists longer than this are raw data too (curves, per-repetition timings).
-MAX_LIST = 12
-
-
-def stored_numbers() -> list[float]:
-    out: list[float] = []
-
-    def walk(v: object) -> None:
-        if isinstance(v, bool):
-            return
-        if isinstance(v, (int, float)):
-            if math.isfinite(v):
-                out.append(float(v))
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                if k not in RAW:
-                    walk(x)
-        elif isinstance(v, (list, tuple)) and len(v) <= MAX_LIST:
-            for x in v:
-                walk(x)
-
-    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
-        walk(json.loads(path.read_text()))
+def _mutations(printed: str) -> list[str]:
+    """A changed last digit and a flipped (or added) sign."""
+    i = max(k for k, ch in enumerate(printed) if ch.isdigit())
+    digit = str((int(printed[i]) + 1) % 10)
+    out = [printed[:i] + digit + printed[i + 1 :]]
+    if printed[0] in "+−-":
+        out.append(("−" if printed[0] == "+" else "+") + printed[1:])
+    else:
+        out.append("−" + printed)
     return out
 
 
-def printed_numbers(cell: str) -> list[str]:
-    cell = re.sub(r"`[^`]*`", "", cell)  # code (ratio=4, every=10) is a setting, not a result
-    cell = re.sub(r"\[[^\]]*\]\([^)]*\)", "", cell)  # links
-    cell = re.sub(r"(λ|η_?[AB]?|r|t|seeds?)\s*=\s*[\d.]+", "", cell)  # settings written as name=value
-    return [m.group(0) for m in NUMBER.finditer(cell) if "." in m.group(0)]
+@pytest.mark.parametrize("page", ["README.md", "docs/head_to_head.md"])
+def test_changing_any_registered_figure_is_reported(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    table = figures.load_table(page)
+    assert not figures.check(text, table)
+    missed = []
+    for e in table["figure"]:
+        start, end, printed = figures.locate(text, e["quote"], e.get("nth"))
+        for changed in _mutations(printed):
+            if not figures.check(text[:start] + changed + text[end:], table):
+                missed.append((e["quote"], changed))
+    assert not missed, f"changes the checker did not report: {missed[:10]}"
 
 
-def matches(token: str, stored: list[float]) -> bool:
-    value = float(token.replace(",", "").replace("−", "-"))
-    decimals = len(token.split(".")[1])
-    tol = 0.5 * 10**-decimals + 1e-12
-    return any(abs(abs(v) - abs(value)) <= tol for v in stored)
+def test_an_unregistered_number_is_reported():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = figures.load_table("README.md")
+    text = text.replace("## What we measured\n", "## What we measured\n\nIt is 12.5× faster.\n", 1)
+    assert any("'12.5' has no entry" in p for p in figures.check(text, table))
 
 
-def test_readme_results_table_has_rows():
-    assert len(results_table()) >= 5
-
-
-def test_every_decimal_in_the_results_table_is_in_a_committed_json():
-    stored = stored_numbers()
-    missing = [(cell[:60], tok) for cell in results_table() for tok in printed_numbers(cell) if not matches(tok, stored)]
-    assert not missing, f"README numbers with no committed JSON behind them: {missing}"
-
-
-def test_the_checker_rejects_an_invented_number():
-    assert not matches("123.4567", stored_numbers())
-    assert printed_numbers("ratio 4: **1.094** vs `lr=2e-4` (λ=4) 0.5 [link 9.9](x.md)") == ["1.094", "0.5"]
+def test_the_checker_reads_numbers_as_printed():
+    assert [t.text for t in figures.tokens("loss 0.43 vs −0.106 [+0.05], 1,440 tensors, 3.0·10⁻³, `lr=2e-4`")] == [
+        "0.43", "−0.106", "+0.05", "1,440", "3.0·10⁻³"]
+    assert figures.parse("3.0·10⁻³") == pytest.approx(3e-3) and figures.parse("10⁻²") == pytest.approx(1e-2)
+    assert figures.render(-0.0831, "+.3f") == "-0.083" and figures.render(9, "d") == "9"
+    assert figures._same("−0.083", "-0.083", ".3f") and not figures._same("0.083", "-0.083", ".3f")
 
 
 def test_the_demo_output_in_the_readme_is_the_committed_runs():
