@@ -56,7 +56,7 @@ NOT_FIGURES = [
     re.compile(r"(?m)^ *(?:#+ )?\d+\. "),  # numbered lists and headings
     re.compile(r"95 %"),  # the confidence level of every interval, a setting
     # a setting written as name = value: λ=4, r = 8, t = 200, n = 64, d = 5
-    re.compile(r"(?<![\w])(?:λ|r|α|t|n|d|s|A|B)\s?=\s?\d+(?:\.\d+)?(?![\d.])"),
+    re.compile(r"(?<![\w])(?:λ|r|α|t|n|d|s|A|B)\s?=\s?\d+(?:\.\d+)?(?!\d|\.\d)"),
 ]
 
 TRANSFORMS: dict[str, Callable[[float], float]] = {
@@ -116,17 +116,35 @@ def tokens(text: str) -> list[Token]:
 
 
 @lru_cache(maxsize=None)
-def _quote_regex(quote: str) -> re.Pattern:
+def _quote_regex(quote: str) -> tuple[re.Pattern, str, str]:
+    """The quote as a pattern (its «number» a number wildcard), and its literal text before/after."""
     before, sep, rest = quote.partition("«")
     inner, sep2, after = rest.partition("»")
-    if not sep or not sep2 or "«" in after:
+    if not sep or not sep2 or "«" in after or "»" in before:
         raise ValueError(f"a quote marks exactly one number with «…»: {quote!r}")
-    return re.compile(re.escape(before) + r"(?P<fig>" + NUMBER.pattern + r")" + re.escape(after))
+    pattern = re.compile(re.escape(before) + r"(?P<fig>" + NUMBER.pattern + r")" + re.escape(after))
+    return pattern, before, after
+
+
+def _hits(text: str, quote: str) -> list[re.Match]:
+    pattern, before, after = _quote_regex(quote)
+    anchor = before if len(before) >= len(after) else after
+    if not anchor:
+        return list(pattern.finditer(text))
+    hits, seen, i = [], set(), text.find(anchor)
+    while i >= 0:  # only try the pattern where its longer literal part occurs (fast on long pages)
+        lo = i if anchor is before else max(0, i - len(before) - 40)
+        m = pattern.search(text, lo, i + len(anchor) + (40 if anchor is before else 0) + len(after))
+        if m and m.start() not in seen and (anchor is not before or m.start() == i):
+            seen.add(m.start())
+            hits.append(m)
+        i = text.find(anchor, i + 1)
+    return sorted(hits, key=lambda m: m.start())
 
 
 def locate(text: str, quote: str, nth: int | None = None) -> tuple[int, int, str] | str:
     """Where the «number» of ``quote`` is on the page: (start, end, printed), or what is wrong."""
-    hits = list(_quote_regex(quote).finditer(text))
+    hits = _hits(text, quote)
     if nth is not None:
         if nth >= len(hits):
             return f"quote found {len(hits)} times, entry wants occurrence {nth}"
@@ -162,6 +180,8 @@ def render(value: Any, fmt: str, transform: str | None = None) -> str:
             raise TypeError(f"not a number: {value!r}")
     elif transform:
         value = TRANSFORMS[transform](value)
+    if fmt.startswith("sci"):  # compared as a value at the printed mantissa's precision (see _same)
+        return repr(float(value))
     if fmt.endswith("d") and isinstance(value, float):
         if value != int(value):
             raise TypeError(f"{value!r} printed as an integer")
@@ -194,7 +214,10 @@ def check(text: str, table: dict[str, list[dict[str, Any]]]) -> list[str]:
     covered: set[tuple[int, int]] = set()
     for kind in ("figure", "allow"):
         for e in table[kind]:
-            where = locate(text, e["quote"], e.get("nth"))
+            try:
+                where = locate(text, e["quote"], e.get("nth"))
+            except ValueError as err:
+                where = str(err)
             if isinstance(where, str):
                 problems.append(f"{kind} {e['quote']!r}: {where}")
                 continue
@@ -211,7 +234,7 @@ def check(text: str, table: dict[str, list[dict[str, Any]]]) -> list[str]:
             if not _same(printed, expected, e["format"]):
                 problems.append(f"{e['quote']!r} prints {printed}, {e['source']} gives {expected}")
     for tok in tokens(text):
-        if not any(s <= tok.start and tok.end <= t for s, t in covered):
+        if (tok.start, tok.end) not in covered and not any(s <= tok.start and tok.end <= t for s, t in covered):
             line = text.count("\n", 0, tok.start) + 1
             ctx = text[max(0, tok.start - 30) : tok.end + 30].replace("\n", " ")
             problems.append(f"line {line}: {tok.text!r} has no entry (…{ctx}…)")

@@ -28,7 +28,7 @@ def test_every_number_on_the_page_is_tied_to_its_json(page):
 
 def _mutations(printed: str) -> list[str]:
     """A changed last digit and a flipped (or added) sign."""
-    i = max(k for k, ch in enumerate(printed) if ch.isdigit())
+    i = max(k for k, ch in enumerate(printed) if ch in "0123456789")
     digit = str((int(printed[i]) + 1) % 10)
     out = [printed[:i] + digit + printed[i + 1 :]]
     if printed[0] in "+−-":
