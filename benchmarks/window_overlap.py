@@ -50,7 +50,7 @@ def measure(task: str) -> dict[str, object]:
     ids, _ = H.windows()
     train_idx, test_idx = H.split(task)
     test = _keys(ids, test_idx)
-    out: dict[str, object] = {}
+    out: dict[str, object] = {"task_windows": len(train_idx) + len(test_idx)}  # the source task is balanced
     # study 1 (minilm_convergence.py, adapters.py): held-out = the test windows, stream = the rest
     # head_to_head.py: validation = the first N_VAL training windows, stream = the rest
     for study, stream, held in (("study1", train_idx, {"held_out": test}),
@@ -86,7 +86,7 @@ def main() -> None:
         "what": "held-out windows whose 8 tokens also occur as a training window (same token sequence, "
                 "another index); 'in_training_pool': anywhere in the stream a run draws from; "
                 "'in_a_60_step_run': among the 960 windows a 60-step run of batch 16 trains on, per seed",
-        "windows": len(ids), "distinct_windows": distinct, "duplicate_fraction": 1 - distinct / len(ids),
+        "windows": len(ids), "torch_fraction": float(H.windows()[1].float().mean()), "distinct_windows": distinct, "duplicate_fraction": 1 - distinct / len(ids),
         "tasks": {task: measure(task) for task in ("order", "source")},
     }
     path = H.RESULTS / "window_overlap.json"
