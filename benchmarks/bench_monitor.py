@@ -48,7 +48,7 @@ def summarize(result: dict) -> dict:
             vals = entry["step_ms_per_round"]
             base = result["configs"]["unmonitored"][clock]["step_ms_per_round"]
             paired = [t / b for t, b in zip(vals, base)]
-            q1, _, q3 = statistics.quantiles(paired, n=4, method="inclusive")
+            q1, _, q3 = statistics.quantiles(paired, n=4, method="inclusive") if len(paired) > 1 else paired * 3
             out[name][clock] = {
                 "median_ms": statistics.median(vals), "min_ms": min(vals), "max_ms": max(vals),
                 "overhead_pct": 100 * (entry["ratio_of_medians"] - 1),
