@@ -3,7 +3,8 @@
 Best-vs-best: for every configuration (λ, init, family, ...) the learning rate is picked on
 the *training stream* — the seed-mean of the last ``SELECT_LAST`` per-step training losses,
 each measured on a fresh batch before the model steps on it (no window repeats within a run) —
-and the fixed held-out set (disjoint from the stream) is only used to report that lr's seeds:
+and the fixed held-out set (disjoint from the stream by index; about 30 % of its windows have an
+identical copy in the stream, ``benchmarks/window_overlap.py``) is only used to report that lr's seeds:
 mean ± sd, min–max, and the paired-by-seed difference to λ=1 (same seed: same adapter and head init and
 batch order) with its 95 % t-interval and the number of seeds where λ beats λ=1. A best lr at
 either end of its grid is flagged "edge, not best-vs-best".
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from _minilm import RESULTS, smooth
+from _provenance import provenance
 
 from loraplus._demo import paired
 
@@ -237,7 +239,7 @@ def minilm_report() -> dict[str, Any]:
         "all_linear": ("minilm_all_linear.json", "B=0 init, r=8 on all linear layers, hard task"),
         "easy": ("minilm_easy.json", "B=0 init, r=8 on query/value, easy control task"),
     }
-    summary: dict[str, Any] = {"command": "python benchmarks/minilm_convergence.py report", "method": __doc__}
+    summary: dict[str, Any] = {**provenance(["report"], script="benchmarks/minilm_convergence.py"), "method": __doc__}
     panels, series = [], []
     for part, (name, title) in parts.items():
         meta, runs = load(name)
@@ -271,7 +273,7 @@ def adapters_report() -> dict[str, Any]:
     plain = [r for r in runs if r["config"]["magnitude"] == "A" and not r["config"]["magnitude_decay"]]
     by = group_runs(plain, lambda c: (c["family"], c["ratio"]))
     fams = sorted({k[0] for k in by}, key=["dora", "adalora", "loha", "lokr", "vera"].index)
-    summary: dict[str, Any] = {"command": "python benchmarks/adapters.py report", "method": __doc__, "meta": meta,
+    summary: dict[str, Any] = {**provenance(["report"], script="benchmarks/adapters.py"), "method": __doc__, "meta": meta,
                                "families": {}}
     lines = [
         "| family | λ | best lr(A) (grid) | held-out loss: mean ± sd (min–max) | vs λ=1, paired: mean [95 % CI], wins | accuracy |",

@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _minilm as H  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 STEPS = 40
 SEEDS = (0, 1, 2)
@@ -85,7 +87,8 @@ def main(argv: list[str]) -> None:
             todo = [c for c in todo if c.ratio != 16]
         H.sweep(todo, H.RESULTS / "adapters.json", meta={"steps": STEPS, "seeds": SEEDS,
                 "lr_by_ratio": {str(k): v for k, v in LR_BY_RATIO.items()}, "family_lr_scale": FAMILY_LR_SCALE,
-                "command": "python benchmarks/adapters.py run",
+                "command": "python benchmarks/adapters.py " + " ".join(argv),
+                "provenance": provenance(argv, script="benchmarks/adapters.py"),
                 "lr_grid": sorted({f"{c.family} λ={c.ratio:g}: {c.lr:g}" for c in todo})})
     elif argv[:1] == ["report"]:
         import _report

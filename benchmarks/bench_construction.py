@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 try:
     import loraplus
@@ -204,15 +206,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "two_largest": loglog_slope(n[-2:], ys[-2:]) if len(n) > 1 else None}
     result = {
         "benchmark": "construction",
-        "command": "python benchmarks/bench_construction.py" + "".join(
-            " " + a for a in (argv if argv is not None else sys.argv[1:])),
+        **provenance(argv, script="benchmarks/bench_construction.py"),
         "model": "MoE LoRA on the meta device, 48 layers x experts, PEFT names under base_model.model.",
         "sizes": sizes,
         "loglog_slope": slopes,
         "seconds_total": time.perf_counter() - t0,
-        "versions": {"torch": torch.__version__, "loraplus": loraplus.__version__, "peft": peft_version,
-                     "python": platform.python_version()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
     }
     print(f"\n{'trainable tensors':>18}" + "".join(f"{k + ' s':>12}" for k in sizes[0]["median_s"])
           + f"{'lp/bare':>18}{'peft/lp':>22}")

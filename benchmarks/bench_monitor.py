@@ -31,6 +31,31 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 import loraplus  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
+
+
+def summarize(result: dict) -> dict:
+    """What the Monitor page quotes, per configuration and clock, from the per-round step times.
+
+    The unmonitored step's median and range (ms), the overhead in per cent as a ratio of medians
+    and as the median of the per-round paired ratios, and those paired ratios' quartiles.
+    """
+    out: dict = {}
+    for name, clocks in result["configs"].items():
+        out[name] = {}
+        for clock, entry in clocks.items():
+            vals = entry["step_ms_per_round"]
+            base = result["configs"]["unmonitored"][clock]["step_ms_per_round"]
+            paired = [t / b for t, b in zip(vals, base)]
+            q1, _, q3 = statistics.quantiles(paired, n=4, method="inclusive") if len(paired) > 1 else paired * 3
+            out[name][clock] = {
+                "median_ms": statistics.median(vals), "min_ms": min(vals), "max_ms": max(vals),
+                "overhead_pct": 100 * (entry["ratio_of_medians"] - 1),
+                "paired_overhead_pct": 100 * (entry["median_paired_ratio"] - 1),
+                "paired_q1_pct": 100 * (q1 - 1), "paired_q3_pct": 100 * (q3 - 1),
+            }
+    return out
 
 
 class Stack(nn.Module):
@@ -107,8 +132,8 @@ def main() -> None:
     load_after = os.getloadavg()
 
     result = {
-        "command": "python benchmarks/bench_monitor.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs (shared), {platform.system()}",
+        **provenance(script="benchmarks/bench_monitor.py"),
+        "machine_summary": f"{platform.machine()} {os.cpu_count()} logical CPUs (shared), {platform.system()}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "model": f"PEFT LoRA MLP, {n_pairs} adapted Linear({args.width},{args.width}) layers, r={args.rank}, "
@@ -137,6 +162,7 @@ def main() -> None:
             }
             print(f"{name:<22} {clock:<5} {med * 1e3:>15.2f} {ratio:>17.3f} {paired:>20.3f}")
         result["configs"][name] = entry
+    result["summary"] = summarize(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.out}")

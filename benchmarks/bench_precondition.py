@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 try:
     import loraplus
@@ -152,10 +154,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{res['peft_over_bare']['median']:.2f}, PEFT adds {res['peft_added_over_loraplus_added']:.1f}x more",
               flush=True)
     meta = {
-        "command": " ".join(["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)]),
+        **provenance(argv, script="benchmarks/bench_precondition.py"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
         "widths": args.d,

@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 try:
     import loraplus
@@ -205,15 +207,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = {
         "benchmark": "step",
-        "command": "python benchmarks/bench_step.py" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:])),
+        **provenance(argv, script="benchmarks/bench_step.py"),
         "model": {"layers": args.layers, "d": args.d, "rank": args.rank, "trainable_tensors": len(trainable),
                   "trainable_elements": n_elems},
         "steps_per_repeat": args.steps,
         "repeat": args.repeat,
         "threads": args.threads,
         "results": results,
-        "versions": {"torch": torch.__version__, "loraplus": loraplus.__version__, "python": platform.python_version()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

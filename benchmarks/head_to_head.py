@@ -25,7 +25,9 @@ or ``A0`` (the paper's). Methods, every one built through ``loraplus``:
 Protocol: AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0) (LoRA-RITE: its own update with the
 same betas; LoRA-Pro: its SGD-on-the-equivalent-gradient port with the same betas), 10 % linear
 warm-up then linear decay, batch 16, ``STEPS`` steps on a stream of fresh training windows; the
-head always at ``HEAD_LR`` so only the adapter's rate is swept. Three disjoint window sets: the
+head always at ``HEAD_LR`` so only the adapter's rate is swept. Three window sets, disjoint by index
+(about 30 % of the validation and test windows have an identical copy in the training stream:
+``benchmarks/window_overlap.py``): the
 training stream, a validation set of ``N_VAL`` windows (picks each method's lr: lowest seed-mean
 validation loss) and the test set of ``_minilm.py`` (256 windows, reported). Seeds are paired
 across methods: seed s gives every method the same adapter and head init and the same batches.
@@ -51,6 +53,8 @@ import torch
 from torch import nn
 
 import loraplus
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 STEPS = 60
 SEEDS = (0, 1, 2, 3, 4)
@@ -238,6 +242,7 @@ def run_slice(slice_name: str, method: str, lrs: tuple[float, ...], seeds: tuple
         commands.append(command)
     meta.update(slice=slice_name, method=method, steps=steps, n_val=N_VAL, n_test=H.N_EVAL, batch=H.BATCH,
                 seq=H.SEQ, head_lr=H.HEAD_LR, machine=f"2 shared CPU cores, torch {torch.__version__}",
+                provenance=provenance(shlex.split(command)[2:], script="benchmarks/head_to_head.py"),
                 lr_grid=sorted({r["config"]["lr"] for r in data["runs"]} | set(lrs)))
     print(f"{slice_name} {method}: {len(todo)} runs to do ({len(data['runs'])} already in {out.name})", flush=True)
     t0 = time.perf_counter()
@@ -269,6 +274,8 @@ def run_slice(slice_name: str, method: str, lrs: tuple[float, ...], seeds: tuple
 
 # ---------------------------------------------------------------------------------------------- report
 
+#: A seed-mean test loss at or above this is "back at chance" (ln 2 = 0.693 for two balanced classes).
+CHANCE = 0.69
 BAND = 0.05  # a rate is "good" when its seed-mean test loss is within 5 % of the method's best
 
 
@@ -307,6 +314,8 @@ def method_best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "acc": statistics.fmean(r["test_acc"] for r in rs), "per_seed": losses,
         "seed_ids": [r["config"]["seed"] for r in rs], "seeds": len(rs),
         "band": [grid[lo], grid[hi]], "band_factor": grid[hi] / grid[lo],
+        # the seed-mean test loss one grid step (about 3×) above the picked rate, None at the grid's top
+        "test_one_step_up": test[grid[grid.index(lr) + 1]] if lr != grid[-1] else None,
         "band_open": lo == 0 or hi == len(grid) - 1,
         # the band cannot reach the first rates outside it: an upper bound on its width
         "band_bound": (grid[min(hi + 1, len(grid) - 1)] / grid[max(lo - 1, 0)]),
@@ -447,7 +456,7 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
         runs.setdefault(m["slice"], {}).setdefault(m["method"], []).extend(data["runs"])
         metas[f.name] = {k: m[k] for k in ("commands", "wall_seconds", "lr_grid", "steps") if k in m}
         metas[f.name]["runs"] = len(data["runs"])
-    summary: dict[str, Any] = {"command": "python benchmarks/head_to_head.py report", "files": metas, "slices": {},
+    summary: dict[str, Any] = {**provenance(["report"], script="benchmarks/head_to_head.py"), "files": metas, "slices": {},
                                "method": __doc__}
     md: list[str] = []
     order = [s for s in GRIDS if s in runs] + sorted(s for s in runs if s not in GRIDS)
@@ -461,6 +470,9 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
             plot(s, bests, img_dir / f"h2h_{s}.png")
             summary["slices"][s] = {m: {k: v for k, v in b.items() if k not in ("seed_curves", "raw_curves")}
                                     for m, b in bests.items()}
+            up = [b["test_one_step_up"] for b in bests.values() if b["test_one_step_up"] is not None]
+            summary.setdefault("one_step_up", {})[s] = {
+                "at_chance": sum(v >= CHANCE for v in up), "of": len(up), "chance": CHANCE}
     lines = ["| file | runs | wall time | command(s) |", "|---|---|---|---|"]
     for name, m in metas.items():
         cmds = "<br>".join(f"`{c}`" for c in m.get("commands", []))
@@ -470,6 +482,7 @@ def report(results: Path = OUT, img_dir: Path | None = None, summary_path: Path 
     lines.append(f"\n({len(metas)} files, {n_runs} runs, {total / 60:.0f} min of wall time "
                  "in all, two training processes at a time.)")
     md.append("**Commands and run times**\n\n" + "\n".join(lines) + "\n")
+    summary["total"] = {"files": len(metas), "runs": n_runs, "wall_seconds": total}
     print(md[-1])
     summary_path = summary_path or results / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1))
@@ -509,6 +522,8 @@ def time_steps(slice_name: str, rounds: int = 20, warmup: int = 3, path: Path = 
                                   "min_seconds": {m: min(t) for m, t in times.items()}}
     data["commands"][slice_name] = command
     data["machine"] = f"2 shared CPU cores, one thread, torch {torch.__version__}"
+    data.setdefault("provenance", {})[slice_name] = provenance(shlex.split(command)[2:] if command.startswith("python ")
+                                                               else [], script="benchmarks/head_to_head.py")
     path.write_text(json.dumps(data, indent=1))
     for m in methods:
         print(f"{m:22s} {out[m] * 1e3:7.1f} ms/step (median of {rounds}; fastest {min(times[m]) * 1e3:.1f})")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _minilm as H  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 STEPS = 60
 SEEDS = (0, 1, 2)
@@ -78,7 +80,8 @@ def main(argv: list[str]) -> None:
             p = PARTS[part]
             H.sweep(configs(part), H.RESULTS / f"minilm_{part}.json", meta={"part": part, "steps": STEPS,
                     "lr_grid": {str(lam): _lrs(p, lam) for lam in p["ratios"]}, "seeds": SEEDS,
-                    "command": f"python benchmarks/minilm_convergence.py run {part}"})
+                    "command": f"python benchmarks/minilm_convergence.py run {part}",
+                    "provenance": provenance(["run", part], script="benchmarks/minilm_convergence.py")})
     elif argv[:1] == ["report"]:
         import _report
 

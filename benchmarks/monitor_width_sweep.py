@@ -31,6 +31,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 import loraplus  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 IMG = ROOT / "docs" / "img"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -184,11 +186,12 @@ def main() -> None:
     args = ap.parse_args()
     path = RESULTS / "monitor_width_sweep.json"
     result = json.loads(path.read_text()) if path.exists() else {}  # keep the part not rerun
-    command = "python benchmarks/monitor_width_sweep.py " + " ".join(sys.argv[1:])
+    prov = provenance(script="benchmarks/monitor_width_sweep.py")
+    command = prov["command"]
     if not args.no_sweep:  # each part records the command that produced it (a partial rerun keeps the other)
-        result["width_sweep"] = {"command": command.strip(), **width_sweep(args)}
+        result["width_sweep"] = {**prov, **width_sweep(args)}
     if not args.no_real:
-        result["real_run"] = {"command": command.strip(), **real_run(args)}
+        result["real_run"] = {**prov, **real_run(args)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"saved {path}")

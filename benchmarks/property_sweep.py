@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 
 import loraplus
 from loraplus.testing import expected_lr, lora_models
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 # how a caller may spell the rates: (kwargs to LoraPlus, ratio, role_lr)
 SPELLINGS = [
@@ -110,7 +112,7 @@ def main() -> None:
     hseed(seed)(sweep)()  # fresh randomness, reproducible from the recorded seed
     wall = time.perf_counter() - start
     result = {
-        "command": "python " + " ".join(sys.argv),
+        **provenance(script="benchmarks/property_sweep.py"),
         "seed": seed,
         "reproduce": f"python benchmarks/property_sweep.py --models {args.models} --seed {seed}",
         "models": totals["models"],

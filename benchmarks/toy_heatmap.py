@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
+from _provenance import provenance  # noqa: E402
 
 D, N, R = 5, 100, 4
 N_TRAIN, N_TEST = 1000, 100
@@ -199,6 +201,28 @@ def precision_check(cells: tuple[tuple[float, float], ...] = ((GRID[4], GRID[3])
     return out
 
 
+def per_seed_summary(result: dict) -> dict:
+    """What the docs quote about single seeds, stored so that every figure has a key.
+
+    Per t: the median and range of each seed's best η_B/η_A and of its steps to its own best diagonal
+    loss, on how many seeds the best cell lies above the diagonal, and per grid cell (η_A row, η_B
+    column) on how many seeds the run diverged.
+    """
+    out: dict = {}
+    for t, seeds in result["per_seed"].items():
+        ratios = [r["best_ratio"] for r in seeds]
+        steps = [r["steps_to_diagonal_loss"] for r in seeds]
+        out[t] = {
+            "seeds": len(seeds),
+            "best_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+            "above_diagonal": sum(x > 1 for x in ratios),
+            "steps_to_diagonal_loss": {"median": statistics.median(steps), "min": min(steps), "max": max(steps)},
+            "diverged_seeds": [[sum(not math.isfinite(seed[i][j]) for seed in result["test"][t])
+                                for j in range(len(result["grid"]))] for i in range(len(result["grid"]))],
+        }
+    return out
+
+
 def main(init: str = "paper") -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -206,7 +230,7 @@ def main(init: str = "paper") -> dict:
     result: dict = {
         "setup": {"init": init, "d": D, "n": N, "r": R, "n_train": N_TRAIN, "n_test": N_TEST, "steps": STEPS,
                   "seeds": SEEDS, "dtype": str(DTYPE).replace("torch.", ""), "draw_dtype": "float64",
-                  "command": "python benchmarks/toy_heatmap.py", "machine": "2 shared CPU cores"},
+                  **provenance([init] if init != "paper" else [], script="benchmarks/toy_heatmap.py")},
         "grid": GRID,
         "test": {str(t): [r[t]["test"].tolist() for r in per_seed] for t in STEPS},
         "train": {str(t): [r[t]["train"].tolist() for r in per_seed] for t in STEPS},
@@ -242,6 +266,7 @@ def main(init: str = "paper") -> dict:
             "best_cell_curve": mean_curve[s["best_cell"], : t + 1].tolist(),
             "best_diagonal_curve": mean_curve[s["best_diagonal_cell"], : t + 1].tolist(),
         }
+    result["per_seed_summary"] = per_seed_summary(result)
     result["precision_check"] = precision_check()
     result["setup"]["seconds"] = time.perf_counter() - t0
     out = ROOT / "benchmarks" / "results" / f"toy_heatmap_{init}.json"

@@ -1,89 +1,71 @@
-"""Every number in README.md's "What we measured" table comes from a committed JSON result.
+"""Every figure in README.md and docs/*.md is tied to one JSON key, and the check can fail.
 
-The README cannot drift from the data again: each decimal number in the table's result column
-must equal, at the precision printed, some number stored in ``benchmarks/results/*.json`` (the
-demo's row: ``benchmarks/results/demo_mlp.json``, written by the command the Benchmarks page
-gives). A ratio printed as ``1.9×`` must be stored as a ratio, not derived in the prose.
-
-Only summary values count: raw per-run data (curves, grids of every seed, per-step timings)
-hold so many numbers that a short decimal would match one of them by chance.
+Each page's table ``docs/_numbers/<page>.toml`` maps every quoted number to
+``benchmarks/results/<file>.json#/json/pointer`` with the format it is printed in; the checker
+(``tests/figures.py``) compares the printed number with the stored one at that rounding (sign,
+digits, integers) and fails on any number in the prose or tables that has no entry and is not an
+allowed non-figure. The mutation tests change every registered figure of a copy of the README
+(and of a docs page) and require the checker to report each change.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 
+import pytest
+
+import figures
+
 ROOT = Path(__file__).resolve().parent.parent
-NUMBER = re.compile(r"(?<![\w.])[-+−]?\d[\d,]*(?:\.\d+)?")
 
 
-def results_table() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## What we measured", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
-    assert rows and rows[0].startswith("| question"), "the results table moved: update this test"
-    return [[cell.strip() for cell in row.strip("|").split("|")][1] for row in rows[1:]]
+@pytest.mark.parametrize("page", figures.PAGES)
+def test_every_number_on_the_page_is_tied_to_its_json(page):
+    problems = figures.check_page(page)
+    assert not problems, f"{page}: " + "\n".join(problems[:40]) + (f"\n… {len(problems)} in all" if len(problems) > 40 else "")
 
 
-#: Keys whose values are raw data, not summaries.
-RAW = {"runs", "test", "train", "mean_test", "median_test", "best_cell_curve", "best_diagonal_curve", "seconds",
-       "step_seconds", "curve", "seed_curves", "grid"}
-#: Lists longer than this are raw data too (curves, per-repetition timings).
-MAX_LIST = 12
-
-
-def stored_numbers() -> list[float]:
-    out: list[float] = []
-
-    def walk(v: object) -> None:
-        if isinstance(v, bool):
-            return
-        if isinstance(v, (int, float)):
-            if math.isfinite(v):
-                out.append(float(v))
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                if k not in RAW:
-                    walk(x)
-        elif isinstance(v, (list, tuple)) and len(v) <= MAX_LIST:
-            for x in v:
-                walk(x)
-
-    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
-        walk(json.loads(path.read_text()))
+def _mutations(printed: str) -> list[str]:
+    """A changed last digit and a flipped (or added) sign."""
+    i = max(k for k, ch in enumerate(printed) if ch in "0123456789")
+    digit = str((int(printed[i]) + 1) % 10)
+    out = [printed[:i] + digit + printed[i + 1 :]]
+    if printed[0] in "+−-":
+        out.append(("−" if printed[0] == "+" else "+") + printed[1:])
+    else:
+        out.append("−" + printed)
     return out
 
 
-def printed_numbers(cell: str) -> list[str]:
-    cell = re.sub(r"`[^`]*`", "", cell)  # code (ratio=4, every=10) is a setting, not a result
-    cell = re.sub(r"\[[^\]]*\]\([^)]*\)", "", cell)  # links
-    cell = re.sub(r"(λ|η_?[AB]?|r|t|seeds?)\s*=\s*[\d.]+", "", cell)  # settings written as name=value
-    return [m.group(0) for m in NUMBER.finditer(cell) if "." in m.group(0)]
+@pytest.mark.parametrize("page", ["README.md", "docs/head_to_head.md"])
+def test_changing_any_registered_figure_is_reported(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    table = figures.load_table(page)
+    assert not figures.check(text, table)
+    missed = []
+    for i, e in enumerate(table["figure"]):
+        start, end, printed = figures.locate(text, e["quote"], e.get("nth"))
+        # the README gets both changes; the long docs page one each, alternating (the run stays short)
+        for changed in _mutations(printed) if page == "README.md" else [_mutations(printed)[i % 2]]:
+            if not figures.check(text[:start] + changed + text[end:], table):
+                missed.append((e["quote"], changed))
+    assert not missed, f"changes the checker did not report: {missed[:10]}"
 
 
-def matches(token: str, stored: list[float]) -> bool:
-    value = float(token.replace(",", "").replace("−", "-"))
-    decimals = len(token.split(".")[1])
-    tol = 0.5 * 10**-decimals + 1e-12
-    return any(abs(abs(v) - abs(value)) <= tol for v in stored)
+def test_an_unregistered_number_is_reported():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = figures.load_table("README.md")
+    text = text.replace("## What we measured\n", "## What we measured\n\nIt is 12.5× faster.\n", 1)
+    assert any("'12.5' has no entry" in p for p in figures.check(text, table))
 
 
-def test_readme_results_table_has_rows():
-    assert len(results_table()) >= 5
-
-
-def test_every_decimal_in_the_results_table_is_in_a_committed_json():
-    stored = stored_numbers()
-    missing = [(cell[:60], tok) for cell in results_table() for tok in printed_numbers(cell) if not matches(tok, stored)]
-    assert not missing, f"README numbers with no committed JSON behind them: {missing}"
-
-
-def test_the_checker_rejects_an_invented_number():
-    assert not matches("123.4567", stored_numbers())
-    assert printed_numbers("ratio 4: **1.094** vs `lr=2e-4` (λ=4) 0.5 [link 9.9](x.md)") == ["1.094", "0.5"]
+def test_the_checker_reads_numbers_as_printed():
+    assert [t.text for t in figures.tokens("loss 0.43 vs −0.106 [+0.05], 1,440 tensors, 3.0·10⁻³, `lr=2e-4`")] == [
+        "0.43", "−0.106", "+0.05", "1,440", "3.0·10⁻³"]
+    assert figures.parse("3.0·10⁻³") == pytest.approx(3e-3) and figures.parse("10⁻²") == pytest.approx(1e-2)
+    assert figures.render(-0.0831, "+.3f") == "-0.083" and figures.render(9, "d") == "9"
+    assert figures._same("−0.083", "-0.083", ".3f") and not figures._same("0.083", "-0.083", ".3f")
 
 
 def test_the_demo_output_in_the_readme_is_the_committed_runs():
@@ -101,6 +83,30 @@ def test_the_demo_output_in_the_readme_is_the_committed_runs():
     assert f"total time {demo['seconds']:.1f} s" in block
 
 
+def _text_block(page: str, after: str) -> str:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    return text.split(after, 1)[1].split("```text", 1)[1].split("```", 1)[0]
+
+
+def test_the_demo_output_on_the_docs_pages_is_the_readme_one():
+    """The same printed demo table on docs/index.md and docs/benchmarks.md (checked above on the README)."""
+    readme = _text_block("README.md", "## What we measured")
+    strip = lambda b: [line for line in b.splitlines() if not line.startswith(("plot written", "results written"))]
+    assert strip(_text_block("docs/index.md", "python -m loraplus demo")) == strip(readme)
+    assert strip(_text_block("docs/benchmarks.md", "## The demo")) == strip(readme)
+
+
+def test_the_minilm_demo_output_on_the_benchmarks_page_is_its_json():
+    block = _text_block("docs/benchmarks.md", "### The same comparison on a pretrained transformer")
+    demo = json.loads((ROOT / "benchmarks" / "results" / "demo_minilm.json").read_text())
+    rows = [line for line in block.splitlines() if line.startswith("LoRA")][: len(demo["summary"])]
+    assert [row.split("  ")[0] for row in rows] == [s["label"] for s in demo["summary"]]
+    for row, s in zip(rows, demo["summary"]):
+        assert f"{s['test_final_mean']:.4f}" in row and f"{s['lr_A']:g}" in row and f"{s['lr_B']:g}" in row
+    assert f"steps to {demo['target']:.4f}" in block
+    assert f"total time {demo['seconds']:.1f} s" in block
+
+
 def test_every_committed_result_names_the_command_that_produced_it():
     missing = []
     for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
@@ -110,7 +116,7 @@ def test_every_committed_result_names_the_command_that_produced_it():
         commands = meta.get("commands") or data.get("commands")
         if not command and commands:  # a resumable file lists every command that added to it
             command = commands[0] if isinstance(commands, list) else next(iter(commands.values()))
-        parts = [v for v in data.values() if isinstance(v, dict)]
+        parts = [v for k, v in data.items() if isinstance(v, dict) and k != "provenance"]
         if not command and parts and all(isinstance(v.get("command"), str) for v in parts):
             command = parts[0]["command"]  # a file of parts (the width sweep and its real run), each with its command
         if not command:
@@ -118,3 +124,58 @@ def test_every_committed_result_names_the_command_that_produced_it():
         else:
             assert command.startswith("python "), (path.name, command)
     assert not missing, f"results without a command field: {missing}"
+
+
+#: The libraries whose versions every result records.
+LIBRARIES = ("torch", "peft", "transformers", "pytorch-optimizer", "lora-pro-adamw")
+
+
+def provenance_records(data: dict) -> list[dict]:
+    """Every ``{"command", "versions", "machine"}`` record in a result file (top level, ``provenance``, parts)."""
+    found = []
+    candidates = [data, data.get("provenance"), (data.get("meta") or {}).get("provenance")]
+    candidates += [v for v in data.values() if isinstance(v, dict)]
+    candidates += list((data.get("provenance") or {}).values()) if isinstance(data.get("provenance"), dict) else []
+    for c in candidates:
+        if isinstance(c, dict) and isinstance(c.get("versions"), dict) and "machine" in c and "command" in c:
+            found.append(c)
+    return found
+
+
+def test_every_committed_result_records_command_versions_and_machine():
+    """New runs record them (``benchmarks/_provenance.py``); older files carry a labelled retrofit."""
+    bad = []
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+        records = provenance_records(json.loads(path.read_text()))
+        complete = [r for r in records if all(r["versions"].get(lib) for lib in LIBRARIES) and r["machine"]]
+        if not complete:
+            bad.append(path.name)
+        for r in complete:
+            if "recorded" in r:  # a retrofit must say so
+                assert r["recorded"].startswith("added afterwards"), (path.name, r["recorded"])
+    assert not bad, f"results without command, versions of {LIBRARIES} and machine: {bad}"
+
+
+def test_a_recorded_output_path_is_the_file_itself():
+    """A command that names its output (``--out``, ``--json``) names the file it is stored in."""
+    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+        data = json.loads(path.read_text())
+        for r in provenance_records(data) + [data]:
+            cmd = r.get("command")
+            if not isinstance(cmd, str):
+                continue
+            words = cmd.split()
+            flag = "--json" if "--json" in words else "--out"  # the demo's --out is its figure
+            if flag in words:
+                assert Path(words[words.index(flag) + 1]).name == path.name, (path.name, cmd)
+
+
+def test_new_runs_record_provenance():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _provenance import provenance
+
+    p = provenance(["--rounds", "3"], script="benchmarks/bench_monitor.py")
+    assert p["command"] == "python benchmarks/bench_monitor.py --rounds 3"
+    assert set(LIBRARIES) <= set(p["versions"]) and p["machine"]["cpus"]
