@@ -10,7 +10,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -401,11 +400,18 @@ def quick(tmp: Path) -> dict[str, Any]:
     """Every method for 2 steps on tiny settings, the width family's machinery on a 3-step pretraining,
     then the report — all into ``tmp`` (the width-family cache too)."""
     tmp = Path(tmp)
+    old = os.environ.get("LORAPLUS_CACHE")
     os.environ["LORAPLUS_CACHE"] = str(tmp / "cache")
-    out = tmp / "results"
-    tiny = V.Settings(steps=2, batch=4, seeds=2, start=(0,), refine=False, k_min=0, k_max=0, n_eval=16, smooth=1)
-    for m in V.METHODS:
-        V.run_cell("order_B0", m, out, "quick", workers=1, st=tiny)
-    wtiny = replace(tiny, width=64, pretrain_steps=3, start=(8,), k_min=8, k_max=8)
-    V.run_task("width64", out, "quick", workers=1, methods=("lora", "loraplus2"), st_of=lambda t, m: wtiny)
-    return report(out, img_dir=tmp / "img")
+    try:
+        out = tmp / "results"
+        tiny = V.Settings(steps=2, batch=4, seeds=2, start=(0,), refine=False, k_min=0, k_max=0, n_eval=16, smooth=1)
+        for m in V.METHODS:
+            V.run_cell("order_B0", m, out, "quick", workers=1, st=tiny)
+        wtiny = replace(tiny, width=64, pretrain_steps=3, start=(8,), k_min=8, k_max=8)
+        V.run_task("width64", out, "quick", workers=1, methods=("lora", "loraplus2"), st_of=lambda t, m: wtiny)
+        return report(out, img_dir=tmp / "img")
+    finally:
+        if old is None:
+            os.environ.pop("LORAPLUS_CACHE", None)
+        else:
+            os.environ["LORAPLUS_CACHE"] = old
