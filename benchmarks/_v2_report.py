@@ -22,7 +22,7 @@ TOLS = {"2pct": 0.02, "5pct": 0.05}
 #: the width family's losses move little with λ: its λ band is also given at 0.5 %
 WIDTH_TOLS = {"0.5pct": 0.005, "2pct": 0.02, "5pct": 0.05}
 #: seconds per run assumed in PLAN.md where a task has no measured run yet
-DEFAULT_RUN_SECONDS = {"minilm": 35.0, 64: 6.0, 128: 15.0, 256: 50.0, 512: 200.0}
+DEFAULT_RUN_SECONDS = {"minilm": 35.0, 32: 3.0, 64: 6.0, 128: 15.0, 256: 50.0, 512: 200.0}
 
 
 def load_all(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -41,10 +41,10 @@ def method_summary(d: dict[str, Any]) -> dict[str, Any]:
     st = d["meta"]["settings"]
     base = list(range(st["seeds"]))
     sel = S.select(d["runs"], base)
-    at_best = sorted((r for r in d["runs"] if r["lr"] == sel.best_lr), key=lambda r: r["seed"])
+    at_best = sorted((r for r in d["runs"] if r["lr"] == sel.best_lr and not r.get("extra")), key=lambda r: r["seed"])
     by_lr: dict[float, list[dict]] = {}
     for r in d["runs"]:
-        if r["seed"] in base:
+        if r["seed"] in base and not r.get("extra"):
             by_lr.setdefault(r["lr"], []).append(r)
     return {
         "best_lr": sel.best_lr, "on_edge": sel.on_edge, "complete": d["meta"].get("complete", False),
@@ -75,7 +75,8 @@ def task_summary(task: str, cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["lora_best_lr"] = lora["best_lr"]
         base_n = any_meta["settings"]["seeds"]
         for m, s in ms.items():
-            s["test_at_lora_lr"] = S.at_lr(S.select(cells[m]["runs"], range(base_n)), lora["best_lr"])
+            at = [r for r in cells[m]["runs"] if math.isclose(r["lr"], lora["best_lr"], rel_tol=1e-9) and r["seed"] < base_n]
+            s["test_at_lora_lr"] = statistics.fmean(S.fin(r["test_loss"]) for r in at) if len(at) == base_n else None
             if m == "lora":
                 continue
             common = sorted(set(s["seed_ids"]) & set(lora["seed_ids"]))

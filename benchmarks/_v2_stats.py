@@ -66,10 +66,14 @@ class Selection:
 
 
 def select(runs: Sequence[dict[str, Any]], seeds: Iterable[int] | None = None) -> Selection:
-    """Seed means per lr on the seeds every lr has (or on ``seeds``); best lr on validation."""
+    """Seed means per lr on the seeds every lr has (or on ``seeds``); best lr on validation.
+
+    Runs marked ``extra`` (a rate run only to compare at another method's best rate) take no part.
+    """
     by: dict[float, dict[int, dict[str, Any]]] = {}
     for r in runs:
-        by.setdefault(r["lr"], {})[r["seed"]] = r
+        if not r.get("extra"):
+            by.setdefault(r["lr"], {})[r["seed"]] = r
     common = set.intersection(*(set(v) for v in by.values())) if by else set()
     if seeds is not None:
         common &= set(seeds)
@@ -133,14 +137,6 @@ def band(loss_by_lr: dict[float, float], tol: float) -> Band:
     """Good-lr band at the ×2 resolution: ``contiguous_band`` on the ×2-grid rates only (×√2
     refinements are left out, so every band is a power of 2 and its best is the ×2 grid's best)."""
     return contiguous_band({lr: v for lr, v in loss_by_lr.items() if k_of(lr) % 2 == 0}, tol)
-
-
-def at_lr(sel: Selection, lr: float) -> float | None:
-    """A cell's seed-mean test loss at ``lr`` (plain LoRA's best rate), if that rate was run."""
-    for x in sel.lrs:
-        if math.isclose(x, lr, rel_tol=1e-9):
-            return sel.test[x]
-    return None
 
 
 # ------------------------------------------------------------------------------------------- pairing
