@@ -135,13 +135,13 @@ def width_summary(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
     out: dict[str, Any] = {"per_width": per, "paper_slope": 1.0,
                            "paper_prediction": "λ* = Θ(width) under Adam (slope 1 of log λ* on log width)"}
-    ok = [p for p in per.values() if not p["best_ratio_on_edge"]]
+    ok = [p for p in per.values() if p["complete"] and not p["best_ratio_on_edge"]]  # a cut-short sweep is left out
     if len(ok) >= 2:
         ws = [p["width"] for p in ok]
         for key, field in (("fit_interp", "best_ratio_interp"), ("fit_grid", "best_ratio")):
             f = S.fit_loglog(ws, [p[field] for p in ok])
             out[key] = {"slope": f.slope, "ci95": [f.low, f.high], "n": f.n, "widths": ws}
-    out["widths_left_out"] = sorted(p["width"] for p in per.values() if p["best_ratio_on_edge"])
+    out["widths_left_out"] = sorted(p["width"] for p in per.values() if p not in ok)
     return out
 
 
@@ -280,7 +280,8 @@ def _seconds_per_run(task: str, tasks: dict[str, Any]) -> float:
             w0 = max(measured)
             return measured[w0] * (w / w0) ** 2  # step cost ∝ width² at these sizes
         return DEFAULT_RUN_SECONDS[w]
-    return DEFAULT_RUN_SECONDS["minilm"]
+    measured = [s["seconds_per_run"] for k, t in tasks.items() if k in V.MINILM_TASKS for s in t["methods"].values()]
+    return statistics.median(measured) if measured else DEFAULT_RUN_SECONDS["minilm"]
 
 
 def plan(cells: dict[str, dict[str, Any]], tasks: dict[str, Any], workers: int = 2) -> list[dict[str, Any]]:
