@@ -242,12 +242,28 @@ def test_apply_twice_is_refused():
         loraplus.apply(opt, model, 4)
 
 
-def test_apply_after_a_step_is_refused():
+def test_existing_state_stays_with_each_parameter():
+    """torch keys state by parameter: Adagrad's initial sums (and momenta after a step) move with their
+    parameter to its new group, the very same objects."""
     model = tiny_lora_model()
-    opt = _opt(model)
+    opt = torch.optim.Adagrad(_decay_split(model), lr=0.1, initial_accumulator_value=0.5)
     model(torch.randn(4, 8)).sum().backward()
     opt.step()
-    with pytest.raises(LoraPlusError, match=r"already has state for \d+ parameter\(s\).*before the first step"):
+    before = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
+    loraplus.apply(opt, model)
+    after = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    opt.step()  # and it keeps stepping
+    opt.state[object()] = {}
+    with pytest.raises(LoraPlusError, match="already called"):
+        loraplus.apply(opt, model)
+
+
+def test_state_not_keyed_by_a_parameter_is_refused():
+    model = tiny_lora_model()
+    opt = _opt(model)
+    opt.state["step"] = 3
+    with pytest.raises(LoraPlusError, match=r"1 entr\(y/ies\) not keyed by one of its parameters \(e.g. str\)"):
         loraplus.apply(opt, model)
     assert "loraplus" not in opt.param_groups[0]  # nothing changed
 

@@ -112,8 +112,9 @@ def apply(
     Its param groups are replaced by :func:`loraplus.refine` of them: each group's B factors move
     to a sibling ``"<name>.B"`` right after it at ``ratio ×`` its learning-rate keys, and every
     other option stays. Works on any ``torch.optim.Optimizer`` and on wrappers that expose it as
-    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``); optimizer state keyed by parameter
-    needs nothing, but it must be empty (apply before the first step).
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``). Call it before the first step; state that
+    already exists (Adagrad's initial sums, a loaded checkpoint) is keyed by parameter in torch, so it
+    stays with each parameter in its new group, unchanged.
 
     Schedulers keep their own per-group lists, and nothing in torch links an optimizer to its
     schedulers, so pass the ones already attached as ``schedulers=[...]``: their per-group rate
@@ -139,7 +140,7 @@ def apply(
 
     Raises:
         LoraPlusError: on a second call (the groups carry the ``loraplus`` mark), when the optimizer
-            has state already, for a parameter in two groups, when no group holds a B factor of
+            has state not keyed by its parameters, for a parameter in two groups, when no group holds a B factor of
             ``model``, when groups carry ``initial_lr`` but ``schedulers`` is not given, or when a
             scheduler belongs to another optimizer or no longer matches its groups.
 
@@ -161,11 +162,16 @@ def apply(
             f"{MARK!r} key); a second call would multiply B's rate by the ratio again. Apply LoRA+ once, "
             "right after building the optimizer"
         )
-    state = getattr(inner, "state", {})
-    if any(len(v) if isinstance(v, Mapping) else 1 for v in state.values()):
+    # torch.optim (and bitsandbytes, torchao, …) key state by the parameter object, so a parameter's state
+    # (Adagrad's initial sums, momenta after a step) moves with it to its new group untouched; a state keyed
+    # by anything else cannot be moved faithfully
+    held = {id(p) for g in groups for p in g["params"]}
+    strange = [k for k in getattr(inner, "state", {}) if id(k) not in held]
+    if strange:
         raise LoraPlusError(
-            f"the optimizer already has state for {len(state)} parameter(s) (it has stepped, or a checkpoint was "
-            "loaded): apply LoRA+ before the first step, then load checkpoints with loraplus.load_state_dict"
+            f"the optimizer's state has {len(strange)} entr(y/ies) not keyed by one of its parameters "
+            f"(e.g. {type(strange[0]).__name__}), so apply cannot move it with the parameters; apply LoRA+ "
+            "before the first step"
         )
     sched_list = None if schedulers is None else list(schedulers)
     if sched_list is None and any("initial_lr" in g for g in groups):
