@@ -13,6 +13,7 @@ learning rate ``ratio`` times larger than its input-side factor A.
 from __future__ import annotations
 
 from . import testing
+from ._groups._apply import apply
 from ._groups._checkpoint import load_state_dict
 from ._errors import LoraPlusError
 from ._groups._explain import explain
@@ -25,6 +26,7 @@ from ._pairs._precondition import Preconditioner, precondition
 from ._labels import classify
 from ._layouts import CONVENTIONS, Convention
 from ._role import Role
+from ._groups._refine import refine
 from ._groups._schedulers import per_group
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Preconditioner",
     "Unpaired",
     "Role",
+    "apply",
     "classify",
     "explain",
     "load_state_dict",
@@ -47,6 +50,7 @@ __all__ = [
     "param_groups",
     "per_group",
     "precondition",
+    "refine",
     "split_groups",
     "testing",
 ]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
 from loraplus import LoraPlusError, Role
-from loraplus.integrations.transformers import LoraPlusTrainer
+from loraplus.integrations.transformers import LoraPlusTrainer, LoraPlusTrainerMixin
 
 LR = 1e-3
 RATIO = 8.0
@@ -107,7 +107,7 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 # arguments. LoraPlusTrainer must build the same thing parameter by parameter, except that PEFT's
 # B factors (".lora_B." in the name) run at ratio × the learning rate.
 
-_LORAPLUS_KEYS = {"params", "param_names", "role", "name"}  # bookkeeping LoRA+ adds to its groups
+_LORAPLUS_KEYS = {"params", "param_names", "role", "name", "loraplus"}  # bookkeeping LoRA+ adds to its groups
 
 
 def _per_param(opt, model) -> dict[str, dict]:
@@ -385,23 +385,23 @@ def test_parameters_on_different_device_meshes_get_separate_groups_as_in_the_pla
         assert len(out["plain_meshes"]) > 2, ratio  # the plain Trainer did split by mesh
         assert all(len(m) == 1 for m in out["plain_meshes"] + out["meshes"]), ratio  # one mesh per group
         assert len(set(out["names"])) == len(out["names"]), out["names"]
-        # the layers' trainable norm copies sit on the two meshes, the final norm's is a plain tensor
+        # the Trainer's decay group splits into three meshes (the plain embedding adapters first, then
+        # layer 0, layer 1), its no-decay group too; each split group's B factors get their own sibling
         assert out["names"] == [
-            "A.mesh0", "A.mesh1", "B.mesh0", "B.mesh1", "embedding_A", "embedding_B",
-            "other.no_decay.mesh0", "other.no_decay.mesh1", "other.no_decay.mesh2",
-        ]  # fmt: skip
+            "group0", "group1", "group1.B", "group2", "group2.B", "group3", "group4", "group5",
+        ], out["names"]
 
 
 def test_create_optimizer_builds_named_loraplus_groups(tmp_path):
     trainer = _trainer(tmp_path)
     opt = trainer.create_optimizer()
     assert opt is trainer.optimizer and trainer.create_optimizer() is opt  # built once
-    assert _lrs(opt) == {
-        "A": LR,
-        "B": RATIO * LR,
-        "embedding_A": LR_EMBEDDING,
-        "embedding_B": LR_EMBEDDING,
-        "other.no_decay": LR,  # the trainable copy of the final RMSNorm
+    assert _lrs(opt) == {  # the Trainer's decay group, its B factors and embedding adapters, its no-decay group
+        "group0": LR,
+        "group0.B": RATIO * LR,
+        "group0.embedding_A": LR_EMBEDDING,
+        "group0.embedding_B": LR_EMBEDDING,
+        "group1": LR,  # the trainable copy of the final RMSNorm
     }
 
 
@@ -443,12 +443,14 @@ def test_rules_and_role_lr_reach_the_groups(tmp_path):
     )
     opt = trainer.create_optimizer()
     names = {g["name"]: g for g in opt.param_groups}
-    assert names["embedding_B"]["lr"] == 7e-4
-    assert "embedding_A.no_decay" in names and names["embedding_A.no_decay"]["weight_decay"] == 0.0
+    assert names["group0.embedding_B"]["lr"] == 7e-4
+    assert names["group1"]["weight_decay"] == 0.0  # the no-decay rule moved embedding_A to the Trainer's no-decay group
+    assert any("lora_embedding_A" in n for n in names["group1"]["param_names"])
 
 
 def test_no_private_trainer_method_is_overridden():
-    private = [n for n in vars(LoraPlusTrainer) if n.startswith("_") and not n.startswith("__")]
+    private = [n for c in LoraPlusTrainer.__mro__[:2] for n in vars(c) if n.startswith("_") and not n.startswith("__")]
+    assert LoraPlusTrainer.__mro__[1] is LoraPlusTrainerMixin
     assert [n for n in private if hasattr(transformers.Trainer, n)] == []
 
 
@@ -475,7 +477,7 @@ def full_run(tmp_path_factory):
         "before": before,
         "after": _trainable(trainer.model),
         "lrs": record.steps,
-        "groups": [(g["name"], g["role"], list(g["param_names"])) for g in trainer.optimizer.param_groups],
+        "groups": [(g["name"], g.get("role"), list(g["param_names"])) for g in trainer.optimizer.param_groups],
         "state_steps": sorted({int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}),
     }
 
@@ -484,8 +486,8 @@ def test_training_keeps_the_ratio_under_the_trainer_scheduler(full_run):
     assert len(full_run["lrs"]) == 4
     assert len({tuple(s.values()) for s in full_run["lrs"]}) > 1  # the linear schedule moves
     for step in full_run["lrs"]:
-        assert step["B"] == pytest.approx(RATIO * step["A"], rel=1e-12)
-        assert step["embedding_A"] == pytest.approx(step["A"] * LR_EMBEDDING / LR, rel=1e-12)
+        assert step["group0.B"] == pytest.approx(RATIO * step["group0"], rel=1e-12)
+        assert step["group0.embedding_A"] == pytest.approx(step["group0"] * LR_EMBEDDING / LR, rel=1e-12)
     for name, p in full_run["before"].items():
         assert not torch.equal(p, full_run["after"][name]), f"{name} did not train"
 
@@ -508,14 +510,14 @@ def test_resume_from_checkpoint_restores_loraplus_groups_and_continues_identical
     checkpoint = full_run["out"] / "checkpoint-2"
     assert (checkpoint / "optimizer.pt").exists()
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    assert [(g["name"], g["role"]) for g in saved["param_groups"]] == [(n, r) for n, r, _ in full_run["groups"]]
+    assert [(g["name"], g.get("role")) for g in saved["param_groups"]] == [(n, r) for n, r, _ in full_run["groups"]]
 
     record = _RecordLrs()
     trainer = _trainer(tmp_path, callbacks=[record])  # fresh model: same init, loaded from the checkpoint
     reads = _count_optimizer_reads(monkeypatch)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert reads == [str(checkpoint / "optimizer.pt")]  # read once, by the Trainer
-    groups = [(g["name"], g["role"], list(g["param_names"])) for g in trainer.optimizer.param_groups]
+    groups = [(g["name"], g.get("role"), list(g["param_names"])) for g in trainer.optimizer.param_groups]
     assert groups == full_run["groups"]
     assert record.steps == full_run["lrs"][2:]  # the schedule resumes at step 3
     assert sorted({int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}) == full_run["state_steps"]
@@ -592,10 +594,10 @@ def test_trainer_under_deepspeed_hands_the_loraplus_groups_to_the_engine(tmp_pat
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT") :])
     assert out["error"] is not None and "'optimizer' section" in out["error"]
-    assert out["groups"] == ["A", "B", "embedding_A", "embedding_B", "other.no_decay"]
+    assert out["groups"] == ["group0", "group0.B", "group0.embedding_A", "group0.embedding_B", "group1"]
     assert len(out["lrs"]) == 4
     for step in out["lrs"]:
-        assert step["B"] == pytest.approx(RATIO * step["A"], rel=1e-12)
+        assert step["group0.B"] == pytest.approx(RATIO * step["group0"], rel=1e-12)
 
 
 def test_core_import_does_not_import_transformers():

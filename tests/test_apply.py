@@ -1,0 +1,455 @@
+"""loraplus.refine and loraplus.apply: LoRA+ on param groups and optimizers the caller built.
+
+Ground truth comes from how each test built its groups and from the model generator's own
+statement of every parameter's role (``GeneratedModel.expected``), never from loraplus's labeller.
+Schedulers are checked against a twin optimizer + scheduler that never saw loraplus: at every
+step a B factor's lr must be ratio × what its group has in the twin, every other parameter's the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.optim import lr_scheduler as S
+
+import loraplus
+from loraplus import LoraPlusError, Role
+from loraplus.testing import lora_models, tiny_lora_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:LoRA+ may not do what you expect:UserWarning")
+
+# the keys refine adds; everything else a group carries must reach each of its parameters unchanged
+_BOOKKEEPING = {"params", "param_names", "name", "role", "loraplus"}
+_SCALED = {"lr", "initial_lr", "max_lr", "min_lr"}
+
+
+def _is_b(name: str) -> bool:
+    return ".lora_B." in name  # tiny_lora_model is PEFT-named
+
+
+def _trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _index(params, p) -> int:
+    return next(k for k, q in enumerate(params) if q is p)
+
+
+def _where(groups) -> dict[int, tuple[int, dict]]:
+    """{id(param): (group index, group)}; fails if a parameter sits in two groups."""
+    out: dict[int, tuple[int, dict]] = {}
+    for i, g in enumerate(groups):
+        for p in g["params"]:
+            assert id(p) not in out, "a parameter is in two groups"
+            out[id(p)] = (i, g)
+    return out
+
+
+# --------------------------------------------------------------------------- the property
+
+
+@st.composite
+def _partitions(draw, gm):
+    """A random partition of gm's trainable parameters into 1-4 groups with random options."""
+    named = _trainable(gm.model)
+    k = draw(st.integers(1, min(4, len(named))))
+    owner = draw(st.lists(st.integers(0, k - 1), min_size=len(named), max_size=len(named)))
+    with_names = draw(st.booleans())
+    groups = []
+    for i in range(k):
+        members = [(n, p) for (n, p), o in zip(named, owner) if o == i]
+        if not members:
+            continue
+        group = {
+            "params": [p for _, p in members],
+            "lr": draw(st.floats(1e-6, 1e-1)),
+            "weight_decay": draw(st.sampled_from([0.0, 1e-4, 0.01, 0.1])),
+            "betas": (draw(st.floats(0.5, 0.95)), 0.999),
+            "custom": draw(st.text("abcxyz", max_size=3)),  # a key a framework reads
+        }
+        if draw(st.booleans()):
+            group["initial_lr"] = group["lr"] * 2
+        if draw(st.booleans()):
+            group["name"] = f"g{i}_{draw(st.text('pq', max_size=2))}"
+        if with_names:
+            group["param_names"] = [n for n, _ in members]
+        groups.append(group)
+    return groups
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), gm=lora_models(), ratio=st.floats(1.0, 64.0))
+def test_every_parameter_keeps_its_groups_options_and_b_gets_ratio_times_its_lr(data, gm, ratio):
+    groups = data.draw(_partitions(gm))
+    before = copy.copy([dict(g) for g in groups])
+    names = {id(p): n for n, p in gm.model.named_parameters()}
+    has_b = any(gm.expected[n] is Role.B for n, _ in _trainable(gm.model))
+    if not has_b:
+        with pytest.raises(LoraPlusError, match="holds a LoRA B factor"):
+            loraplus.refine(groups, gm.model, ratio, rules=gm.rules)
+        return
+    out = loraplus.refine(groups, gm.model, ratio, rules=gm.rules)
+    assert [dict(g) for g in groups] == before  # the input is not modified
+    assert all(g["params"] for g in out)  # no empty groups
+    where = _where(out)
+    assert len(where) == sum(len(g["params"]) for g in groups)  # every parameter, once
+    parents = [g.get("name", f"group{i}") for i, g in enumerate(groups)]
+    for i, g in enumerate(groups):
+        for j, p in enumerate(g["params"]):
+            name = names[id(p)]
+            _, got = where[id(p)]
+            want_b = gm.expected[name] is Role.B
+            factor = ratio if want_b else 1.0
+            assert got["name"] == parents[i] + (".B" if want_b else ""), name
+            for key, value in g.items():
+                if key in _BOOKKEEPING:
+                    continue
+                if key in _SCALED:
+                    assert math.isclose(got[key], value * factor, rel_tol=1e-12), (name, key)
+                else:
+                    assert got[key] == value, (name, key)
+            assert set(got) - _BOOKKEEPING == set(g) - _BOOKKEEPING, name  # no option added or lost
+            if "param_names" in g:
+                assert got["param_names"][_index(got["params"], p)] == g["param_names"][j]
+            else:  # filled in from the model: every parameter here is the model's
+                assert got["param_names"][_index(got["params"], p)] == name
+    # deterministic order: each parent (if it kept anything) then its sibling, in input order
+    order = [g["loraplus"]["parent"] for g in out]
+    assert order == sorted(order, key=parents.index)
+    assert [g["name"] for g in out] == [
+        n for p in parents for n in (p, p + ".B") if any(g["name"] == n for g in out)
+    ]
+
+
+# --------------------------------------------------------------------------- refine, by example
+
+
+def _decay_split(model, lr=1e-3, **extra):
+    decay = [p for n, p in _trainable(model) if p.ndim == 2]
+    rest = [p for n, p in _trainable(model) if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.01, "lr": lr, **extra}, {"params": rest, "weight_decay": 0.0, "lr": lr}]
+
+
+def test_refine_takes_a_plain_parameter_list_as_one_group():
+    model = tiny_lora_model()
+    out = loraplus.refine((p for p in model.parameters() if p.requires_grad), model, 4, lr=1e-3)
+    assert [(g["name"], g.get("lr")) for g in out] == [("group0", None), ("group0.B", 4e-3)]  # parent: the default
+    assert all(_is_b(n) == (g["name"] == "group0.B") for g in out for n in g["param_names"])
+
+
+def test_refine_without_lr_uses_lr_argument_only_for_the_sibling():
+    model = tiny_lora_model()
+    out = loraplus.refine([{"params": [p for p in model.parameters() if p.requires_grad]}], model, 4, lr=1e-3)
+    assert "lr" not in out[0] and out[1]["lr"] == 4e-3  # the parent keeps the optimizer's default lr
+    with pytest.raises(LoraPlusError, match=r"group 0 \('group0'\) has no numeric learning rate"):
+        loraplus.refine([{"params": [p for p in model.parameters() if p.requires_grad]}], model, 4)
+
+
+def test_scheduler_bounds_in_the_groups_are_scaled_and_named_keys_kept():
+    model = tiny_lora_model()
+    groups = _decay_split(model, initial_lr=1e-3, max_lr=1e-2, min_lr=1e-5, base_lr=7.0, layer=3)
+    out = {g["name"]: g for g in loraplus.refine(groups, model, 8)}
+    b = out["group0.B"]
+    assert (b["lr"], b["initial_lr"], b["max_lr"], b["min_lr"]) == pytest.approx((8e-3, 8e-3, 8e-2, 8e-5))
+    assert b["base_lr"] == 7.0 and b["layer"] == 3 and b["weight_decay"] == 0.01  # not a scaled key
+    assert b["role"] == "B" and b["loraplus"] == {"parent": "group0", "scale": 8.0}
+    assert out["group0"]["loraplus"] == {"parent": "group0", "scale": 1.0} and "role" not in out["group0"]
+
+
+def test_foreign_parameters_stay_in_their_group_and_names_are_not_invented():
+    model = tiny_lora_model()
+    foreign = torch.nn.Parameter(torch.zeros(3))
+    groups = [{"params": [foreign, *[p for p in model.parameters() if p.requires_grad]], "lr": 1e-3}]
+    out = loraplus.refine(groups, model, 4)
+    assert out[0]["params"][0] is foreign and "param_names" not in out[0]
+    assert [g["name"] for g in out] == ["group0", "group0.B"]
+
+
+def test_embedding_factors_keep_their_groups_rate_unless_lr_embedding_is_given():
+    peft = pytest.importorskip("peft")
+    base = torch.nn.Sequential()
+    base.add_module("emb", torch.nn.Embedding(10, 8))
+    base.add_module("proj", torch.nn.Linear(8, 8))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["emb", "proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = loraplus.refine([{"params": params, "lr": 1e-3}], model, 4)
+    assert [g["name"] for g in plain] == ["group0", "group0.B"]  # as LoraPlus: embeddings at the group's lr
+    assert not any("embedding" in n for n in plain[1]["param_names"])
+    emb = loraplus.refine([{"params": params, "lr": 1e-3}], model, 4, lr_embedding=1e-6)
+    assert [(g["name"], g["lr"]) for g in emb] == [
+        ("group0", 1e-3), ("group0.B", 4e-3), ("group0.embedding_A", 1e-6), ("group0.embedding_B", 1e-6),
+    ]  # fmt: skip
+    mag = loraplus.refine([{"params": params, "lr": 1e-3}], model, 4, role_lr={Role.A: 2e-3})
+    assert [(g["name"], g["lr"]) for g in mag] == [("group0", 1e-3), ("group0.A", 2e-3), ("group0.B", 8e-3)]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_a_parameter_in_two_groups_is_refused():
+    model = tiny_lora_model()
+    b = model.layers[0].lora_B["default"].weight
+    with pytest.raises(LoraPlusError, match=r"layers\.0\.lora_B\.default\.weight sits in group 0 \('group0'\) and in group 1"):
+        loraplus.refine([{"params": [b], "lr": 1e-3}, {"params": [b], "lr": 1e-3}], model)
+    with pytest.raises(LoraPlusError, match="sits in group 0 .* twice"):
+        loraplus.refine([{"params": [b, b], "lr": 1e-3}], model)
+
+
+def test_groups_without_any_b_factor_of_the_model_are_refused():
+    model = tiny_lora_model()
+    a_only = [p for n, p in _trainable(model) if not _is_b(n)]
+    with pytest.raises(LoraPlusError, match=r"none of the 1 param group\(s\) holds a LoRA B factor of this model"):
+        loraplus.refine([{"params": a_only, "lr": 1e-3}], model)
+    other = tiny_lora_model()  # the B factors of another model
+    with pytest.raises(LoraPlusError, match="holds a LoRA B factor"):
+        loraplus.refine([p for p in other.parameters() if p.requires_grad], model, lr=1e-3)
+
+
+def test_loraplus_groups_and_refined_groups_are_refused():
+    model = tiny_lora_model()
+    with pytest.raises(LoraPlusError, match="is a LoRA\\+ 'B' group"):
+        loraplus.refine(loraplus.param_groups(model, lr=1e-3), model)
+    once = loraplus.refine(_decay_split(model), model)
+    with pytest.raises(LoraPlusError, match="already LoRA\\+-refined"):
+        loraplus.refine(once, model)
+
+
+def test_what_is_not_param_groups_is_refused():
+    model = tiny_lora_model()
+    with pytest.raises(LoraPlusError, match="refine takes a list of param groups"):
+        loraplus.refine(model, model)
+    with pytest.raises(LoraPlusError, match="empty list"):
+        loraplus.refine([], model)
+    with pytest.raises(LoraPlusError, match="not a mix"):
+        loraplus.refine([{"params": []}, next(model.parameters())], model)
+    with pytest.raises(LoraPlusError, match="ratio must be a number"):
+        loraplus.refine(_decay_split(model), model, "4")
+
+
+def _opt(model, **kw):
+    return torch.optim.AdamW(_decay_split(model), **kw)
+
+
+def test_apply_twice_is_refused():
+    model = tiny_lora_model()
+    opt = loraplus.apply(_opt(model), model, 4)
+    with pytest.raises(LoraPlusError, match="loraplus.apply was already called on this optimizer"):
+        loraplus.apply(opt, model, 4)
+
+
+def test_existing_state_stays_with_each_parameter():
+    """torch keys state by parameter: Adagrad's initial sums (and momenta after a step) move with their
+    parameter to its new group, the very same objects."""
+    model = tiny_lora_model()
+    opt = torch.optim.Adagrad(_decay_split(model), lr=0.1, initial_accumulator_value=0.5)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    before = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
+    loraplus.apply(opt, model)
+    after = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    opt.step()  # and it keeps stepping
+    opt.state[object()] = {}
+    with pytest.raises(LoraPlusError, match="already called"):
+        loraplus.apply(opt, model)
+
+
+def test_state_not_keyed_by_a_parameter_is_refused():
+    model = tiny_lora_model()
+    opt = _opt(model)
+    opt.state["step"] = 3
+    with pytest.raises(LoraPlusError, match=r"1 entr\(y/ies\) not keyed by one of its parameters \(e.g. str\)"):
+        loraplus.apply(opt, model)
+    assert "loraplus" not in opt.param_groups[0]  # nothing changed
+
+
+def test_apply_refuses_a_parameter_in_two_groups_and_no_b_factor():
+    model = tiny_lora_model()
+    opt = _opt(model)
+    opt.param_groups[1]["params"].append(opt.param_groups[0]["params"][0])  # torch checks this only when adding
+    with pytest.raises(LoraPlusError, match="sits in group 0 .* and in group 1"):
+        loraplus.apply(opt, model)
+    a_only = torch.optim.SGD([p for n, p in _trainable(model) if not _is_b(n)], lr=0.1)
+    with pytest.raises(LoraPlusError, match="apply: none of the 1 param group"):
+        loraplus.apply(a_only, model)
+
+
+def test_apply_refuses_an_attached_scheduler_it_was_not_given():
+    model = tiny_lora_model()
+    opt = _opt(model, lr=1e-3)
+    S.LinearLR(opt, start_factor=0.5)
+    with pytest.raises(LoraPlusError, match=r"carry 'initial_lr'.*schedulers=\[scheduler\]"):
+        loraplus.apply(opt, model)
+    loraplus.apply(opt, model, schedulers=[])  # said explicitly: nothing to extend
+
+
+def test_apply_refuses_a_scheduler_of_another_optimizer_or_a_stale_one():
+    model = tiny_lora_model()
+    opt, other = _opt(model, lr=1e-3), _opt(tiny_lora_model(), lr=1e-3)
+    with pytest.raises(LoraPlusError, match=r"schedulers\[0\] \(LinearLR\) is attached to another optimizer"):
+        loraplus.apply(opt, model, schedulers=[S.LinearLR(other)])
+    stale = S.LinearLR(opt)
+    stale.base_lrs = stale.base_lrs[:1]
+    with pytest.raises(LoraPlusError, match=r"has 1 base_lrs for 2 param groups"):
+        loraplus.apply(opt, model, schedulers=[stale])
+
+
+def test_apply_returns_the_optimizer_and_explain_prints_it():
+    model = tiny_lora_model()
+    opt = _opt(model, lr=1e-3)
+    assert loraplus.apply(opt, model, 16) is opt
+    text = loraplus.explain(opt)
+    assert "group0.B" in text and "0.016" in text and "layers.0.lora_B.default.weight" in text
+    assert [g["name"] for g in opt.param_groups] == ["group0", "group0.B", "group1"]
+
+
+# --------------------------------------------------------------------------- schedulers attached before apply
+
+
+def _twins(make_sched, ratio=8.0, opt_cls=torch.optim.SGD, **opt_kw):
+    """(optimizer + scheduler with LoRA+ applied, the same pair without it, model)."""
+    out = []
+    for _ in range(2):
+        model = tiny_lora_model()
+        opt = opt_cls(_decay_split(model, lr=1e-2), **opt_kw)
+        sched = make_sched(opt)
+        out.append((model, opt, sched))
+    (model, opt, sched), (_, ref, ref_sched) = out
+    loraplus.apply(opt, model, ratio, schedulers=[sched])
+    return model, opt, sched, ref, ref_sched
+
+
+def _check_steps(model, opt, sched, ref, ref_sched, ratio=8.0, steps=12, metric=None):
+    parent = {"group0": 0, "group0.B": 0, "group1": 1}
+    for step in range(steps):
+        for g in opt.param_groups:
+            want = ref.param_groups[parent[g["name"]]]["lr"] * (ratio if g["name"].endswith(".B") else 1.0)
+            assert math.isclose(g["lr"], want, rel_tol=1e-9, abs_tol=1e-15), (step, g["name"], g["lr"], want)
+        opt.step(), ref.step()
+        if metric is None:
+            sched.step(), ref_sched.step()
+        else:
+            sched.step(metric(step)), ref_sched.step(metric(step))
+    assert len(sched.get_last_lr()) == len(opt.param_groups)
+
+
+def _hf(name):
+    transformers = pytest.importorskip("transformers")
+    return getattr(transformers, name)
+
+
+SCHEDULERS = {
+    "LambdaLR": lambda o: S.LambdaLR(o, lambda t: 1 / (1 + t)),
+    "CosineAnnealingLR": lambda o: S.CosineAnnealingLR(o, T_max=10),
+    "OneCycleLR-scalar-max_lr": lambda o: S.OneCycleLR(o, max_lr=0.1, total_steps=20),
+    "SequentialLR": lambda o: S.SequentialLR(
+        o, [S.LinearLR(o, start_factor=0.1, total_iters=3), S.CosineAnnealingLR(o, T_max=8)], milestones=[3]
+    ),
+    "ChainedScheduler": lambda o: S.ChainedScheduler([S.ExponentialLR(o, 0.9), S.LambdaLR(o, lambda t: 1 + t)]),
+    "CyclicLR-lists": lambda o: S.CyclicLR(o, base_lr=[1e-3, 2e-3], max_lr=[1e-2, 3e-2], step_size_up=3),
+    "CosineAnnealingWarmRestarts": lambda o: S.CosineAnnealingWarmRestarts(o, T_0=4),
+    "transformers-linear-warmup": lambda o: _hf("get_linear_schedule_with_warmup")(o, 2, 12),
+    "transformers-cosine-warmup": lambda o: _hf("get_cosine_schedule_with_warmup")(o, 2, 12),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEDULERS))
+def test_a_scheduler_attached_before_apply_keeps_the_ratio_at_every_step(kind):
+    momentum = {"momentum": 0.9} if kind.startswith("CyclicLR") else {}
+    model, opt, sched, ref, ref_sched = _twins(SCHEDULERS[kind], **momentum)
+    if hasattr(sched, "base_lrs"):
+        assert sched.base_lrs[1] == pytest.approx(8 * sched.base_lrs[0])
+    _check_steps(model, opt, sched, ref, ref_sched)
+
+
+def test_one_cycle_bounds_live_in_the_groups_and_are_scaled():
+    model, opt, sched, ref, ref_sched = _twins(lambda o: S.OneCycleLR(o, max_lr=0.1, total_steps=20), opt_cls=torch.optim.AdamW)
+    b = opt.param_groups[1]
+    assert (b["max_lr"], b["initial_lr"], b["min_lr"]) == pytest.approx(
+        tuple(8 * ref.param_groups[0][k] for k in ("max_lr", "initial_lr", "min_lr"))
+    )
+    assert b["max_momentum"] == ref.param_groups[0]["max_momentum"]  # not a rate: copied
+    _check_steps(model, opt, sched, ref, ref_sched, steps=20)
+
+
+def test_reduce_on_plateau_per_group_floors_are_extended():
+    model, opt, sched, ref, ref_sched = _twins(
+        lambda o: S.ReduceLROnPlateau(o, factor=0.5, patience=0, min_lr=[1e-3, 1e-4], eps=0.0)
+    )
+    assert sched.min_lrs == pytest.approx([1e-3, 8e-3, 1e-4])
+    _check_steps(model, opt, sched, ref, ref_sched, steps=15, metric=lambda t: 1.0)  # never improves: floors reached
+
+
+def test_scheduler_state_dict_round_trips_after_apply():
+    model, opt, sched, _, _ = _twins(SCHEDULERS["LambdaLR"])
+    for _ in range(3):
+        opt.step(), sched.step()
+    fresh_model, fresh_opt, fresh_sched, _, _ = _twins(SCHEDULERS["LambdaLR"])
+    fresh_sched.load_state_dict(sched.state_dict())
+    assert fresh_sched.base_lrs == sched.base_lrs and fresh_sched.last_epoch == 3
+
+
+# --------------------------------------------------------------------------- wrappers and checkpoints
+
+
+def test_apply_reaches_through_accelerates_wrapper():
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = tiny_lora_model()
+    opt = torch.optim.AdamW(_decay_split(model), lr=1e-3)
+    sched = S.LinearLR(opt, start_factor=0.1, total_iters=4)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    assert loraplus.apply(opt, model, 4, schedulers=[sched]) is opt
+    assert [g["name"] for g in opt.param_groups] == ["group0", "group0.B", "group1"]
+    assert opt.optimizer.param_groups is opt.param_groups
+    assert sched.scheduler.base_lrs == pytest.approx([1e-3, 4e-3, 1e-3])
+
+
+def _train(model, opt, steps):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 2, generator=gen)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_an_apply_built_optimizer_saves_and_loads_into_a_fresh_one():
+    def build(seed=0, **kw):
+        model = tiny_lora_model(seed=seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if _is_b(n):
+                    p.normal_(0, 0.1)
+        return model, loraplus.apply(torch.optim.AdamW(_decay_split(model), lr=1e-3), model, 8, **kw)
+
+    model, opt = build()
+    _train(model, opt, 3)
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    _train(model, opt, 2)
+
+    fresh_model, fresh = build(seed=1)
+    fresh_model.load_state_dict(weights)
+    loraplus.load_state_dict(fresh, saved)
+    assert [g["name"] for g in fresh.param_groups] == [g["name"] for g in opt.param_groups]
+    assert all("loraplus" in g for g in fresh.param_groups)
+    _train(fresh_model, fresh, 2)
+    for (n, p), q in zip(model.named_parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+    with pytest.raises(LoraPlusError, match="does not match this optimizer's param groups"):
+        loraplus.load_state_dict(build(lr_embedding=None, role_lr={Role.A: 2e-3})[1], saved)
+
+
+def test_apply_on_an_optimizer_with_tensor_learning_rates():
+    model = tiny_lora_model()
+    opt = torch.optim.Adam(_decay_split(model, lr=torch.tensor(1e-3)))
+    loraplus.apply(opt, model, 4)
+    assert isinstance(opt.param_groups[1]["lr"], torch.Tensor)
+    assert opt.param_groups[1]["lr"].item() == pytest.approx(4e-3)
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(1e-3)  # the parent's tensor is not shared and scaled
