@@ -137,7 +137,9 @@ def provenance_records(data: dict) -> list[dict]:
     candidates += [v for v in data.values() if isinstance(v, dict)]
     candidates += list((data.get("provenance") or {}).values()) if isinstance(data.get("provenance"), dict) else []
     for c in candidates:
-        if isinstance(c, dict) and isinstance(c.get("versions"), dict) and "machine" in c and "command" in c:
+        # a resumable file lists every command that added to it (``commands``)
+        if isinstance(c, dict) and isinstance(c.get("versions"), dict) and "machine" in c and (
+                "command" in c or c.get("commands")):
             found.append(c)
     return found
 
@@ -146,8 +148,16 @@ def test_every_committed_result_records_command_versions_and_machine():
     """New runs record them (``benchmarks/_provenance.py``); older files carry a labelled retrofit."""
     bad = []
     for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
-        records = provenance_records(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        records = provenance_records(data)
         complete = [r for r in records if all(r["versions"].get(lib) for lib in LIBRARIES) and r["machine"]]
+        if not complete and data.get("command") and data.get("files"):
+            # a report merged from other result files: each of those must carry the record
+            parts = [json.loads((path.parent / f).read_text()) for f in data["files"]]
+            complete = [{} for d in parts if any(all(r["versions"].get(lib) for lib in LIBRARIES) and r["machine"]
+                                                 for r in provenance_records(d))] if parts else []
+            if len(complete) != len(parts):
+                complete = []
         if not complete:
             bad.append(path.name)
         for r in complete:

@@ -131,7 +131,9 @@ def apply(
         model: the model whose LoRA B factors the optimizer holds.
         ratio: λ: B factors get ``ratio`` times their group's rate.
         schedulers: the schedulers attached to ``optimizer`` (see above).
-        lr_embedding, role_lr, rules: as in :func:`loraplus.refine`.
+        lr_embedding: as in :func:`loraplus.refine`.
+        role_lr: as in :func:`loraplus.refine`.
+        rules: as in :func:`loraplus.refine`.
 
     Returns:
         ``optimizer`` itself (its groups now carry ``name``, the ``loraplus`` mark, ``param_names``
