@@ -6,6 +6,8 @@ Pure functions of the runs :mod:`loraplus._demo` produced; nothing here trains.
 from __future__ import annotations
 
 import math
+import os
+import platform
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._config import DemoConfig
 
 __all__ = ["DemoResult", "MethodResult", "Paired", "format_table", "paired", "plot", "report", "verdict"]
+
+
+#: Libraries whose versions a result records (None: not installed).
+_LIBRARIES = ("torch", "peft", "transformers", "pytorch-optimizer", "lora-pro-adamw")
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for lib in _LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
 
 
 @dataclass
@@ -174,6 +192,8 @@ class DemoResult:
             })
         return {
             "command": command,
+            "versions": _versions(),
+            "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
             "model": self.model,
             "task": self.task,
             "config": None if self.config is None else {
