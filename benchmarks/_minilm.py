@@ -97,7 +97,7 @@ def _docstrings(modules: Iterable[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def windows() -> tuple[torch.Tensor, torch.Tensor]:
     """Token windows (ids without [CLS]/[SEP], ``SEQ - 2`` each) and their source (0 stdlib, 1 torch)."""
     from transformers import AutoTokenizer
@@ -115,7 +115,7 @@ def windows() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(ids), torch.tensor(src)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _special() -> tuple[int, int]:
     from transformers import AutoTokenizer
 
@@ -170,7 +170,7 @@ class Classifier(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base() -> nn.Module:
     from transformers import AutoModel
 
@@ -320,7 +320,8 @@ def sweep(configs: Sequence[RunConfig], out_path: Path, workers: int | None = No
         prev = json.loads(out_path.read_text())
         done = prev.get("runs", [])
         meta["wall_seconds_prev"] = prev.get("meta", {}).get("wall_seconds", 0.0)
-    key = lambda c: json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()}, sort_keys=True)
+    def key(c):
+        return json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()}, sort_keys=True)
     wanted = {key(c) for c in configs}
     dropped = [r for r in done if json.dumps(r["config"], sort_keys=True) not in wanted]
     if dropped:
@@ -328,7 +329,7 @@ def sweep(configs: Sequence[RunConfig], out_path: Path, workers: int | None = No
         done = [r for r in done if json.dumps(r["config"], sort_keys=True) in wanted]
     have = {json.dumps(r["config"], sort_keys=True) for r in done}
     todo = [c for c in configs if key(c) not in have]
-    meta.update(seq=SEQ, batch=BATCH, head_lr=HEAD_LR, n_eval=N_EVAL, machine="2 shared CPU cores, torch %s" % torch.__version__)
+    meta.update(seq=SEQ, batch=BATCH, head_lr=HEAD_LR, n_eval=N_EVAL, machine=f"2 shared CPU cores, torch {torch.__version__}")
     t0 = time.perf_counter()
 
     def save() -> None:

@@ -16,7 +16,6 @@ built by ``loraplus.LoraPlus``.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 

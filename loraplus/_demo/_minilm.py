@@ -16,7 +16,6 @@ from .._errors import LoraPlusError
 from ._config import MINILM_HEAD_LR, DemoConfig
 from ._train import LoraLinear, _train
 
-
 __all__ = ["minilm_path"]
 
 

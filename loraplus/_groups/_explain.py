@@ -8,10 +8,10 @@ from typing import Any
 from torch import nn
 
 from .._errors import LoraPlusError
-from ._build import DEFAULT_RATIO, prepare
 from .._labels import NoDecaySpec, RuleSpec, is_no_decay, normalize_no_decay
 from .._role import Role
 from .._table import render_table
+from ._build import DEFAULT_RATIO, prepare
 
 __all__ = ["explain"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS, StepFactors, activation_terms, take_rows, weight_terms
 from .._pairs._pairs import Pair, stack_factors
+from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS, StepFactors, activation_terms, take_rows, weight_terms
 
 __all__ = ["Recorder"]
 
