@@ -108,7 +108,7 @@ def _docstrings(modules: Iterable[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _corpus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Windows, their source and their document (identical docstring texts share one document id)."""
     from transformers import AutoTokenizer
@@ -136,7 +136,7 @@ def windows() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, src
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _special() -> tuple[int, int]:
     from transformers import AutoTokenizer
 
@@ -178,7 +178,7 @@ def split(task: str) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[N_EVAL:], perm[:N_EVAL]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def split_v2(task: str, n_val: int = 256, n_test: int = N_EVAL, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Study v2's train, validation and test window indices: disjoint by document, no duplicates.
 
@@ -243,7 +243,7 @@ class Classifier(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base() -> nn.Module:
     from transformers import AutoModel
 
@@ -393,7 +393,8 @@ def sweep(configs: Sequence[RunConfig], out_path: Path, workers: int | None = No
         prev = json.loads(out_path.read_text())
         done = prev.get("runs", [])
         meta["wall_seconds_prev"] = prev.get("meta", {}).get("wall_seconds", 0.0)
-    key = lambda c: json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()}, sort_keys=True)
+    def key(c):
+        return json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()}, sort_keys=True)
     wanted = {key(c) for c in configs}
     dropped = [r for r in done if json.dumps(r["config"], sort_keys=True) not in wanted]
     if dropped:
@@ -401,7 +402,7 @@ def sweep(configs: Sequence[RunConfig], out_path: Path, workers: int | None = No
         done = [r for r in done if json.dumps(r["config"], sort_keys=True) in wanted]
     have = {json.dumps(r["config"], sort_keys=True) for r in done}
     todo = [c for c in configs if key(c) not in have]
-    meta.update(seq=SEQ, batch=BATCH, head_lr=HEAD_LR, n_eval=N_EVAL, machine="2 shared CPU cores, torch %s" % torch.__version__)
+    meta.update(seq=SEQ, batch=BATCH, head_lr=HEAD_LR, n_eval=N_EVAL, machine=f"2 shared CPU cores, torch {torch.__version__}")
     t0 = time.perf_counter()
 
     def save() -> None:

@@ -216,7 +216,7 @@ def _plot_ratio(series: list[tuple[str, dict[float, dict]]], path: Path) -> None
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for label, bests in series:
         lams = list(bests)
-        ax.errorbar(lams, [bests[l]["mean"] for l in lams], yerr=[bests[l]["std"] for l in lams], marker="o",
+        ax.errorbar(lams, [bests[lam]["mean"] for lam in lams], yerr=[bests[lam]["std"] for lam in lams], marker="o",
                     capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("λ = lr(B) / lr(A)")
@@ -323,7 +323,7 @@ def _plot_adapters(summary: dict[str, Any]) -> None:
     if not fams:
         return
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    lams = sorted({float(l) for f in fams for l in summary["families"][f]})
+    lams = sorted({float(lam) for f in fams for lam in summary["families"][f]})
     width = 0.8 / len(lams)
     for j, lam in enumerate(lams):
         xs, ys, es = [], [], []

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this clone's loraplus, installed or not
-import loraplus  # noqa: E402
 from _v2_stats import schedule
+
+import loraplus  # noqa: E402
 
 DEPTH = 2
 HEADS = 4
@@ -51,7 +52,7 @@ def cache_dir() -> Path:
 # ------------------------------------------------------------------------------------------- corpora
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pretrain_corpus() -> torch.Tensor:
     """The standard library's source files (sorted by path, concatenated) as a byte tensor."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -81,7 +82,7 @@ def _windows(text: bytes, n: int) -> list[bytes]:
     return [text[i : i + n] for i in range(0, len(text) - n + 1, n)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def prose(n_held_out: int = 256, seed: int = 0) -> Prose:
     """pydoc_data.topics split by topic: ~15 % of the bytes each for validation and test."""
     from pydoc_data.topics import topics

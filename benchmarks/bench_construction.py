@@ -33,8 +33,6 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
 from _provenance import provenance  # noqa: E402
 
@@ -222,7 +221,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "construction.json")
     args = parser.parse_args(argv)
     use_peft = not args.no_peft
-    peft_version = None
     if use_peft:
         try:
             import peft
@@ -230,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("PEFT not installed: skipping create_loraplus_optimizer", file=sys.stderr)
             use_peft = False
         else:
-            peft_version = peft.__version__
+            print(f"PEFT {peft.__version__}", file=sys.stderr)
     t0 = time.perf_counter()
     sizes = [measure(args.layers, e, args.repeat, args.peft_repeat, use_peft) for e in args.experts]
     n = [s["trainable_tensors"] for s in sizes]

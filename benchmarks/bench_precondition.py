@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
 from _provenance import provenance  # noqa: E402
 

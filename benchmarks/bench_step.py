@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
 from _provenance import provenance  # noqa: E402
 

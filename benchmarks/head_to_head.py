@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 import loraplus
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
 from _provenance import provenance  # noqa: E402
 
@@ -185,7 +186,8 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     opts = build(cfg["method"], model, cfg["lr"])
     steps = cfg["steps"]
     warm = max(1, steps // 10)
-    lam = lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    def lam(s):
+        return min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lam) for o in opts]
     train_idx, test_idx = H.split(task)
     val_idx, stream = train_idx[:N_VAL], train_idx[N_VAL:]

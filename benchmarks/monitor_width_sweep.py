@@ -31,6 +31,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 import loraplus  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
 from _provenance import provenance  # noqa: E402
 
@@ -187,7 +188,6 @@ def main() -> None:
     path = RESULTS / "monitor_width_sweep.json"
     result = json.loads(path.read_text()) if path.exists() else {}  # keep the part not rerun
     prov = provenance(script="benchmarks/monitor_width_sweep.py")
-    command = prov["command"]
     if not args.no_sweep:  # each part records the command that produced it (a partial rerun keeps the other)
         result["width_sweep"] = {**prov, **width_sweep(args)}
     if not args.no_real:

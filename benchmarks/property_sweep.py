@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import loraplus
 from loraplus.testing import expected_lr, lora_models
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
 from _provenance import provenance  # noqa: E402
 

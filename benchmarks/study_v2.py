@@ -45,7 +45,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +138,9 @@ def tasks_methods(task: str) -> tuple[str, ...]:
 
 def build(method: str, model: Any, lr: float) -> list[Any]:
     """The optimizer(s) of ``method`` (adapter at ``lr``, B at ratio × lr, MiniLM's head at its own rate)."""
+    import _minilm as H
     import torch
 
-    import _minilm as H
     import loraplus
 
     common: dict[str, Any] = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
@@ -161,11 +161,10 @@ def build(method: str, model: Any, lr: float) -> list[Any]:
 
 def train_minilm(job: dict[str, Any]) -> dict[str, Any]:
     """One MiniLM run: ``job`` = task, method, lr, seed, settings (a dict). Returns the run record."""
-    import torch
-    from torch import nn
-
     import _minilm as H
+    import torch
     from head_to_head import _evaluate, _step
+    from torch import nn
 
     torch.set_num_threads(1)
     st = Settings(**{**job["settings"], "start": tuple(job["settings"]["start"])})
@@ -250,7 +249,7 @@ def task_meta(task: str, st: Settings) -> dict[str, Any]:
     return _minilm_meta(task)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _minilm_meta(task: str) -> dict[str, Any]:
     import _minilm as H
 
@@ -435,9 +434,8 @@ def main(argv: list[str]) -> None:
         else:
             run_cell(a.task, a.method, OUT, command, a.seeds, a.workers)
     elif a.cmd == "pretrain":
-        import torch
-
         import _widthfamily as W
+        import torch
 
         torch.set_num_threads(1)
         print(W.pretrain(a.width)["meta"])

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared _provenance helper
 from _provenance import provenance  # noqa: E402
 

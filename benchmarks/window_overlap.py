@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _minilm as H  # noqa: E402
 import torch  # noqa: E402
-
 from _provenance import provenance  # noqa: E402
 
 STEPS = 60

@@ -13,21 +13,21 @@ learning rate ``ratio`` times larger than its input-side factor A.
 from __future__ import annotations
 
 from . import testing
-from ._groups._apply import apply
-from ._groups._checkpoint import load_state_dict
 from ._errors import LoraPlusError
+from ._groups._apply import apply
+from ._groups._build import DEFAULT_RATIO, param_groups, split_groups
+from ._groups._checkpoint import load_state_dict
 from ._groups._explain import explain
 from ._groups._factory import LoraPlus
-from ._groups._build import DEFAULT_RATIO, param_groups, split_groups
-from ._monitor._lifecycle import Monitor
-from ._pairs._params import pair_params
-from ._pairs._pairs import Pair, Pairs, Unpaired, pairs
-from ._pairs._precondition import Preconditioner, precondition
-from ._labels import classify
-from ._layouts import CONVENTIONS, Convention
-from ._role import Role
 from ._groups._refine import refine
 from ._groups._schedulers import per_group
+from ._labels import classify
+from ._layouts import CONVENTIONS, Convention
+from ._monitor._lifecycle import Monitor
+from ._pairs._pairs import Pair, Pairs, Unpaired, pairs
+from ._pairs._params import pair_params
+from ._pairs._precondition import Preconditioner, precondition
+from ._role import Role
 
 __all__ = [
     "CONVENTIONS",

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal, overload
 
 from ._errors import LoraPlusError
 
 __all__ = ["check_number", "check_product"]
 
 
+@overload
+def check_number(name: str, value: Any, *, allow_none: Literal[False] = ..., allow_zero: bool = ...) -> float: ...
+@overload
+def check_number(name: str, value: Any, *, allow_none: bool, allow_zero: bool = ...) -> float | None: ...
 def check_number(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> float | None:
     """Validate a finite real number that must be positive (or non-negative) and return it as ``float``.
 

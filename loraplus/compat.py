@@ -30,7 +30,7 @@ from ._numbers import check_number
 
 __all__ = ["create_loraplus_optimizer", "peft_param_groups"]
 
-O = TypeVar("O")
+OptimizerT = TypeVar("OptimizerT")
 
 
 def _is_peft_lora_embedding(module: nn.Module | None) -> bool:
@@ -103,14 +103,14 @@ def peft_param_groups(
 
 def create_loraplus_optimizer(
     model: nn.Module,
-    optimizer_cls: Callable[..., O],
+    optimizer_cls: Callable[..., OptimizerT],
     *,
     lr: float,
     loraplus_lr_ratio: float,
     loraplus_lr_embedding: float = 1e-6,
     loraplus_weight_decay: float = 0.0,
     **kwargs: Any,
-) -> O:
+) -> OptimizerT:
     """Build ``optimizer_cls`` with PEFT's LoRA+ grouping (see the module docs for how it differs).
 
     Same signature as ``peft.optimizers.create_loraplus_optimizer``; ``kwargs`` go to the

@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,7 +116,7 @@ def tokens(text: str) -> list[Token]:
     return [Token(m.start(), m.end(), m.group(0)) for m in NUMBER.finditer(masked)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _quote_regex(quote: str) -> tuple[re.Pattern, str, str]:
     """The quote as a pattern (its «number» a number wildcard), and its literal text before/after."""
     before, sep, rest = quote.partition("«")
@@ -156,7 +157,7 @@ def locate(text: str, quote: str, nth: int | None = None) -> tuple[int, int, str
     return hit.start("fig"), hit.end("fig"), hit.group("fig")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str) -> Any:
     return json.loads((RESULTS / name).read_text(encoding="utf-8"))
 
@@ -190,7 +191,9 @@ def render(value: Any, fmt: str, transform: str | None = None) -> str:
 
 
 def _same(printed: str, expected: str, fmt: str) -> bool:
-    norm = lambda s: s.replace("−", "-")
+    def norm(s: str) -> str:
+        return s.replace("−", "-")
+
     if fmt.startswith("sci"):  # 3.0·10⁻³: same value at the printed mantissa's precision, same sign
         m = NUMBER.fullmatch(printed)
         decimals = len(m["num"].split(".")[1]) if m and "." in m["num"] else 0

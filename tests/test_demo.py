@@ -61,7 +61,7 @@ def test_quick_demo_prints_the_table_and_writes_the_png_and_json(tmp_path):
     assert [row["label"] for row in data["summary"]] == ["LoRA", f"LoRA+ (ratio {loraplus.DEFAULT_RATIO:g})", "LoRA+ (ratio 16)"]
     for row, line in zip(data["summary"], rows):
         assert f"{row['test_final_mean']:.4f}" in line
-    for label, by_lr in data["runs"].items():
+    for _label, by_lr in data["runs"].items():
         assert set(by_lr) == {f"{lr:g}" for lr in _demo.MLP_PRESETS["quick"].lrs}
         for runs in by_lr.values():
             assert len(runs["test"]) == len(runs["val"]) == len(_demo.MLP_PRESETS["quick"].seeds)

@@ -270,7 +270,7 @@ def test_wrapper_names_are_classified_like_the_plain_model(runs, kind, prefix_se
 def test_fsdp2_parameters_are_dtensors_sharded_on_dim0(runs):
     res = _ok(runs["fsdp2"])
     plain = dict(_model().named_parameters())
-    for rank, r in enumerate(res):
+    for _rank, r in enumerate(res):
         for name, (typ, ndim, shape) in r["local"].items():
             assert typ == "DTensor", name
             full = plain[name].shape

@@ -17,8 +17,7 @@ from torch import nn
 
 import loraplus
 from loraplus import Role
-from loraplus._layouts import CONVENTIONS, LAYOUTS, NAME_INDEX, Family, Orientation
-from loraplus._layouts import _catalog
+from loraplus._layouts import CONVENTIONS, LAYOUTS, NAME_INDEX, Family, Orientation, _catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 

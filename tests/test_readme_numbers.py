@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import figures
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +90,9 @@ def _text_block(page: str, after: str) -> str:
 def test_the_demo_output_on_the_docs_pages_is_the_readme_one():
     """The same printed demo table on docs/index.md and docs/benchmarks.md (checked above on the README)."""
     readme = _text_block("README.md", "## What we measured")
-    strip = lambda b: [line for line in b.splitlines() if not line.startswith(("plot written", "results written"))]
+    def strip(b):
+        return [line for line in b.splitlines() if not line.startswith(("plot written", "results written"))]
+
     assert strip(_text_block("docs/index.md", "python -m loraplus demo")) == strip(readme)
     assert strip(_text_block("docs/benchmarks.md", "## The demo")) == strip(readme)
 

@@ -11,6 +11,7 @@ datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
 import test_trainer as T  # noqa: E402  (the same tiny PEFT Llama and the same parity check)
+
 from loraplus.integrations.transformers import LoraPlusTrainerMixin  # noqa: E402
 
 

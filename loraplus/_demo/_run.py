@@ -30,7 +30,7 @@ from .._groups._build import DEFAULT_RATIO
 from ._config import MINILM_PRESETS, MLP_PRESETS, DemoConfig
 from ._minilm import _MiniLMTask
 from ._mlp import _MlpTask
-from ._report import MethodResult, DemoResult, plot
+from ._report import DemoResult, MethodResult, plot
 from ._train import _progress, _threads
 
 __all__ = ["run_demo"]

@@ -70,10 +70,11 @@ class LoraLinear(nn.Module):
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, rank, bias=False)})
-        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, base.out_features, bias=False)})
-        nn.init.kaiming_uniform_(self.lora_A["default"].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B["default"].weight)
+        a, b = nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+        self.lora_A = nn.ModuleDict({"default": a})
+        self.lora_B = nn.ModuleDict({"default": b})
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
         self.scaling = (alpha if alpha is not None else rank) / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

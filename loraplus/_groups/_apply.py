@@ -16,7 +16,7 @@ from ._refine import MARK, refine_groups
 
 __all__ = ["SCHEDULER_SCALED_LISTS", "SCHEDULER_COPIED_LISTS", "apply"]
 
-O = TypeVar("O")
+OptimizerT = TypeVar("OptimizerT")
 
 #: Per-group scheduler lists holding learning rates: a sibling's entry is its parent's times its factor.
 SCHEDULER_SCALED_LISTS: tuple[str, ...] = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
@@ -98,7 +98,7 @@ def _times(value: Any, factor: float) -> Any:
 
 
 def apply(
-    optimizer: O,
+    optimizer: OptimizerT,
     model: nn.Module,
     ratio: float = DEFAULT_RATIO,
     *,
@@ -106,7 +106,7 @@ def apply(
     lr_embedding: float | None = None,
     role_lr: Mapping[Role | str, float] | None = None,
     rules: RuleSpec | None = None,
-) -> O:
+) -> OptimizerT:
     """Turn an optimizer you already built into a LoRA+ one, in place, before its first step.
 
     Its param groups are replaced by :func:`loraplus.refine` of them: each group's B factors move

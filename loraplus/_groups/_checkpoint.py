@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -157,7 +157,7 @@ def load_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, A
         loraplus._errors.LoraPlusError: the optimizer state does not match this optimizer's param groups: ...
     """
     check_state_dict(optimizer, state_dict)
-    optimizer.load_state_dict(state_dict)
+    optimizer.load_state_dict(cast("dict[str, Any]", state_dict))  # torch annotates dict; any mapping works
 
 
 def check_state_dict(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> None:

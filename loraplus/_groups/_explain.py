@@ -8,10 +8,10 @@ from typing import Any
 from torch import nn
 
 from .._errors import LoraPlusError
-from ._build import DEFAULT_RATIO, prepare
 from .._labels import NoDecaySpec, RuleSpec, is_no_decay, normalize_no_decay
 from .._role import Role
 from .._table import render_table
+from ._build import DEFAULT_RATIO, prepare
 
 __all__ = ["explain"]
 
@@ -110,14 +110,14 @@ def explain(
             rows = [[lab.name, lab.role.value, "no" if is_no_decay(lab, nd) else "yes", lab.source] for lab in labels]
             parts.append(render_table(["parameter", "role", "decay", "why"], rows, set()))
         return "\n".join(parts)
-    groups = getattr(target, "param_groups", None)
-    if not isinstance(groups, list):
+    opt_groups = getattr(target, "param_groups", None)
+    if not isinstance(opt_groups, list):
         raise LoraPlusError(f"explain() takes a model or an optimizer, got {type(target).__name__}")
-    parts = [f"{type(target).__name__} param groups", render_table(headers, _group_rows(groups, False), right)]
+    parts = [f"{type(target).__name__} param groups", render_table(headers, _group_rows(opt_groups, False), right)]
     if verbose:
         rows = [
             [name, str(g.get("role", "?")), str(g.get("name", i))]
-            for i, g in enumerate(groups)
+            for i, g in enumerate(opt_groups)
             for name in g.get("param_names", [])
         ]
         parts.append(render_table(["parameter", "role", "group"], rows, set()))

@@ -5,19 +5,19 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 from .._errors import LoraPlusError
-from ._build import DEFAULT_RATIO, prepare
 from .._labels import NoDecaySpec, RuleSpec
 from .._role import Role
+from ._build import DEFAULT_RATIO, prepare
 
 __all__ = ["GLOBAL_LR_OPTIMIZERS", "LoraPlus", "build_optimizer"]
 
-O = TypeVar("O")
+OptimizerT = TypeVar("OptimizerT")
 
 #: Optimizers known to read ``param_groups[0]["lr"]`` for every group (learning-rate-free
 #: methods): LoRA+ has no effect there.
@@ -63,7 +63,7 @@ def _check_optimizer_cls(optimizer_cls: Any) -> None:
 
 
 def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
-    optimizer_cls: Callable[..., O],
+    optimizer_cls: Callable[..., OptimizerT],
     model: nn.Module,
     ratio: float = DEFAULT_RATIO,
     *,
@@ -76,7 +76,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
     precondition: str | None = None,
     precondition_reg: float | None = None,
     **optimizer_kwargs: Any,
-) -> O:
+) -> OptimizerT:
     """Build ``optimizer_cls`` over ``model``'s trainable parameters with LoRA+ learning rates.
 
     Returns a genuine instance of ``optimizer_cls`` (or whatever the callable returns) — no
@@ -141,13 +141,13 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
     if precondition is not None:
         from .._pairs._precondition import precondition as attach  # the hook lives as long as the optimizer
 
-        attach(optimizer, model, method=precondition, reg=precondition_reg, rules=rules)
+        attach(cast(torch.optim.Optimizer, optimizer), model, method=precondition, reg=precondition_reg, rules=rules)
     return optimizer
 
 
 def build_optimizer(
-    optimizer_cls: Callable[..., O], groups: list[dict[str, Any]], lr: float, kwargs: Mapping[str, Any], what: str
-) -> O:
+    optimizer_cls: Callable[..., OptimizerT], groups: list[dict[str, Any]], lr: float, kwargs: Mapping[str, Any], what: str
+) -> OptimizerT:
     """Call the optimizer factory on ``groups``.
 
     What it raises about its arguments (``TypeError``, ``ValueError``) becomes a LoraPlusError

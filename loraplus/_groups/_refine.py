@@ -130,7 +130,9 @@ def _scale(value: Any, factor: float) -> Any:
     return value  # not a number (a user's custom value under a scaled name): copied unchanged
 
 
-def _factors(lr: float, ratio: float, lr_embedding: float | None, role_lr: Mapping[Role, float]) -> dict[Role, float]:
+def _factors(
+    lr: float, ratio: float, lr_embedding: float | None, role_lr: Mapping[Any, float]
+) -> dict[Role, float]:
     """The factor, relative to the parent's lr, of every role that moves to a sibling."""
     rates = role_lrs(lr, ratio, lr_embedding, role_lr) if lr > 0 else None
     moved: dict[Role, float] = {}

@@ -77,7 +77,6 @@ def per_group(optimizer: Any, value: float, *, reference: float | None = None) -
         ref = _start_lr(a_groups[0])
     else:
         ref = check_number("reference", reference)
-        assert ref is not None
     if ref == 0:
         raise LoraPlusError("the reference learning rate is 0, so ratios are undefined; pass reference=<a positive lr>")
     return [val * (_start_lr(g) / ref) for g in groups]

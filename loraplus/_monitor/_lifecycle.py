@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from .._errors import LoraPlusError
+from .._labels import RuleSpec
+from .._pairs._pairs import Pair
 from ._history import History, StepRecord
 from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS
-from .._pairs._pairs import Pair
 from ._recorder import Recorder
 from ._report import plot_history, summary_text
-from .._labels import RuleSpec
 from ._sinks import CsvSink, JsonlSink, open_tensorboard, write_csv, write_jsonl
 from ._targets import find_targets, unwrap_optimizer
 

@@ -16,13 +16,13 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS, StepFactors, activation_terms, take_rows, weight_terms
 from .._pairs._pairs import Pair, stack_factors
+from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS, StepFactors, activation_terms, take_rows, weight_terms
 
 __all__ = ["Recorder"]
 
@@ -50,8 +50,8 @@ def _buckets(pairs: Sequence[Pair], scales: Sequence[float]) -> list[_Bucket]:
         out.append(
             _Bucket(
                 tuple(idx),
-                tuple(pairs[i].a for i in idx),
-                tuple(pairs[i].b for i in idx),
+                cast("tuple[torch.Tensor, ...]", tuple(pairs[i].a for i in idx)),  # set: a_matrix() ran above
+                cast("tuple[torch.Tensor, ...]", tuple(pairs[i].b for i in idx)),
                 pairs[idx[0]].transposed,
                 None if all(v == 1.0 for v in s) else torch.tensor(s, dtype=torch.float64),
                 pairs[idx[0]].b_matrix().shape[0],

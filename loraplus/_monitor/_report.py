@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from .._errors import LoraPlusError
-from ._history import AdapterInfo
 from .._table import render_table
+from ._history import AdapterInfo
 
 __all__ = ["plot_history", "summary_text"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,11 +9,11 @@ import torch
 from torch import nn
 
 from .._errors import LoraPlusError
-from ._history import AdapterInfo
-from .._pairs._pairs import Pair, pair_labels
 from .._labels import Label, Origin, RuleSpec, label_model
 from .._layouts import NAME_INDEX, Family, NameMatcher
+from .._pairs._pairs import Pair, pair_labels
 from .._role import Role
+from ._history import AdapterInfo
 
 __all__ = ["Targets", "find_targets", "unwrap_optimizer"]
 

@@ -7,8 +7,8 @@ from typing import Any
 from torch import nn
 
 from .._errors import LoraPlusError
-from ._pairs import pairs
 from .._labels import RuleSpec
+from ._pairs import pairs
 
 __all__ = ["pair_params"]
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .._errors import LoraPlusError
-from ._pairs import Pair, pairs
 from .._labels import RuleSpec
+from ._pairs import Pair, pairs
 
 __all__ = ["DEFAULT_REG", "METHODS", "Preconditioner", "precondition"]
 
@@ -123,20 +124,20 @@ def _solve_bucket(bucket: _Bucket, method: str, reg: float, cache: dict[tuple[in
         grads = [p.grad for p in own]
         rank_left = (side == "A") != bucket.transposed
         scale = bucket.inv_s2 if side == "B" else None
-        if any(g is None for g in grads):  # a side without gradient is left alone
+        present = [g for g in grads if g is not None]
+        if len(present) < len(grads):  # a side without gradient is left alone
             idx = [i for i, g in enumerate(grads) if g is not None]
             if not idx:
                 continue
-            grads = [grads[i] for i in idx]
-            _check_sparse(grads, own)
-            _side([own[i] for i in idx], [partner[i] for i in idx], grads, rank_left, reg,
+            _check_sparse(present, own)
+            _side([own[i] for i in idx], [partner[i] for i in idx], present, rank_left, reg,
                   None if scale is None else scale[idx], dtype, None)
             continue
-        _check_sparse(grads, own)
+        _check_sparse(present, own)
         key = (id(bucket), side)
         if key not in cache:
             cache[key] = _Workspace(own, partner, dtype)
-        _side(own, partner, grads, rank_left, reg, scale, dtype, cache[key])
+        _side(own, partner, present, rank_left, reg, scale, dtype, cache[key])
 
 
 class Preconditioner:
@@ -171,7 +172,7 @@ class Preconditioner:
         self._buckets = tuple(buckets)
         self._cache: dict[tuple[int, str], _Workspace] = {}
         self._optimizer = weakref.ref(optimizer)
-        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+        self._handle: RemovableHandle | None = optimizer.register_step_pre_hook(self._pre_step)
 
     @property
     def active(self) -> bool:
@@ -226,13 +227,14 @@ def _sharding_error(model: nn.Module, params: Sequence[nn.Parameter]) -> str | N
     for name, mod in model.named_modules():
         if type(mod).__name__ == "FullyShardedDataParallel":
             return f"{name or 'the model'} is wrapped in FSDP (FullyShardedDataParallel): its factors are flat shards"
+    dtensor: type | None
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor as dtensor
     except ImportError:  # pragma: no cover - torch built without distributed
-        DTensor = ()  # noqa: N806
+        dtensor = None
     for p in params:
-        if DTensor and isinstance(p, DTensor):
-            return f"a factor is a DTensor placed as {p.placements} (FSDP2 / tensor parallel)"
+        if dtensor is not None and isinstance(p, dtensor):
+            return f"a factor is a DTensor placed as {getattr(p, 'placements', '?')} (FSDP2 / tensor parallel)"
         if hasattr(p, "ds_id"):
             return "the factors are DeepSpeed ZeRO-3 partitions"
         if type(p).__name__ == "FlatParameter":
@@ -352,14 +354,19 @@ def precondition(
 def _buckets(found: Sequence[Pair], method: str) -> list[_Bucket]:
     groups: dict[tuple, list[Pair]] = {}
     for pr in found:
+        assert pr.a is not None and pr.b is not None  # pairs() always carries both factors
         key = (tuple(pr.a.shape), tuple(pr.b.shape), pr.a.dtype, pr.b.dtype, pr.a.device, pr.transposed)
         groups.setdefault(key, []).append(pr)
     out = []
     for members in groups.values():
         inv_s2 = None
         if method == "lorafa":
+            first = members[0].a
+            assert first is not None
             s = torch.tensor([pr.scaling for pr in members], dtype=torch.float64)
-            dtype = torch.promote_types(members[0].a.dtype, torch.float32)
-            inv_s2 = (1.0 / s**2).to(dtype=dtype, device=members[0].a.device).view(-1, 1, 1)
-        out.append(_Bucket(tuple(p.a for p in members), tuple(p.b for p in members), members[0].transposed, inv_s2))
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            inv_s2 = (1.0 / s**2).to(dtype=dtype, device=first.device).view(-1, 1, 1)
+        a_side = tuple(p.a for p in members if p.a is not None)
+        b_side = tuple(p.b for p in members if p.b is not None)
+        out.append(_Bucket(a_side, b_side, members[0].transposed, inv_s2))
     return out

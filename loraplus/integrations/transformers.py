@@ -24,13 +24,13 @@ from typing import Any
 
 from torch import nn
 
-from .._groups._apply import apply
-from .._groups._checkpoint import check_state_dict
 from .._errors import LoraPlusError
+from .._groups._apply import apply
 from .._groups._build import DEFAULT_RATIO, role_lrs
-from .._numbers import check_number
+from .._groups._checkpoint import check_state_dict
 from .._labels import NoDecaySpec, RuleSpec, match_pattern, normalize_no_decay, normalize_rules
 from .._layouts import canonical_name
+from .._numbers import check_number
 from .._role import Role
 
 try:
@@ -83,6 +83,9 @@ class LoraPlusTrainerMixin:
             ``optim`` that builds its own parameter groups (GaLore, Apollo, LOMO, layer-wise,
             Muon/Dion factories).
     """
+
+    #: Set by the Trainer this mixin is combined with.
+    args: Any
 
     def __init__(
         self,
@@ -161,7 +164,7 @@ class LoraPlusTrainerMixin:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)  # type: ignore[attr-defined]
         own = [k for k in _OWN_GROUP_KEYS if k in optimizer_kwargs]
         if own or _is_factory(optimizer_cls):
-            source = "optimizer_cls_and_kwargs" if given is not None else f"optim={str(self.args.optim)!r}"  # type: ignore[attr-defined]
+            source = "optimizer_cls_and_kwargs" if given is not None else f"optim={str(self.args.optim)!r}"
             raise LoraPlusError(
                 f"{source} ({getattr(optimizer_cls, '__name__', optimizer_cls)}) builds its "
                 f"own parameter groups{' (' + ', '.join(own) + ')' if own else ''}, so LoRA+ cannot give B its own "

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -138,7 +138,7 @@ def build_model(
     """
     truth: dict[int, tuple[Role, bool, bool, Any]] = {}
 
-    def reg(p: nn.Parameter, role: Role, no_decay: bool = False, rule: bool = False, pair: Any = None) -> None:
+    def reg(p: torch.Tensor, role: Role, no_decay: bool = False, rule: bool = False, pair: Any = None) -> None:
         truth[id(p)] = (role, no_decay, rule, pair)
 
     blocks = nn.ModuleList()
@@ -282,14 +282,13 @@ class TinyLoraModel(nn.Module):
         def no_reg(p: nn.Parameter, role: Role, **_: bool) -> None:
             return None
 
-        self.layers = nn.ModuleList(
-            _PeftLinear(d, d, r, ["default"], no_reg, dora=False, lora_bias=False) for _ in range(layers)
-        )
+        lora = [_PeftLinear(d, d, r, ["default"], no_reg, dora=False, lora_bias=False) for _ in range(layers)]
+        self.layers = nn.ModuleList(lora)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, n_out)
         with torch.no_grad():  # PEFT's default init: A random, B = 0
-            for layer in self.layers:
-                nn.init.zeros_(layer.lora_B["default"].weight)
+            for layer in lora:
+                nn.init.zeros_(cast(nn.Linear, layer.lora_B["default"]).weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
