@@ -26,7 +26,7 @@ from ._layouts import CONVENTIONS, Convention
 from ._monitor._lifecycle import Monitor
 from ._pairs._pairs import Pair, Pairs, Unpaired, pairs
 from ._pairs._params import pair_params
-from ._pairs._precondition import Preconditioner, precondition
+from ._pairs._precondition import Preconditioner, precondition, preconditioner
 from ._role import Role
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "param_groups",
     "per_group",
     "precondition",
+    "preconditioner",
     "refine",
     "split_groups",
     "testing",

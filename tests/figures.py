@@ -65,6 +65,7 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
     "percent": lambda v: 100 * v,  # a stored fraction printed in per cent
     "minutes": lambda v: v / 60,  # a stored number of seconds printed in minutes
     "ms": lambda v: 1000 * v,  # seconds printed in milliseconds
+    "mib": lambda v: v / 2**20,  # bytes printed in MiB
 }
 
 

@@ -614,7 +614,7 @@ def test_explain_model_and_optimizer():
 PUBLIC_API = {
     "CONVENTIONS", "Convention", "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Pair", "Pairs",
     "Preconditioner", "Role", "Unpaired", "classify", "explain", "load_state_dict", "pair_params", "pairs",
-    "param_groups", "per_group", "precondition", "split_groups", "testing", "apply", "refine",
+    "param_groups", "per_group", "precondition", "preconditioner", "split_groups", "testing", "apply", "refine",
 }
 
 

@@ -4,7 +4,10 @@ against an explicit per-pair loop (``torch.linalg.inv``) written here from how e
 from __future__ import annotations
 
 import copy
+import gc
+import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -112,28 +115,78 @@ def test_half_precision_factors_are_solved_in_float32_like_peft():
 
 
 # ----------------------------------------------------------------------------------------------- LoRA-FA
-def test_lorafa_equals_peft_create_lorafa_optimizer(monkeypatch):
+def _run_clipped(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float | None, steps: int = 4) -> list[float]:
+    """Like ``_run``, with ``clip_grad_norm_`` over every parameter before each step; the norms seen."""
+    norms = []
+    for x in _batches(steps):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        if max_norm is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+    return norms
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_lorafa_equals_peft_create_lorafa_optimizer(monkeypatch, max_norm):
     import peft.optimizers.lorafa as lorafa
 
     # PEFT multiplies under bfloat16 autocast when bf16 is available; compare its float32 maths
     monkeypatch.setattr(lorafa, "is_bf16_available", lambda: False)
     ours, theirs = _peft(), _peft()
+    a_names = [n for n, _ in ours.named_parameters() if ".lora_A." in n]  # how PEFT names A
+    b_names = [n for n, _ in ours.named_parameters() if ".lora_B." in n]
+    before = _lora_params(ours)
     ref = create_lorafa_optimizer(theirs, r=4, lora_alpha=8, lr=1e-2)
     for group in ref.param_groups:
         group["eps"] = 1e-12  # PEFT adds eps before bias correction, torch after: make both negligible
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0, eps=1e-12)
     pre = precondition(opt, ours, method="lorafa")
     assert pre.reg == 1e-8
-    before = _lora_params(ours)
-    _run(ours, opt)
-    _run(theirs, ref)
+    params = dict(ours.named_parameters())
+    assert [not params[n].requires_grad for n in a_names] == [True] * len(a_names)  # frozen, as PEFT does
+    ours_norms = _run_clipped(ours, opt, max_norm)
+    theirs_norms = _run_clipped(theirs, ref, max_norm)
+    if max_norm is not None:  # clipping was active, and both clipped the same (B-only) gradient norm
+        assert min(ours_norms) > max_norm
+        torch.testing.assert_close(torch.tensor(ours_norms), torch.tensor(theirs_norms), rtol=1e-5, atol=0)
     theirs_params = dict(theirs.named_parameters())
-    for name, p in _lora_params(ours).items():
-        if ".lora_A." in name:
-            assert torch.equal(p, before[name]) and dict(ours.named_parameters())[name].grad is None, name
-        else:
-            assert not torch.equal(p, before[name]), name
-        torch.testing.assert_close(p, theirs_params[name].detach(), rtol=1e-4, atol=1e-6, msg=name)
+    for name in a_names:
+        assert torch.equal(params[name].detach(), before[name]) and params[name].grad is None, name
+    for name in b_names:
+        assert not torch.equal(params[name].detach(), before[name]), name
+    for name in a_names + b_names:
+        torch.testing.assert_close(params[name].detach(), theirs_params[name].detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lorafa_freezes_a_so_autograd_never_computes_it_and_remove_restores_it():
+    model = _peft()
+    names = dict(model.named_parameters())
+    a_names = [n for n in names if ".lora_A." in n]
+    b_names = [n for n in names if ".lora_B." in n]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(_batches(1)[0]).square().mean().backward()  # a gradient from before attaching is dropped
+    pre = precondition(opt, model, method="lorafa")
+    assert {id(p) for p in pre.frozen} == {id(names[n]) for n in a_names}
+    assert all(not names[n].requires_grad and names[n].grad is None for n in a_names)
+    opt.zero_grad()
+    model(_batches(1)[0]).square().mean().backward()
+    assert all(names[n].grad is None for n in a_names)  # never computed, not computed-then-dropped
+    assert all(names[n].grad is not None for n in b_names)
+    pre.remove()
+    assert all(names[n].requires_grad for n in a_names + b_names)
+    assert loraplus.preconditioner(opt) is None
+
+
+def test_only_lorafa_changes_requires_grad():
+    model = _peft()
+    names = dict(model.named_parameters())
+    a_names = [n for n in names if ".lora_A." in n]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    pre = precondition(opt, model, method="riemannian")
+    assert pre.frozen == ()  # only LoRA-FA changes requires_grad
+    pre.remove()
+    assert all(names[n].requires_grad for n in a_names)
 
 
 def test_lorafa_divides_by_the_layers_scaling_squared():
@@ -333,6 +386,44 @@ def test_remove_and_context_manager_restore_raw_steps():
     precondition(opt, model).remove()  # attaching again after remove() is fine
 
 
+def test_the_optimizer_owns_a_preconditioner_attached_by_loraplus_and_it_is_removable():
+    model = _peft()
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1, precondition="riemannian")
+    pre = loraplus.preconditioner(opt)
+    assert isinstance(pre, loraplus.Preconditioner) and pre.active and pre.method == "riemannian"
+    del pre
+    gc.collect()
+    pre = loraplus.preconditioner(opt)  # dropping the handle did not detach it: the optimizer owns it
+    assert pre is not None and pre.active
+    pre.remove()
+    assert loraplus.preconditioner(opt) is None and not pre.active
+    model(_batches(1)[0]).square().mean().backward()
+    raw = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    opt.step()  # raw gradients again
+    assert all(torch.equal(p.grad, g) for p, g in zip([p for p in model.parameters() if p.requires_grad], raw))
+    again = precondition(opt, model, method="lorafa", reg=1e-3)  # a new one may be attached after remove()
+    assert loraplus.preconditioner(opt) is again
+    assert loraplus.preconditioner(torch.optim.SGD(model.parameters(), lr=0.1)) is None
+
+
+def test_hooks_hold_the_preconditioner_weakly_and_nothing_keeps_the_optimizer_alive():
+    model = _peft()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    pre = precondition(opt, model)
+    gc.collect()
+    holders = [id(r) for r in gc.get_referrers(pre) if r is not sys._getframe()]
+    assert holders == [id(vars(opt))]  # the optimizer's attribute is its one strong holder (not the hook)
+    pre_ref, opt_ref = weakref.ref(pre), weakref.ref(opt)
+    gc.disable()
+    try:
+        del opt  # the handle holds the optimizer weakly, and no cycle is left for the collector
+        assert opt_ref() is None and pre_ref() is pre
+        del pre
+        assert pre_ref() is None
+    finally:
+        gc.enable()
+
+
 def test_non_product_adapters_are_left_alone_with_a_warning():
     specs = [{"conv": c, "d_in": 4, "d_out": 4, "r": 2, "adapters": ["default"], "lora_bias": False}
              for c in ("peft", "peft_loha")]
@@ -437,10 +528,6 @@ def test_a_bucket_where_only_some_pairs_have_gradients():
 
 
 def test_loraplus_precondition_keyword_is_the_one_call_form():
-    import inspect
-
-    if "precondition" not in inspect.signature(loraplus.LoraPlus).parameters:
-        pytest.skip("LoraPlus(precondition=) arrives with the factory patch (see the precondition branch report)")
     ours, theirs = _peft(), _peft()
     opt = loraplus.LoraPlus(torch.optim.AdamW, ours, ratio=1, lr=1e-2, weight_decay=0.0, precondition="riemannian")
     with pytest.raises(LoraPlusError, match="already preconditioned"):

@@ -98,7 +98,8 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         no_decay: extra no-decay rules (see :func:`param_groups`).
         precondition: ``"riemannian"`` or ``"lorafa"`` attaches :func:`loraplus.precondition` to the
             optimizer (same ``rules``), so each A/B pair's gradients are preconditioned before every
-            step; ``None`` (default) attaches nothing.
+            step; ``None`` (default) attaches nothing. The optimizer owns it:
+            ``loraplus.preconditioner(opt)`` returns it (e.g. to ``remove()`` it).
         precondition_reg: the preconditioner's damping δ (default: the method's, as in PEFT).
         **optimizer_kwargs: passed to ``optimizer_cls`` untouched (betas, eps, fused, …).
 
@@ -139,7 +140,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
     )
     optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
     if precondition is not None:
-        from .._pairs._precondition import precondition as attach  # the hook lives as long as the optimizer
+        from .._pairs._precondition import precondition as attach  # the optimizer owns it: preconditioner(opt)
 
         attach(cast(torch.optim.Optimizer, optimizer), model, method=precondition, reg=precondition_reg, rules=rules)
     return optimizer

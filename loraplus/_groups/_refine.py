@@ -8,6 +8,7 @@ right after it, whose learning-rate keys are the parent's times a factor. Nothin
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def _numeric_lr(i: int, group: Mapping[str, Any], default_lr: Any) -> Any:
         if lr.numel() != 1:
             raise LoraPlusError(f"group {i} ({_group_name(i, group)!r}) has a tensor lr with {lr.numel()} elements")
         return lr
-    if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)):
+    if lr is None or isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise LoraPlusError(
             f"group {i} ({_group_name(i, group)!r}) has no numeric learning rate (lr={lr!r}), so its B factors "
             "cannot get ratio × its rate; give every group an 'lr' (or pass lr= to refine for groups without one)"
@@ -125,8 +126,8 @@ def _numeric_lr(i: int, group: Mapping[str, Any], default_lr: Any) -> Any:
 def _scale(value: Any, factor: float) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone() * factor
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value * factor
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value) * factor  # NumPy scalars too
     return value  # not a number (a user's custom value under a scaled name): copied unchanged
 
 

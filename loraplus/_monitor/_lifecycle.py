@@ -16,6 +16,7 @@ monitored, and that a failing side tool warns once and steps aside.
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 import weakref
@@ -27,6 +28,7 @@ from torch import nn
 
 from .._errors import LoraPlusError
 from .._labels import RuleSpec
+from .._numbers import check_number
 from .._pairs._pairs import Pair
 from ._history import History, StepRecord
 from ._measure import ACTIVATION_METRICS, WEIGHT_METRICS
@@ -41,9 +43,9 @@ _STATE_VERSION = 1
 
 
 def _positive_int(name: str, value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise LoraPlusError(f"{name} must be a positive int ({what}), got {value!r}")
-    return value
+    return int(value)  # NumPy integers too
 
 
 def _release(recorder: Recorder, sinks: Sequence[Any], state: dict[str, bool]) -> None:
@@ -352,7 +354,7 @@ class Monitor:
         Raises:
             LoraPlusError: if ``band`` is not a number > 1.
         """
-        if isinstance(band, bool) or not isinstance(band, (int, float)) or not band > 1:
+        if check_number("band", band) <= 1:
             raise LoraPlusError(f"band must be a number > 1 (e.g. 10 for one order of magnitude), got {band!r}")
         return summary_text(
             self.to_dict(),

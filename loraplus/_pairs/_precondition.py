@@ -4,6 +4,11 @@ Lifecycle only: :func:`precondition` finds the pairs (``_pairs.py``), checks tha
 holds whole factors, buckets the pairs by shape and registers a hook; the maths of one bucket
 lives in :func:`_solve_bucket`. Nothing is carried from one step to the next but reusable buffers:
 the r×r systems are rebuilt from the current factors each step, so there is no state to checkpoint.
+
+Ownership: the optimizer owns its preconditioner. The one strong link is an attribute of the
+optimizer instance (read by :func:`preconditioner`); the hook holds the preconditioner weakly and
+the preconditioner holds the optimizer weakly, so there is no module-level registry and no
+reference cycle, and dropping the optimizer frees both.
 """
 
 from __future__ import annotations
@@ -20,17 +25,49 @@ from torch.utils.hooks import RemovableHandle
 
 from .._errors import LoraPlusError
 from .._labels import RuleSpec
+from .._numbers import check_number
 from ._pairs import Pair, pairs
 
-__all__ = ["DEFAULT_REG", "METHODS", "Preconditioner", "precondition"]
+__all__ = ["DEFAULT_REG", "METHODS", "Preconditioner", "precondition", "preconditioner"]
 
 #: Methods :func:`precondition` knows, and the damping δ each uses by default (PEFT's defaults:
 #: ``create_riemannian_optimizer(reg=1e-2)``, ``LoraFAOptimizer``'s ``delta = 1e-8``).
 DEFAULT_REG: dict[str, float] = {"riemannian": 1e-2, "lorafa": 1e-8}
 METHODS = tuple(DEFAULT_REG)
 
-#: Optimizers attached to, so a second preconditioner on the same optimizer is refused.
-_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, Preconditioner] = weakref.WeakKeyDictionary()
+#: The attribute of an optimizer instance that holds its preconditioner (the optimizer owns it).
+_LINK = "_loraplus_preconditioner"
+
+
+def preconditioner(optimizer: torch.optim.Optimizer) -> Preconditioner | None:
+    """The :class:`Preconditioner` attached to ``optimizer``, or ``None``.
+
+    Reaches the preconditioner that ``LoraPlus(..., precondition=...)`` attached, so that it can be
+    inspected or removed; a ``remove()``-d preconditioner is no longer returned.
+
+    Example:
+        >>> import torch, loraplus
+        >>> model = loraplus.testing.tiny_lora_model()
+        >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3, precondition="riemannian")
+        >>> loraplus.preconditioner(opt)
+        Preconditioner('riemannian', reg=0.01, 2 pairs, 1 buckets, 0 skipped, attached)
+        >>> loraplus.preconditioner(opt).remove()
+        >>> loraplus.preconditioner(opt) is None
+        True
+    """
+    found = vars(optimizer).get(_LINK) if hasattr(optimizer, "__dict__") else None
+    return found if isinstance(found, Preconditioner) else None
+
+
+def _weak_hook(pre: Preconditioner) -> Any:
+    """A step pre-hook that calls ``pre`` through a weak reference (a bound method would hold it)."""
+    ref = weakref.ref(pre)
+
+    def hook(optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        target = ref()
+        return None if target is None else target._pre_step(optimizer, args, kwargs)
+
+    return hook
 
 
 @dataclass(frozen=True)
@@ -148,9 +185,13 @@ class Preconditioner:
         reg: the damping δ added to the r×r matrices' diagonal.
         pairs: the :class:`loraplus.Pair` records whose gradients are rewritten, in model order.
         skipped: ``(name, reason)`` for adapter factors left as the optimizer sees them.
+        frozen: the A factors LoRA-FA froze (``requires_grad_(False)``); ``remove()`` makes them
+            trainable again. Empty for Riemannian.
 
-    It holds no state between steps (the r×r systems are rebuilt from the factors each step), so
-    there is nothing to checkpoint: attach it again after loading a checkpoint.
+    The optimizer owns it: dropping this handle does not detach it (``loraplus.preconditioner(opt)``
+    returns it again); ``remove()`` does. It holds no state between steps (the r×r systems are
+    rebuilt from the factors each step), so there is nothing to checkpoint: attach it again after
+    loading a checkpoint.
 
     Example:
         >>> import torch, loraplus
@@ -172,7 +213,14 @@ class Preconditioner:
         self._buckets = tuple(buckets)
         self._cache: dict[tuple[int, str], _Workspace] = {}
         self._optimizer = weakref.ref(optimizer)
-        self._handle: RemovableHandle | None = optimizer.register_step_pre_hook(self._pre_step)
+        self.frozen: tuple[nn.Parameter, ...] = ()
+        if method == "lorafa":  # LoRA-FA proper: autograd never computes dA nor keeps what it needs
+            self.frozen = tuple(pr.a for pr in self.pairs if pr.a is not None and pr.a.requires_grad)
+            for p in self.frozen:
+                p.requires_grad_(False)
+                p.grad = None
+        self._handle: RemovableHandle | None = optimizer.register_step_pre_hook(_weak_hook(self))
+        setattr(optimizer, _LINK, self)
 
     @property
     def active(self) -> bool:
@@ -201,14 +249,17 @@ class Preconditioner:
         return (args[0], preconditioned_closure, *args[2:]), kwargs
 
     def remove(self) -> None:
-        """Detach the hook; the optimizer steps on raw gradients again. Idempotent."""
+        """Detach the hook and make the A factors LoRA-FA froze trainable again; the optimizer steps
+        on raw gradients again. Idempotent."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
             self._cache.clear()
+            for p in self.frozen:
+                p.requires_grad_(True)
             opt = self._optimizer()
-            if opt is not None and _ATTACHED.get(opt) is self:
-                del _ATTACHED[opt]
+            if opt is not None and vars(opt).get(_LINK) is self:
+                delattr(opt, _LINK)
 
     def __enter__(self) -> Preconditioner:
         return self
@@ -257,8 +308,14 @@ def precondition(
 
     * ``"riemannian"`` (Zhang & Pilanci 2024): g_A ← (BᵀB + δI)⁻¹ g_A and g_B ← g_B (AAᵀ + δI)⁻¹.
       Matches ``peft.optimizers.create_riemannian_optimizer`` (same δ, no LoRA scaling).
-    * ``"lorafa"`` (LoRA-FA): A is frozen (its gradient is dropped, so the optimizer skips it) and
-      g_B ← g_B (AAᵀ + δI)⁻¹ / s², s being the layer's LoRA scaling. Needs every pair's scaling.
+    * ``"lorafa"`` (LoRA-FA): A is frozen with ``requires_grad_(False)`` (so autograd never computes
+      dA, and ``clip_grad_norm_`` sees B's gradients only) and g_B ← g_B (AAᵀ + δI)⁻¹ / s², s
+      being the layer's LoRA scaling. Needs every pair's scaling. It is the one method that
+      changes ``requires_grad``; ``remove()`` restores it. Attach it before wrapping the model in
+      DDP, which records the trainable parameters when it is built.
+
+    The optimizer owns the returned preconditioner: dropping the handle does not detach it, and
+    :func:`loraplus.preconditioner` returns it again; ``remove()`` detaches it.
 
     Pairs come from :func:`loraplus.pairs` (every layout: transposed factors, conv factors read as
     (r, in·k·k) matrices, embedding adapters). Pairs sharing one shape, dtype, device and
@@ -296,9 +353,7 @@ def precondition(
     """
     if method not in METHODS:
         raise LoraPlusError(f"method must be one of {METHODS}, got {method!r}")
-    reg = DEFAULT_REG[method] if reg is None else reg
-    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not reg >= 0 or reg == float("inf"):
-        raise LoraPlusError(f"reg must be a finite number >= 0, got {reg!r}")
+    reg = check_number("reg", DEFAULT_REG[method] if reg is None else reg, allow_zero=True)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise LoraPlusError(
             f"precondition() needs a torch.optim.Optimizer (it registers a step pre-hook), got "
@@ -308,8 +363,10 @@ def precondition(
     if isinstance(optimizer, torch.optim.LBFGS):
         raise LoraPlusError("LBFGS re-evaluates its closure many times per step; preconditioning would break its "
                             "curvature estimate. Use a first-order optimizer (SGD, AdamW, …)")
-    if optimizer in _ATTACHED:
-        raise LoraPlusError(f"this optimizer is already preconditioned ({_ATTACHED[optimizer]!r}); remove() it first")
+    attached = preconditioner(optimizer)
+    if attached is not None:
+        raise LoraPlusError(f"this optimizer is already preconditioned ({attached!r}); "
+                            "loraplus.preconditioner(optimizer).remove() it first")
     # before pairing: FSDP1's flat 1-D views would not even pair, and the error would not say why
     why = _sharding_error(model, [p for p in model.parameters() if p.requires_grad])
     if why is not None:
@@ -346,9 +403,7 @@ def precondition(
         more = "; …" if len(skipped) > 4 else ""
         warnings.warn(f"{len(skipped)} adapter factors are not preconditioned ({shown}{more})", UserWarning,
                       stacklevel=2)
-    handle = Preconditioner(optimizer, method, float(reg), kept, skipped, _buckets(kept, method))
-    _ATTACHED[optimizer] = handle
-    return handle
+    return Preconditioner(optimizer, method, reg, kept, skipped, _buckets(kept, method))
 
 
 def _buckets(found: Sequence[Pair], method: str) -> list[_Bucket]:
