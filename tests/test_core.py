@@ -480,6 +480,26 @@ def test_default_no_decay_biases_norms_magnitudes():
     assert set(groups["other"]) == {"head.weight", "normal_head.weight"}
 
 
+def test_norm_names_count_only_as_whole_words_and_1d_parameters_keep_decay():
+    """The norm-name rule reads whole name parts (``norm``, ``ln``, ``layernorm``, ``rmsnorm`` between
+    ``_``, digits or the ends): ``normal_scale``, ``kiln_weight`` and ``enormous`` are no norms. Being
+    1-D decides nothing: a LayerScale ``gamma`` decays."""
+    root = tiny_lora_model()
+    for leaf in ("normal_scale", "kiln_weight", "enormous", "norm_weight", "ln_1", "pre_rmsnorm"):
+        setattr(root, leaf, nn.Parameter(torch.ones(4)))  # raw 1-D parameters of the root module
+    for attr in ("enorm", "kiln", "post_ln", "qk_norm"):  # modules holding one raw 1-D parameter
+        holder = nn.Module()
+        holder.scale = nn.Parameter(torch.ones(4))
+        setattr(root, attr, holder)
+    root.ls1 = nn.Module()
+    root.ls1.gamma = nn.Parameter(torch.full((4,), 1e-5))
+    groups = {g["name"]: set(g["param_names"]) for g in param_groups(root, lr=1.0, weight_decay=0.1)}
+    decays = {"normal_scale", "kiln_weight", "enormous", "enorm.scale", "kiln.scale", "ls1.gamma"}
+    exempt = {"norm_weight", "ln_1", "pre_rmsnorm", "post_ln.scale", "qk_norm.scale"}
+    assert decays <= groups["other"] and not decays & groups["other.no_decay"]
+    assert exempt <= groups["other.no_decay"] and not exempt & groups["other"]
+
+
 def test_user_no_decay_rules():
     model = tiny_lora_model()
     groups = param_groups(

@@ -304,6 +304,27 @@ def test_peft_conv_and_embedding_adapters_match_an_explicit_loop():
     torch.testing.assert_close(conv_b.grad.reshape(5, 2).double(), want_cb, rtol=1e-4, atol=1e-6)
 
 
+def test_zero_damping_on_peft_s_zero_b_falls_back_to_the_pseudo_inverse():
+    """PEFT's init has B = 0, so with reg = 0 BᵀB is singular: Cholesky fails and the solve must fall
+    back to the pseudo-inverse (0 for a zero matrix), as PEFT's pinv does, instead of writing NaN."""
+    model = _peft(init_lora_weights=True)
+    named = dict(model.named_parameters())
+    assert all(not p.any() for n, p in named.items() if ".lora_B." in n)  # how PEFT initialised it
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    precondition(opt, model, reg=0.0)
+    model(_batches(1)[0]).square().mean().backward()
+    raw = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+    opt.step()
+    for name, p in named.items():
+        assert torch.isfinite(p).all() and (p.grad is None or torch.isfinite(p.grad).all()), name
+        if ".lora_A." in name:  # pinv(0) = 0: A's gradient (itself 0, as B = 0) stays 0
+            assert not p.grad.any(), name
+        if ".lora_B." in name:  # A is random, so A·Aᵀ is invertible: g_B (A Aᵀ)⁻¹, no damping
+            a = named[name.replace(".lora_B.", ".lora_A.")].detach().double()
+            want = raw[name].double() @ torch.linalg.inv(a @ a.T)
+            torch.testing.assert_close(p.grad.double(), want, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_hand_computed_rank_one_pair():
     layer = nn.Module()
     layer.lora_A = nn.Parameter(torch.tensor([[2.0, 0.0]]))  # A Aᵀ = 4

@@ -124,6 +124,7 @@ def build_model(
     frozen_extra: bool = True,
     plain: list[int] = (),  # type: ignore[assignment]
     hostile_module: str | None = None,
+    layer_scale: bool = False,
 ) -> GeneratedModel:
     """Build a model from layer specs and record what each trainable parameter must get.
 
@@ -133,7 +134,8 @@ def build_model(
     ``PLAIN_NAMES[i % 4]`` (``down``/``up``, ``linear_in``/``linear_out``, ``A``/``B``, ``lora``/``proj``) and
     the shape ``PLAIN_SHAPES[i // 4 % 3]`` (an MLP that expands, a squeeze-excite block of biased 1×1
     convolutions d → 2 → d, a bottleneck adapter with biases d → 2 → d); ``hostile_module``
-    adds a plain ``nn.Linear`` under that attribute name. This is what :func:`lora_models` draws
+    adds a plain ``nn.Linear`` under that attribute name; ``layer_scale`` adds a LayerScale
+    (``ls1.gamma``, a 1-D parameter that must keep weight decay). This is what :func:`lora_models` draws
     from; it is public so a failing example can be rebuilt.
     """
     truth: dict[int, tuple[Role, bool, bool, Any]] = {}
@@ -168,6 +170,10 @@ def build_model(
         setattr(root, hostile_module, lin)
         reg(lin.weight, Role.OTHER)
         reg(lin.bias, Role.OTHER, no_decay=True)
+    if layer_scale:
+        from ._layers import _LayerScale
+
+        root.ls1 = _LayerScale(4, reg)
     if norm:
         root.final_norm = nn.LayerNorm(4)
         reg(root.final_norm.weight, Role.OTHER, no_decay=True)
@@ -220,7 +226,7 @@ def lora_models(
     submodules and as raw parameters under arbitrary names (with the ``rules=`` that name them);
     ordinary blocks whose layers are named ``down``/``up``/``A``/``B``/``lora`` without being
     adapters; a plain layer under a hostile name; wrappers around the model and around each
-    block; trainable heads and norms; tied and frozen parameters.
+    block; trainable heads and norms; a LayerScale (1-D, decays); tied and frozen parameters.
 
     Example:
         >>> from hypothesis import given, settings
@@ -259,6 +265,7 @@ def lora_models(
         block_wrapper=st.sampled_from(wrappers),
         head=st.booleans(),
         norm=st.booleans(),
+        layer_scale=st.booleans(),
         tie_head=st.booleans(),
         frozen_extra=st.booleans(),
         plain=st.lists(st.integers(0, 3 * len(PLAIN_NAMES) - 1), max_size=2),
@@ -269,7 +276,7 @@ def lora_models(
 #: Attribute names a generated module must not take (they exist on nn.Module or the layers).
 _RESERVED = frozenset(
     {"base", "frozen_w", "training", "forward", "weight", "bias", "layers", "head", "lm_head", "final_norm", "plain",
-     "frozen_table", "type", "float", "half", "double", "cuda", "cpu", "to", "train", "eval", "apply", "zero_grad"}
+     "ls1", "frozen_table", "type", "float", "half", "double", "cuda", "cpu", "to", "train", "eval", "apply", "zero_grad"}
 )
 
 

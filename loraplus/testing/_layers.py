@@ -343,6 +343,19 @@ class _Plain(nn.Module):
             reg(lin.bias, Role.OTHER, no_decay=True)
 
 
+class _LayerScale(nn.Module):
+    """A LayerScale (CaiT/timm ``ls1.gamma``): a 1-D per-channel scale that is neither a bias nor a norm
+    weight, so it keeps the model's weight decay."""
+
+    def __init__(self, d: int, reg: _Reg):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((d,), 1e-5))
+        reg(self.gamma, Role.OTHER)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 #: Shapes of the ordinary blocks: an expanding MLP, a squeeze-excite block, a bottleneck adapter.
 PLAIN_SHAPES = ("expand", "squeeze_excite", "bottleneck_adapter")
 
