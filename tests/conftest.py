@@ -10,7 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from _strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401 (hooks)
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+pytest_plugins = ["pytester"]
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
