@@ -615,6 +615,7 @@ PUBLIC_API = {
     "CONVENTIONS", "Convention", "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Pair", "Pairs",
     "Preconditioner", "Role", "Unpaired", "classify", "explain", "load_state_dict", "pair_params", "pairs",
     "param_groups", "per_group", "precondition", "split_groups", "testing", "apply", "refine",
+    "find_lr", "LrSuggestion",
 }
 
 
