@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import loraplus
-from loraplus import find_lr
+from loraplus import LoraPlusError, find_lr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -297,3 +297,103 @@ def test_the_table_is_consistent_and_explain_and_plot_work(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.lr = 1.0  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _refused(match: str, *args, **kwargs) -> str:
+    net = _net()
+    snap = _snapshot(net)
+    kwargs.setdefault("progress", False)
+    with pytest.raises(LoraPlusError, match=match) as info:
+        find_lr(net, *(args or (_ce, _data())), **kwargs)
+    _assert_unchanged(net, snap)
+    return str(info.value)
+
+
+def test_a_non_scalar_loss_is_refused_with_the_fix():
+    msg = _refused("scalar", lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), _data())
+    assert "(32,)" in msg and "mean()" in msg
+
+
+def test_a_nan_loss_before_any_update_is_refused():
+    msg = _refused("first step", lambda m, b: _ce(m, b) * float("nan"), _data())
+    assert "before any update" in msg and "not the learning rate" in msg
+
+
+def test_a_loss_without_grad_is_refused():
+    def detached(m, b):
+        return _ce(m, b).detach()
+
+    assert "does not require grad" in _refused("grad", detached, _data())
+
+
+def test_empty_batches_are_refused():
+    assert "at least one batch" in _refused("empty", _ce, [])
+    assert "at least one batch" in _refused("empty", _ce, iter([]))
+
+
+def test_a_model_without_adapters_is_refused_with_the_librarys_labelling_message():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(LoraPlusError, match="no LoRA adapter parameters found") as info:
+        find_lr(model, lambda m, b: m(b).sum(), [torch.randn(2, 4)], progress=False)
+    assert "rules=" in str(info.value)  # says how to label the factors
+
+
+class _OneGroupOnly(torch.optim.Optimizer):
+    """Refuses more than one param group, as LBFGS does (not an LBFGS subclass)."""
+
+    def __init__(self, params, lr=1.0):
+        super().__init__(params, {"lr": lr})
+        if len(self.param_groups) != 1:
+            raise ValueError("this optimizer doesn't support per-parameter options (parameter groups)")
+
+
+class _NoLr(torch.optim.Optimizer):
+    def __init__(self, params, momentum=0.9):
+        super().__init__(params, {"momentum": momentum})
+
+
+class _SelfTuning(torch.optim.SGD):
+    """Takes d0 like Prodigy / D-Adaptation."""
+
+    def __init__(self, params, lr=1.0, d0=1e-6):
+        super().__init__(params, lr=lr)
+
+
+def test_optimizers_without_per_group_lr_are_refused():
+    assert "per-group" in _refused("per-group|param groups|per-parameter", optimizer_cls=torch.optim.LBFGS)
+    msg = _refused("per-group|param groups|per-parameter", optimizer_cls=_OneGroupOnly)
+    assert "find_lr" in msg
+    assert "no learning rate" in _refused("no lr parameter", optimizer_cls=_NoLr)
+
+
+def test_a_self_tuning_optimizer_earns_a_warning():
+    net = _net()
+    with pytest.warns(UserWarning, match="d0"):
+        find_lr(net, _ce, _data(), optimizer_cls=_SelfTuning, ratios=(1,), max_steps=30, lr_range=(1e-4, 1.0),
+                progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"ratios": ()}, "ratios is empty"),
+        ({"ratios": (1, 0)}, "ratios[1] must be positive"),
+        ({"ratios": (1, -4)}, "ratios[1] must be positive"),
+        ({"ratios": (1, float("inf"))}, "ratios[1] must be finite"),
+        ({"ratios": (float("nan"),)}, "must be finite"),
+        ({"ratios": "16"}, "sequence of positive numbers"),
+        ({"ratios": (1, 4), "max_steps": 59}, "at least 30 per ratio (60 for 2 ratios)"),
+        ({"max_steps": 10.5}, "integer"),
+        ({"lr_range": (1e-2, 1e-3)}, "low < high"),
+        ({"lr_range": (0, 1)}, "lr_range[0] must be positive"),
+        ({"safety": 0}, "safety must be positive"),
+        ({"beta": 1.0}, "beta must be in [0, 1)"),
+        ({"lr": 1e-3}, "do not pass lr="),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(kwargs, needle):
+    msg = _refused(".", **kwargs)
+    assert needle in msg, msg

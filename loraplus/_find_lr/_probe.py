@@ -115,7 +115,9 @@ def _build(optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs
     try:
         opt = LoraPlus(optimizer_cls, model, ratio=ratio, lr=lr, **kwargs)
     except LoraPlusError as err:
-        raise LoraPlusError(f"find_lr could not build its probe optimizer: {err}") from err
+        raise LoraPlusError(
+            f"find_lr could not build its probe optimizer (it needs one that takes per-group lr, as LoraPlus builds): {err}"
+        ) from err
     groups = getattr(opt, "param_groups", None)
     if not groups or any("lr" not in g for g in groups) or not any(g.get("role") == "B" for g in groups):
         raise LoraPlusError(
