@@ -397,3 +397,16 @@ def test_a_self_tuning_optimizer_earns_a_warning():
 def test_bad_arguments_are_refused_before_anything_runs(kwargs, needle):
     msg = _refused(".", **kwargs)
     assert needle in msg, msg
+
+
+def test_groups_with_a_rate_of_their_own_keep_it():
+    seen: list[float] = []
+
+    class Spy(torch.optim.AdamW):
+        def step(self, closure=None):  # type: ignore[override]
+            seen.extend(g["lr"] for g in self.param_groups if g["role"] == "other")
+            return super().step(closure)
+
+    find_lr(_net(), _ce, _data(), optimizer_cls=Spy, ratios=(1,), max_steps=30, lr_range=(1e-5, 1e-2),
+            role_lr={loraplus.Role.OTHER: 3e-4}, progress=False)
+    assert seen and set(seen) == {3e-4}  # the head's fixed rate is not swept

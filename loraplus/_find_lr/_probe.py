@@ -111,7 +111,10 @@ def _check_optimizer(optimizer_cls: Any) -> None:
         )
 
 
-def _build(optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs: dict[str, Any]) -> Any:
+def _build(
+    optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs: dict[str, Any]
+) -> tuple[Any, list[float], list[bool]]:
+    """The probe's optimizer, each group's rate at ``lr`` and whether that rate follows A's."""
     try:
         opt = LoraPlus(optimizer_cls, model, ratio=ratio, lr=lr, **kwargs)
     except LoraPlusError as err:
@@ -125,7 +128,12 @@ def _build(optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs
             "'lr' and 'role'), so B cannot get ratio x A's rate; use an optimizer that takes per-group lr "
             "(e.g. torch.optim.AdamW)"
         )
-    return opt
+    # which groups follow A's lr (A, B, and every role at A's rate) and which keep a rate of their own
+    # (role_lr overrides, lr_embedding): a second grouping at twice the rate tells, without guessing
+    twice = LoraPlus(optimizer_cls, model, ratio=ratio, lr=2 * lr, **kwargs).param_groups
+    base = [float(g["lr"]) for g in groups]
+    follows = [math.isclose(float(t["lr"]), 2 * b, rel_tol=1e-9) for t, b in zip(twice, base)]
+    return opt, base, follows
 
 
 def _loss(loss_fn: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module, batch: Any, first: bool) -> torch.Tensor:
@@ -149,17 +157,18 @@ def _loss(loss_fn: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module, b
 
 
 def _run(
-    model: nn.Module, loss_fn: Callable[..., torch.Tensor], batches: _Batches, opt: Any, lrs: Sequence[float],
+    model: nn.Module, loss_fn: Callable[..., torch.Tensor], batches: _Batches,
+    built: tuple[Any, list[float], list[bool]], lrs: Sequence[float],
     lr0: float, ratio: float, phase: str, beta: float, check_first: bool, tick: Callable[[int], None],
 ) -> list[ProbePoint]:
     """Train one probe from the current state: step k at A's lr ``lrs[k]``; stops at divergence."""
-    base = [g["lr"] for g in opt.param_groups]
+    opt, base, follows = built
     points: list[ProbePoint] = []
     avg, best = 0.0, math.inf
     stream = batches.probe()
     for k, lr in enumerate(lrs, start=1):
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * (lr / lr0)
+        for g, b, f in zip(opt.param_groups, base, follows):
+            g["lr"] = b * (lr / lr0) if f else b
         loss = _loss(loss_fn, model, next(stream), check_first and k == 1)
         value = float(loss.item())
         if not math.isfinite(value):
@@ -200,7 +209,9 @@ def find_lr(
     suggested lr; the ratio with the lowest confirmation loss wins (see ``docs/find_lr.md``).
     Every probe starts from the model as given, restored in place from one snapshot; the
     probe's optimizer (built by :func:`loraplus.LoraPlus`, so embeddings and weight decay follow
-    the library's rules) is discarded after each probe.
+    the library's rules) is discarded after each probe. Groups whose rate follows A's (B at
+    ``ratio ×``, heads and norms at A's rate) are scaled with it; groups given a rate of their own
+    through ``optimizer_kwargs`` (``role_lr``, ``lr_embedding``) keep it throughout.
 
     **The model is left exactly as it was found** — trainable parameter values, buffers (the same
     tensor objects), ``requires_grad``, every module's ``training`` flag, every ``.grad`` (the
@@ -291,9 +302,9 @@ def find_lr(
             snapshot.restore()
             snapshot.clear_grads()
             bar.set_description(f"find_lr ratio {ratio:g}: range test")
-            opt = _build(optimizer_cls, model, ratio, lo, optimizer_kwargs)
-            pts = _run(model, loss_fn, stream, opt, range_lrs, lo, ratio, "range", beta, i == 0, bar.update)
-            del opt
+            built = _build(optimizer_cls, model, ratio, lo, optimizer_kwargs)
+            pts = _run(model, loss_fn, stream, built, range_lrs, lo, ratio, "range", beta, i == 0, bar.update)
+            del built  # the optimizer and its state go with each probe
             table += pts
             ok = [p for p in pts if not p.diverged]
             if not ok:
@@ -308,9 +319,9 @@ def find_lr(
             snapshot.restore()
             snapshot.clear_grads()
             bar.set_description(f"find_lr ratio {ratio:g}: confirmation")
-            opt = _build(optimizer_cls, model, ratio, lr, optimizer_kwargs)
-            pts = _run(model, loss_fn, stream, opt, [lr] * n_confirm, lr, ratio, "confirm", beta, False, bar.update)
-            del opt
+            built = _build(optimizer_cls, model, ratio, lr, optimizer_kwargs)
+            pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, "confirm", beta, False, bar.update)
+            del built  # the optimizer and its state go with each probe
             table += pts
             tail = [p.loss for p in pts[-max(1, n_confirm // 4):]]
             confirm.append(math.inf if any(p.diverged for p in pts) else sum(tail) / len(tail))
