@@ -87,6 +87,7 @@ def _snapshot(model: nn.Module) -> dict:
     return {
         "params": [(n, p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
         "buffers": [(n, b, b.clone()) for n, b in model.named_buffers()],
+        "data_ptr": [t.data_ptr() for t in [*model.parameters(), *model.buffers()]],
         "grads": [(n, p.grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()],
         "training": [(n, m.training) for n, m in model.named_modules()],
         "torch_rng": torch.get_rng_state(),
@@ -108,6 +109,7 @@ def _assert_unchanged(model: nn.Module, snap: dict) -> None:
         assert params[name].grad is grad, name
         if grad is not None:
             assert torch.equal(grad, value), name
+    assert [t.data_ptr() for t in [*model.parameters(), *model.buffers()]] == snap["data_ptr"]
     assert [(n, m.training) for n, m in model.named_modules()] == snap["training"]
     assert torch.equal(torch.get_rng_state(), snap["torch_rng"])
     assert random.getstate() == snap["random"]
@@ -118,8 +120,14 @@ def test_the_model_is_left_bit_identical():
     torch.manual_seed(123)
     random.seed(5)
     snap = _snapshot(net)
-    s = find_lr(net, _ce, _data(), ratios=(1, 4), max_steps=60, progress=False)
-    assert s.steps_used > 0
+    modes = set()
+
+    def loss_fn(model, batch):  # the probe runs in the modes the model was given
+        modes.add((model.training, model.bn.training, model.frozen_bn.training))
+        return _ce(model, batch)
+
+    s = find_lr(net, loss_fn, _data(), ratios=(1, 4), max_steps=60, progress=False)
+    assert s.steps_used > 0 and modes == {(True, True, False)}
     _assert_unchanged(net, snap)
     assert net.bn.num_batches_tracked.item() == 0  # train-mode buffers moved during the probe and came back
 
@@ -206,6 +214,11 @@ def test_the_paper_toy_gets_a_ratio_above_one_and_a_near_optimal_cell():
     s = find_lr(model, _mse, [train], optimizer_cls=torch.optim.SGD, ratios=(1, 4, 16, 64),
                 lr_range=(1e-5, 10.0), max_steps=600, progress=False)
     assert s.ratio > 1
+    # the suggestion's nearest grid cell (in log lr) is near-optimal on seed 0: within 2x the grid's best
+    grid = data["grid"]
+    i_a = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / s.lr)))
+    i_b = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / (s.lr * s.ratio))))
+    assert data["test"]["200"][0][i_a][i_b] < 2 * grid_best, (grid[i_a], grid[i_b], s.explain())
     opt = torch.optim.SGD([{"params": [model.lora_A], "lr": s.lr}, {"params": [model.lora_B], "lr": s.lr * s.ratio}])
     for _ in range(200):
         opt.zero_grad()
