@@ -10,8 +10,10 @@ The probe's cost is recorded in steps, as a fraction of one full run and of the 
 
 Usage (resumable: seeds already in ``benchmarks/results/find_lr/<task>.json`` are skipped)::
 
-    python benchmarks/find_lr_eval.py width32 width64 width128 width256 order_B0   # every task, 5 seeds
-    python benchmarks/find_lr_eval.py width64 --seeds 2                            # fewer seeds
+    python benchmarks/find_lr_eval.py width32 width64 width128 width256 order_B0   # every task
+    python benchmarks/find_lr_eval.py width64 --seeds 1                            # fewer seeds
+
+By default each task runs the seeds its sweep picked its rates on (width family: 0, 1; MiniLM: 0 … 4).
     python benchmarks/find_lr_eval.py --quick /tmp/q       # tiny: width32, 3-step pretraining, 1 seed, 4 steps
 
 ``--quick`` writes into the given folder (and caches its tiny pretrained model there); its numbers
@@ -201,7 +203,8 @@ def quick(tmp: Path) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("tasks", nargs="*", help="order_B0, width32 ... width256")
-    ap.add_argument("--seeds", type=int, default=V.BASE_SEEDS)
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds 0 … N-1 (default: the seeds the task's sweep picked its rates on)")
     ap.add_argument("--quick", metavar="DIR", default=None, help="a tiny end-to-end run into DIR")
     a = ap.parse_args(argv)
     if a.quick:
@@ -210,7 +213,8 @@ def main(argv: list[str]) -> None:
     for task in a.tasks:
         if task not in V.WIDTH_TASKS and task not in V.MINILM_TASKS:
             raise SystemExit(f"unknown task {task!r}")
-        print(task, json.dumps(run_task(task, OUT, a.seeds)["summary"], indent=1))
+        seeds = a.seeds if a.seeds is not None else V.settings(task, "lora").seeds
+        print(task, json.dumps(run_task(task, OUT, seeds)["summary"], indent=1), flush=True)
 
 
 if __name__ == "__main__":

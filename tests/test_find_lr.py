@@ -115,7 +115,8 @@ def _assert_unchanged(model: nn.Module, snap: dict) -> None:
     assert random.getstate() == snap["random"]
 
 
-def test_the_model_is_left_bit_identical():
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_model_is_left_bit_identical(offload):
     net = _net()
     torch.manual_seed(123)
     random.seed(5)
@@ -126,7 +127,7 @@ def test_the_model_is_left_bit_identical():
         modes.add((model.training, model.bn.training, model.frozen_bn.training))
         return _ce(model, batch)
 
-    s = find_lr(net, loss_fn, _data(), ratios=(1, 4), max_steps=60, progress=False)
+    s = find_lr(net, loss_fn, _data(), ratios=(1, 4), max_steps=60, offload=offload, progress=False)
     assert s.steps_used > 0 and modes == {(True, True, False)}
     _assert_unchanged(net, snap)
     assert net.bn.num_batches_tracked.item() == 0  # train-mode buffers moved during the probe and came back
@@ -423,3 +424,32 @@ def test_groups_with_a_rate_of_their_own_keep_it():
     find_lr(_net(), _ce, _data(), optimizer_cls=Spy, ratios=(1,), max_steps=30, lr_range=(1e-5, 1e-2),
             role_lr={loraplus.Role.OTHER: 3e-4}, progress=False)
     assert seen and set(seen) == {3e-4}  # the head's fixed rate is not swept
+
+
+def test_a_one_shot_iterator_is_read_at_most_one_range_test_long():
+    read = 0
+
+    def endless():
+        nonlocal read
+        g = torch.Generator().manual_seed(0)
+        while True:
+            read += 1
+            yield torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    s = find_lr(_net(), _ce, endless(), ratios=(1, 4), max_steps=60, progress=False)
+    n_range = max(p.step for p in s.table if p.phase == "range")
+    assert read <= 20 and n_range <= 20  # 30 steps per ratio: 20 range-test, 10 confirmation
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_models_are_restored_in_place():
+    net = _net().cuda()
+    net.head.weight.grad = torch.full_like(net.head.weight, 0.5)
+    data = [(x.cuda(), y.cuda()) for x, y in _data()]
+    snap = _snapshot(net)
+    cuda_rng = torch.cuda.get_rng_state()
+    find_lr(net, _ce, data, ratios=(1, 4), max_steps=60, progress=False)
+    _assert_unchanged(net, snap)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    find_lr(net, _ce, data, ratios=(1,), max_steps=30, offload=True, progress=False)
+    _assert_unchanged(net, snap)
