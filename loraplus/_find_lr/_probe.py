@@ -31,6 +31,7 @@ from torch import nn
 from .._errors import LoraPlusError
 from .._groups._factory import LoraPlus, _unwrap
 from .._numbers import check_number
+from .._progress import _progress
 from ._restore import Snapshot
 from ._suggestion import LrSuggestion, ProbePoint, RatioSummary
 
@@ -291,8 +292,6 @@ def find_lr(
     stream = _Batches(batches, n_range)
     if progress is None:
         progress = sys.stderr.isatty()
-    from .._demo._train import _progress
-
     bar = _progress(n * (n_range + n_confirm), "find_lr", progress)
     snapshot = Snapshot(model, offload=offload)
     table: list[ProbePoint] = []
