@@ -401,6 +401,7 @@ def test_a_self_tuning_optimizer_earns_a_warning():
         ({"ratios": "16"}, "sequence of positive numbers"),
         ({"ratios": (1, 4), "max_steps": 59}, "at least 30 per ratio (60 for 2 ratios)"),
         ({"max_steps": 10.5}, "integer"),
+        ({"max_steps": True}, "integer"),
         ({"lr_range": (1e-2, 1e-3)}, "low < high"),
         ({"lr_range": (0, 1)}, "lr_range[0] must be positive"),
         ({"safety": 0}, "safety must be positive"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -265,7 +266,7 @@ def find_lr(
     n = len(ratio_list)
     if max_steps is None:
         max_steps = DEFAULT_STEPS_PER_RATIO * n
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < MIN_STEPS_PER_RATIO * n:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < MIN_STEPS_PER_RATIO * n:
         raise LoraPlusError(
             f"max_steps must be an integer of at least {MIN_STEPS_PER_RATIO} per ratio "
             f"({MIN_STEPS_PER_RATIO * n} for {n} ratios), got {max_steps!r}; pass None for the default "
@@ -283,7 +284,7 @@ def find_lr(
         if key in optimizer_kwargs:
             raise LoraPlusError(f"do not pass {key}= to find_lr: it is what the probe sets (use lr_range= and ratios=)")
     _check_optimizer(optimizer_cls)
-    per = max_steps // n
+    per = int(max_steps) // n
     n_confirm = per // 3
     n_range = per - n_confirm
     range_lrs = [lo * (hi / lo) ** (k / (n_range - 1)) for k in range(n_range)]
@@ -295,7 +296,7 @@ def find_lr(
     bar = _progress(n * (n_range + n_confirm), "find_lr", progress)
     snapshot = Snapshot(model, offload=offload)
     table: list[ProbePoint] = []
-    summaries: list[tuple[float, float, float, float | None, int]] = []
+    summaries: list[tuple[float, float, float, float, float | None, int]] = []  # ratio, lr, best, at, div, steps
     try:
         for i, ratio in enumerate(ratio_list):
             snapshot.restore()
@@ -312,7 +313,7 @@ def find_lr(
                 )
             at = min(ok, key=lambda p: p.smoothed)
             diverged = next((p.lr for p in pts if p.diverged), None)
-            summaries.append((ratio, at.lr / safety, at.smoothed, diverged, len(ok)))
+            summaries.append((ratio, at.lr / safety, at.smoothed, at.lr, diverged, len(ok)))
         confirm: list[float] = []
         for ratio, lr, *_ in summaries:
             snapshot.restore()
@@ -327,10 +328,10 @@ def find_lr(
     finally:
         snapshot.restore()
         bar.close()
+    confirmed = {r: sum(1 for p in table if p.ratio == r and p.phase == "confirm" and not p.diverged) for r in ratio_list}
     per_ratio = tuple(
-        RatioSummary(r, lr, best, next(p.lr for p in table if p.ratio == r and p.smoothed == best), div, c,
-                     steps + sum(1 for p in table if p.ratio == r and p.phase == "confirm" and not p.diverged))
-        for (r, lr, best, div, steps), c in zip(summaries, confirm)
+        RatioSummary(r, lr, best, at, div, c, steps + confirmed[r])
+        for (r, lr, best, at, div, steps), c in zip(summaries, confirm)
     )
     if any(math.isfinite(c) for c in confirm):
         chosen = min(per_ratio, key=lambda s: (s.confirm_loss, s.ratio))
