@@ -296,6 +296,14 @@ def test_the_table_is_consistent_and_explain_and_plot_work(tmp_path):
     for p in s.table:  # every point that diverged is flagged, and only those stop a probe
         if not math.isfinite(p.loss) or not math.isfinite(p.smoothed):
             assert p.diverged
+    for r in (1.0, 4.0):  # the documented rule: non-finite, or smoothed above 4x its minimum so far
+        for phase in ("range", "confirm"):
+            pts = [p for p in s.table if p.ratio == r and p.phase == phase]
+            low = math.inf
+            for p in pts:
+                blown = not math.isfinite(p.loss) or p.smoothed > 4 * low
+                assert p.diverged == blown, p
+                low = min(low, p.smoothed)
     ranges = [p for p in s.table if p.phase == "range"]
     assert any(p.diverged for p in ranges)  # lr up to 1e3 must blow up
     for r in (1.0, 4.0):
