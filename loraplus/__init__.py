@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import testing
 from ._errors import LoraPlusError
+from ._find_lr import LrSuggestion, find_lr
 from ._groups._apply import apply
 from ._groups._build import DEFAULT_RATIO, param_groups, split_groups
 from ._groups._checkpoint import load_state_dict
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_RATIO",
     "LoraPlus",
     "LoraPlusError",
+    "LrSuggestion",
     "Monitor",
     "Pair",
     "Pairs",
@@ -44,6 +46,7 @@ __all__ = [
     "apply",
     "classify",
     "explain",
+    "find_lr",
     "load_state_dict",
     "pair_params",
     "pairs",

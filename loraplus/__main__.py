@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="JSON of everything the run produced (default: next to the PNG, same name, .json)")
     demo.add_argument("--no-json", action="store_true", help="do not write the JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--find-lr", action="store_true",
+                      help="also run loraplus.find_lr on the task and print its suggestion next to the sweep's best")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
     explain = sub.add_parser("explain", help="print the LoRA+ groups of a small built-in LoRA model")
     explain.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
@@ -81,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=" ".join(["python -m loraplus", *(list(argv) if argv is not None else sys.argv[1:])]),
             progress=not args.no_progress,
             threads=args.threads,
+            find_lr=args.find_lr,
         )
         print(report(result))
         return 0

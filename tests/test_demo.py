@@ -196,3 +196,23 @@ def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "LoRA [" in err and "100.0%" in err
+
+
+def test_quick_demo_with_find_lr_prints_the_suggestion_next_to_the_sweeps_best(tmp_path):
+    png = tmp_path / "curves.png"
+    proc = _run("demo", "--quick", "--find-lr", "--no-plot", "--json", str(tmp_path / "d.json"), "--no-progress",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "find_lr suggestion: lr(A)" in out and "sweep's best:       lr(A)" in out
+    assert "<- chosen" in out and "probe steps" in out
+    data = json.loads((tmp_path / "d.json").read_text())["find_lr"]
+    assert data["ratio"] in {1.0, loraplus.DEFAULT_RATIO, 16.0}
+    assert data["steps_used"] <= 30 * 3  # the quick probe: 30 steps per ratio, plain LoRA and the two ratios
+    assert f"{data['test_final_mean']:.4f}" in out and f"{data['sweep_best']['test_final_mean']:.4f}" in out
+    assert not png.exists()
+
+
+def test_find_lr_flag_is_refused_for_minilm(capsys):
+    assert main(["demo", "--model", "minilm", "--find-lr", "--no-plot", "--no-json"]) == 2
+    assert "--find-lr runs on the built-in mlp task only" in capsys.readouterr().err

@@ -129,6 +129,7 @@ class DemoResult:
     seconds: float
     config: DemoConfig | None = None
     notes: list[str] = field(default_factory=list)
+    find_lr: dict[str, Any] | None = None  # ``--find-lr``: the suggestion and the sweep's best
 
     @property
     def methods(self) -> list[MethodResult]:
@@ -196,6 +197,7 @@ class DemoResult:
             "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
             "model": self.model,
             "task": self.task,
+            **({} if self.find_lr is None else {"find_lr": self.find_lr}),
             "config": None if self.config is None else {
                 k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.__dict__.items()},
             "selection": "each method's lr: lowest seed-mean final loss on the validation split; "

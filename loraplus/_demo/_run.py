@@ -36,6 +36,45 @@ from ._train import _progress, _threads
 __all__ = ["run_demo"]
 
 
+def _find_lr_lines(task: Any, cfg: DemoConfig, ratios: Sequence[float], best: MethodResult, quick: bool,
+                   tick: Callable[[int], None]) -> tuple[list[str], dict[str, Any]]:
+    """``--find-lr``: probe the task's first-seed model with :func:`loraplus.find_lr`, train at the
+    suggestion with the demo's own loop, and set it next to the sweep's best (lr, ratio)."""
+    import torch
+
+    from .._find_lr import find_lr
+
+    seed = cfg.seeds[0]
+    gen = torch.Generator().manual_seed(100 + seed)
+    batches = []
+    for _ in range(64):
+        idx = torch.randint(0, len(task.x), (cfg.batch,), generator=gen)
+        batches.append((task.x[idx], task.y[idx]))
+
+    def loss_fn(m: Any, batch: Any) -> Any:
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    probe_ratios = list(dict.fromkeys([1.0, *ratios]))
+    model = task.model(seed)
+    model.train()
+    s = find_lr(model, loss_fn, batches, ratios=probe_ratios, max_steps=(30 if quick else 150) * len(probe_ratios),
+                lr_range=(1e-5, 1.0), weight_decay=0.0, progress=False)
+    runs = [task.run(s.lr, s.ratio, sd, tick) for sd in cfg.seeds]
+    final = sum(curve[-1] for curve, _ in runs) / len(runs)
+    lines = [
+        "",
+        "find_lr (one probe on the first seed's model, then the same training as the sweep):",
+        s.explain(),
+        f"find_lr suggestion: lr(A) {s.lr:.3g}, ratio {s.ratio:g} -> final test loss {final:.4f} "
+        f"({s.steps_used} probe steps = {s.steps_used / cfg.steps:.1f} runs of {cfg.steps} steps)",
+        f"sweep's best:       lr(A) {best.lr:g}, ratio {best.ratio:g} -> final test loss {best.final:.4f} "
+        f"({(1 + len(ratios)) * len(cfg.lrs) * len(cfg.seeds)} runs of {cfg.steps} steps)",
+    ]
+    record = {"lr": s.lr, "ratio": s.ratio, "steps_used": s.steps_used, "test_final_mean": final,
+              "sweep_best": {"lr": best.lr, "ratio": best.ratio, "test_final_mean": best.final}}
+    return lines, record
+
+
 def _sweep(
     task: Any, cfg: DemoConfig, ratio: float, label: str, tick: Callable[[int], None], bar: Any
 ) -> MethodResult:
@@ -60,6 +99,7 @@ def run_demo(
     command: str | None = None,
     progress: bool = True,
     threads: int | None = None,
+    find_lr: bool = False,
 ) -> DemoResult:
     """Compare plain LoRA and LoRA+ at their own best learning rates and optionally plot both.
 
@@ -78,6 +118,8 @@ def run_demo(
         progress: show a progress bar on stderr (tqdm when installed).
         threads: torch CPU threads during the run (default 1: the matrices are small, and one
             thread is fastest on a shared machine).
+        find_lr: also run :func:`loraplus.find_lr` on the task (``"mlp"`` only), train at its
+            suggestion and print it next to the sweep's best (lr, ratio).
 
     Returns:
         A :class:`DemoResult`; :func:`format_table` renders it.
@@ -93,6 +135,8 @@ def run_demo(
     presets = {"mlp": MLP_PRESETS, "minilm": MINILM_PRESETS}.get(model)
     if presets is None:
         raise LoraPlusError(f"unknown demo model {model!r}; choose 'mlp' (default, torch only) or 'minilm'")
+    if find_lr and model != "mlp":
+        raise LoraPlusError("--find-lr runs on the built-in mlp task only; drop --model minilm or --find-lr")
     cfg = presets["quick" if quick else "full"]
     ratios = list(dict.fromkeys(float(r) for r in ratios))
     if not ratios:
@@ -106,8 +150,16 @@ def run_demo(
         task: Any = _MlpTask(cfg, tick) if model == "mlp" else _MiniLMTask(cfg, tick)
         lora = _sweep(task, cfg, 1.0, "LoRA", tick, bar)
         plus = [_sweep(task, cfg, r, f"LoRA+ (ratio {r:g})", tick, bar) for r in ratios]
+        probe: tuple[list[str], dict[str, Any]] | None = None
+        if find_lr:
+            bar.set_description("find_lr")
+            best = min([lora, *plus], key=lambda res: res.sweep[res.lr])  # selected on validation, as each lr
+            probe = _find_lr_lines(task, cfg, ratios, best, quick, lambda k: None)
     bar.close()
     result = DemoResult(model, task.description, lora, plus, time.perf_counter() - t0, cfg)
+    if probe is not None:
+        result.notes.extend(probe[0])
+        result.find_lr = probe[1]
     for res in (lora, *plus):
         if len(cfg.lrs) > 1 and res.lr in (cfg.lrs[0], cfg.lrs[-1]):
             result.notes.append(

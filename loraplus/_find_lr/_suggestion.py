@@ -1,0 +1,122 @@
+"""What :func:`loraplus.find_lr` returns: the suggestion, every probe point, a per-ratio summary."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from .._errors import LoraPlusError
+from .._table import render_table
+
+__all__ = ["LrSuggestion", "ProbePoint", "RatioSummary"]
+
+
+class ProbePoint(NamedTuple):
+    """One step of one probe.
+
+    ``phase`` is ``"range"`` (the lr range test) or ``"confirm"`` (the confirmation run at the
+    ratio's suggested lr); ``lr`` is A's rate at that step (B's is ``lr * ratio``); ``step``
+    counts from 1 within the probe; ``loss`` is the loss ``loss_fn`` returned before the step's
+    update, ``smoothed`` its bias-corrected moving average. A ``diverged`` point took no step.
+    """
+
+    ratio: float
+    phase: str
+    lr: float
+    step: int
+    loss: float
+    smoothed: float
+    diverged: bool
+
+
+class RatioSummary(NamedTuple):
+    """The probe of one ratio: its suggested lr (A's), the range test's lowest smoothed loss and
+    the lr where it was reached, the lr where the range test diverged (``None``: it did not), the
+    mean loss of the confirmation run's last steps (``inf``: it diverged) and the steps taken."""
+
+    ratio: float
+    suggested_lr: float
+    best_smoothed: float
+    lr_at_best: float
+    diverged_at: float | None
+    confirm_loss: float
+    steps: int
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class LrSuggestion:
+    """The learning rate (A's; B's is ``lr * ratio``) and ratio :func:`loraplus.find_lr` suggests.
+
+    Attributes:
+        lr: A's learning rate (pass it as ``lr=`` to :func:`loraplus.LoraPlus`).
+        ratio: the B/A ratio (pass it as ``ratio=``).
+        table: every probe point, in the order they were taken (:class:`ProbePoint`).
+        per_ratio: one :class:`RatioSummary` per ratio probed.
+        steps_used: optimizer steps taken over all probes.
+        reason: why this ratio was chosen.
+        notes: warnings about the probe's range (minimum at an edge, no divergence, …).
+    """
+
+    lr: float
+    ratio: float
+    table: tuple[ProbePoint, ...]
+    per_ratio: tuple[RatioSummary, ...]
+    steps_used: int
+    reason: str
+    notes: tuple[str, ...] = ()
+
+    def explain(self) -> str:
+        """A plain-text table, one row per ratio, the chosen one marked, then why it was chosen."""
+        rows = [
+            [
+                f"{s.ratio:g}",
+                _g(s.suggested_lr),
+                _g(s.suggested_lr * s.ratio),
+                _g(s.best_smoothed),
+                _g(s.diverged_at),
+                _g(s.confirm_loss) if math.isfinite(s.confirm_loss) else "diverged",
+                str(s.steps),
+                "<- chosen" if s.ratio == self.ratio else "",
+            ]
+            for s in self.per_ratio
+        ]
+        headers = ["ratio", "lr(A)", "lr(B)", "best smoothed", "diverged at", "confirm loss", "steps", ""]
+        lines = [render_table(headers, rows, right={1, 2, 3, 4, 5, 6}), "", f"chosen: ratio {self.ratio:g}, lr {self.lr:.4g}: {self.reason}"]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"steps used: {self.steps_used}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Write a PNG of the range tests (smoothed loss against A's lr, one curve per ratio) to ``path``.
+
+        Raises:
+            LoraPlusError: when matplotlib is not installed.
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise LoraPlusError("LrSuggestion.plot needs matplotlib: pip install matplotlib") from err
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in self.per_ratio:
+            pts = [p for p in self.table if p.ratio == s.ratio and p.phase == "range" and math.isfinite(p.smoothed)]
+            (line,) = ax.plot([p.lr for p in pts], [p.smoothed for p in pts], label=f"ratio {s.ratio:g}")
+            ax.axvline(s.suggested_lr, color=line.get_color(), ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate of A (B: ratio x)")
+        ax.set_ylabel("smoothed loss")
+        ax.set_title(f"find_lr: lr {self.lr:.3g}, ratio {self.ratio:g}")
+        ax.legend()
+        out = Path(path)
+        fig.savefig(out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return out
