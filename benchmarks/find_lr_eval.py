@@ -45,6 +45,8 @@ SWEEPS = HERE / "results" / "v2"
 #: ratios probed: the width family's sweep spans λ up to 64, MiniLM's up to 16
 RATIOS = {"width": (1, 4, 16, 64), "minilm": (1, 4, 16)}
 LR_RANGE = (1e-6, 1.0)
+#: the issue's goal and bar: find_lr's test loss at most 2 % (goal) / 5 % (bar) above the best swept one
+GOAL, BAR = 0.02, 0.05
 
 
 def _probe_inputs(task: str, st: V.Settings, seed: int, n: int) -> tuple[Any, Any, list[Any]]:
@@ -161,8 +163,12 @@ def _summary(runs: list[dict[str, Any]], swept: dict[str, Any], steps: int) -> d
             entry = {k: v for k, v in ref.items() if k != "test"}
             if pairs:
                 p = S.paired([a for a, _ in pairs], [b for _, b in pairs])
+                ref_mean = statistics.fmean(b for _, b in pairs)
+                rel = p.mean / ref_mean
                 entry.update(diff_mean=p.mean, ci95=[p.low, p.high], find_lr_lower=p.wins, n=p.n,
-                             diffs=list(p.diffs))
+                             diffs=list(p.diffs), ref_test_mean=ref_mean, rel_diff_mean=rel,
+                             rel_ci95=[p.low / ref_mean, p.high / ref_mean],
+                             within_goal_2pct=rel <= GOAL, within_bar_5pct=rel <= BAR)
             out[f"vs_best_{key}"] = entry
     return _finite(out)
 
