@@ -296,7 +296,8 @@ def find_lr(
     bar = _progress(n * (n_range + n_confirm), "find_lr", progress)
     snapshot = Snapshot(model, offload=offload)
     table: list[ProbePoint] = []
-    summaries: list[tuple[float, float, float, float, float | None, int]] = []  # ratio, lr, best, at, div, steps
+    ranged: list[RatioSummary] = []  # each ratio's range test; its confirmation fills in the rest
+    per_ratio: list[RatioSummary] = []
     try:
         for i, ratio in enumerate(ratio_list):
             snapshot.restore()
@@ -313,9 +314,9 @@ def find_lr(
                 )
             at = min(ok, key=lambda p: p.smoothed)
             diverged = next((p.lr for p in pts if p.diverged), None)
-            summaries.append((ratio, at.lr / safety, at.smoothed, at.lr, diverged, len(ok)))
-        confirm: list[float] = []
-        for ratio, lr, *_ in summaries:
+            ranged.append(RatioSummary(ratio, at.lr / safety, at.smoothed, at.lr, diverged, math.nan, len(ok)))
+        for summary in ranged:
+            ratio, lr = summary.ratio, summary.suggested_lr
             snapshot.restore()
             snapshot.clear_grads()
             bar.set_description(f"find_lr ratio {ratio:g}: confirmation")
@@ -324,16 +325,13 @@ def find_lr(
             del built  # the optimizer and its state go with each probe
             table += pts
             tail = [p.loss for p in pts[-max(1, n_confirm // 4):]]
-            confirm.append(math.inf if any(p.diverged for p in pts) else sum(tail) / len(tail))
+            loss = math.inf if any(p.diverged for p in pts) else sum(tail) / len(tail)
+            taken = sum(1 for p in pts if not p.diverged)
+            per_ratio.append(summary._replace(confirm_loss=loss, steps=summary.steps + taken))
     finally:
         snapshot.restore()
         bar.close()
-    confirmed = {r: sum(1 for p in table if p.ratio == r and p.phase == "confirm" and not p.diverged) for r in ratio_list}
-    per_ratio = tuple(
-        RatioSummary(r, lr, best, at, div, c, steps + confirmed[r])
-        for (r, lr, best, at, div, steps), c in zip(summaries, confirm)
-    )
-    if any(math.isfinite(c) for c in confirm):
+    if any(math.isfinite(s.confirm_loss) for s in per_ratio):
         chosen = min(per_ratio, key=lambda s: (s.confirm_loss, s.ratio))
         reason = (
             f"lowest mean loss over the last {max(1, n_confirm // 4)} of {n_confirm} confirmation steps at each "
@@ -349,7 +347,8 @@ def find_lr(
         if s.diverged_at is None and s.lr_at_best == range_lrs[-1]:
             notes.append(f"ratio {s.ratio:g}: the loss was still falling at lr_range[1]; raise it")
     steps_used = sum(1 for p in table if not p.diverged)
-    return LrSuggestion(chosen.suggested_lr, chosen.ratio, tuple(table), per_ratio, steps_used, reason, tuple(notes))
+    return LrSuggestion(chosen.suggested_lr, chosen.ratio, tuple(table), tuple(per_ratio), steps_used, reason,
+                        tuple(notes))
 
 
 def _check_ratios(ratios: Any) -> list[float]:
