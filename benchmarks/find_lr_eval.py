@@ -103,7 +103,8 @@ def _swept(task: str, sweeps: Path) -> dict[str, Any]:
         return {r["seed"]: S.fin(r["test_loss"]) for r in cells[method] if r["lr"] == lr and not r.get("extra")}
 
     sweep_steps = sum(len(r["curve"]) for runs in cells.values() for r in runs)
-    return {"lora": {"lr": sel["lora"].best_lr, "test": at("lora")},
+    return {"best_lr_by_ratio": {str(V.ratio_of(m)): sel[m].best_lr for m in sel},
+            "lora": {"lr": sel["lora"].best_lr, "test": at("lora")},
             "loraplus": None if best_plus is None else {"method": best_plus, "lr": sel[best_plus].best_lr,
                                                         "ratio": V.ratio_of(best_plus), "test": at(best_plus)},
             "sweep_steps": sweep_steps}
@@ -155,6 +156,7 @@ def _summary(runs: list[dict[str, Any]], swept: dict[str, Any], steps: int) -> d
                            "probe_fraction_of_one_run": statistics.fmean(used) / steps if used else None}
     if swept:
         out["probe_fraction_of_sweep"] = out["probe_steps_mean"] / swept["sweep_steps"] if used else None
+        out["landmarks_vs_swept"] = _landmarks(runs, swept["best_lr_by_ratio"])
         for key in ("lora", "loraplus"):
             ref = swept.get(key)
             if not ref:
@@ -171,6 +173,26 @@ def _summary(runs: list[dict[str, Any]], swept: dict[str, Any], steps: int) -> d
                              within_goal_2pct=rel <= GOAL, within_bar_5pct=rel <= BAR)
             out[f"vs_best_{key}"] = entry
     return _finite(out)
+
+
+def _landmarks(runs: list[dict[str, Any]], best: dict[str, float]) -> dict[str, Any]:
+    """Where each ratio's range-test edge and minimum sat against that ratio's best swept lr (the
+    figures the default ``safety`` was set from, on the development tasks)."""
+    points = []
+    for r in runs:
+        for p in r["per_ratio"]:
+            ref = best.get(str(float(p["ratio"])))
+            if ref is None:
+                continue
+            points.append({"seed": r["seed"], "ratio": p["ratio"], "best_swept_lr": ref,
+                           "edge_over_best": None if p.get("edge_lr") is None else p["edge_lr"] / ref,
+                           "min_over_best": p["lr_at_best"] / ref})
+    out: dict[str, Any] = {"points": points}
+    for key in ("edge_over_best", "min_over_best"):
+        vals = [q[key] for q in points if q[key] is not None]
+        out[key] = ({"n": len(vals), "geomean": math.exp(statistics.fmean(math.log(v) for v in vals)),
+                     "min": min(vals), "max": max(vals), "spread": max(vals) / min(vals)} if vals else None)
+    return out
 
 
 def _finite(v: Any) -> Any:

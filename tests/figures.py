@@ -56,6 +56,7 @@ NOT_FIGURES = [
     re.compile(r"\b(?:ICML|ICLR|NeurIPS|arXiv) ?\d{4}(?:\.\d{4,5})?"),
     re.compile(r"(?m)^ *(?:#+ )?\d+\. "),  # numbered lists and headings
     re.compile(r"95 %"),  # the confidence level of every interval, a setting
+    re.compile(r"\b[Ss]tudy [12]\b"),  # the studies' names
     # a setting written as name = value: λ=4, r = 8, t = 200, n = 64, d = 5
     re.compile(r"(?<![\w])(?:λ|r|α|t|n|d|s|A|B)\s?=\s?\d+(?:\.\d+)?(?!\d|\.\d)"),
 ]
@@ -64,6 +65,7 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
     "abs": abs,  # the page says "lower by 0.08" for a difference of -0.08
     "percent": lambda v: 100 * v,  # a stored fraction printed in per cent
     "minutes": lambda v: v / 60,  # a stored number of seconds printed in minutes
+    "hours": lambda v: v / 3600,  # seconds printed in hours
     "ms": lambda v: 1000 * v,  # seconds printed in milliseconds
     "mib": lambda v: v / 2**20,  # bytes printed in MiB
 }

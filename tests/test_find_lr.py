@@ -274,6 +274,162 @@ def test_the_suggestion_is_close_to_a_reference_sweeps_best():
     assert reached < worst
 
 
+# --------------------------------------------------------------------------- the rule, on a scripted loss curve
+
+
+class _Scripted(nn.Module):
+    """One trainable lora_A / lora_B pair whose loss the test writes: under plain SGD the loss's
+    gradient on A[0, 0] is 1, so A[0, 0] falls by exactly the lr of each step and the distance
+    travelled, d, is the sum of the lrs so far; the loss *value* is ``curve(d)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+        self.lora_B = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+
+
+def _scripted_loss(curve):
+    def loss_fn(model: nn.Module, batch: object) -> torch.Tensor:
+        a = model.lora_A[0, 0]
+        d = -a.detach().item()  # starts at 0, grows by each step's lr
+        return a - a.detach() + curve(d)
+
+    return loss_fn
+
+
+def _reference_reading(lrs: list[float], curve, beta: float = 0.9):
+    """The documented rule, written out: the loss before step k is curve(sum of the earlier lrs);
+    a bias-corrected EMA, stopped at NaN or above 4x its minimum; the start is the mean loss of
+    the first tenth; the minimum is looked for after it; the edge is the first step from the
+    minimum on whose smoothed loss is above the start, or that diverged; each read at the lr of
+    round(beta / (1 - beta)) steps earlier."""
+    lag = round(beta / (1 - beta))
+    d, avg, low, smoothed, raw = 0.0, 0.0, math.inf, [], []
+    for k, lr in enumerate(lrs, start=1):
+        value = curve(d)
+        if not math.isfinite(value):
+            smoothed.append(math.inf)
+            break
+        avg = beta * avg + (1 - beta) * value
+        sm = avg / (1 - beta**k)
+        smoothed.append(sm)
+        raw.append(value)
+        if sm > 4 * low:
+            break
+        low = min(low, sm)
+        d += lr
+    n_head = math.ceil(0.1 * len(lrs))
+    start = sum(raw[:n_head]) / n_head
+    i_min = min(range(n_head, len(raw)), key=lambda i: smoothed[i])  # after the start window
+    i_edge = next((i for i in range(i_min, len(smoothed)) if smoothed[i] > start), None)
+    at = lambda i: lrs[max(0, i - lag)]  # noqa: E731
+    return start, at(i_min), None if i_edge is None else at(i_edge)
+
+
+def _range_lrs(lo: float, hi: float, n: int) -> list[float]:
+    return [lo * (hi / lo) ** (k / (n - 1)) for k in range(n)]
+
+
+def _dip(d: float) -> float:
+    """1.1 at the start, settling to 1 over the first tenth (so the start's mean differs from its
+    first value), down to 0.5 at d = 0.1, back above the start from about d = 0.3, NaN from d = 3."""
+    if d > 3:
+        return math.nan
+    return 1.0 + 0.1 * math.exp(-d / 2e-5) - 0.5 * math.exp(-(math.log(max(d, 1e-12) / 0.1) ** 2)) + max(0.0, d - 0.3) * 4
+
+
+def test_the_suggestion_is_the_edge_over_safety_as_documented():
+    lrs = _range_lrs(1e-5, 1.0, 100)
+    start, at_min, edge = _reference_reading(lrs, _dip)
+    assert edge is not None and at_min < edge  # the script has a dip and an edge
+    s = find_lr(_Scripted(), _scripted_loss(_dip), [None], optimizer_cls=torch.optim.SGD, ratios=(1,),
+                max_steps=150, lr_range=(1e-5, 1.0), safety=2.5, progress=False)
+    (row,) = s.per_ratio
+    assert row.start_loss == pytest.approx(start, rel=1e-12)
+    assert row.lr_at_best == pytest.approx(at_min, rel=1e-12)
+    assert row.edge_lr == pytest.approx(edge, rel=1e-12)
+    assert row.halvings == 0
+    assert s.lr == row.suggested_lr == pytest.approx(edge / 2.5, rel=1e-12)
+    assert s.lag == 9
+
+
+def test_an_easy_first_batch_is_not_taken_for_the_minimum():
+    """Seen on the width family: the first batch's loss far below the rest made the bias-corrected
+    average's first value the minimum, and the next ordinary batch the 'edge'."""
+
+    def lucky_first(d: float) -> float:
+        return 0.6 if d == 0 else _dip(d)
+
+    lrs = _range_lrs(1e-5, 1.0, 100)
+    start, at_min, edge = _reference_reading(lrs, lucky_first)
+    _, _, edge_plain = _reference_reading(lrs, _dip)
+    assert edge == pytest.approx(edge_plain, rel=0.5) and at_min > lrs[9]  # the lucky batch changes neither
+    s = find_lr(_Scripted(), _scripted_loss(lucky_first), [None], optimizer_cls=torch.optim.SGD, ratios=(1,),
+                max_steps=150, lr_range=(1e-5, 1.0), progress=False)
+    (row,) = s.per_ratio
+    assert row.start_loss == pytest.approx(start, rel=1e-12)
+    assert row.lr_at_best == pytest.approx(at_min, rel=1e-12) and row.edge_lr == pytest.approx(edge, rel=1e-12)
+
+
+def test_beta_sets_the_lag_the_lrs_are_read_at():
+    lrs = _range_lrs(1e-5, 1.0, 100)
+    for beta, lag in ((0.0, 0), (0.5, 1), (0.8, 4)):
+        _, _, edge = _reference_reading(lrs, _dip, beta=beta)
+        s = find_lr(_Scripted(), _scripted_loss(_dip), [None], optimizer_cls=torch.optim.SGD, ratios=(1,),
+                    max_steps=150, lr_range=(1e-5, 1.0), beta=beta, progress=False)
+        assert s.lag == lag and s.per_ratio[0].edge_lr == pytest.approx(edge, rel=1e-12), beta
+
+
+def test_without_an_edge_the_minimum_stands_in_and_a_note_says_so():
+    def falling(d: float) -> float:  # a minimum at d = 0.01, then back towards the start but never above it
+        return 1.0 - 0.3 * math.exp(-(math.log(max(d, 1e-12) / 0.01) ** 2))
+
+    lrs = _range_lrs(1e-5, 1e-2, 100)
+    _, at_min, edge = _reference_reading(lrs, falling)
+    assert edge is None and at_min < lrs[-1 - 9] / 2  # the minimum is well inside the range
+    s = find_lr(_Scripted(), _scripted_loss(falling), [None], optimizer_cls=torch.optim.SGD, ratios=(1,),
+                max_steps=150, lr_range=(1e-5, 1e-2), progress=False)
+    assert s.per_ratio[0].edge_lr is None
+    assert s.lr == pytest.approx(at_min / loraplus._find_lr._probe.DEFAULT_SAFETY, rel=1e-12)
+    assert any("did not climb back" in n and "raise lr_range[1]" in n for n in s.notes)
+
+
+def _cliff(d: float) -> float:
+    return math.nan if d > 0.05 else 1.0 - 4 * d
+
+
+def _confirm_attempts(s) -> list:
+    return [p for p in s.table if p.phase == "confirm" and p.step == 1]
+
+
+def test_a_confirmation_that_diverges_is_retried_at_half_the_lr():
+    # at a constant lr c the loss before confirmation step k is at d = (k - 1) c: the 50-step run
+    # diverges iff 49 c > 0.05. The range test stops at the cliff, so its unused steps fund a retry.
+    s = find_lr(_Scripted(), _scripted_loss(_cliff), [None], optimizer_cls=torch.optim.SGD, ratios=(1,),
+                max_steps=150, lr_range=(1e-6, 1.0), safety=1.2, progress=False)
+    (row,) = s.per_ratio
+    first = row.edge_lr / 1.2
+    expected = next(h for h in range(20) if 49 * first / 2**h <= 0.05)
+    assert expected == 1  # the script makes the first confirmation, and only it, diverge
+    attempts = _confirm_attempts(s)
+    assert [p.lr for p in attempts] == pytest.approx([first, first / 2], rel=1e-12)
+    assert row.halvings == 1 and s.lr == row.suggested_lr == pytest.approx(first / 2, rel=1e-12)
+    assert math.isfinite(row.confirm_loss) and "lowest mean loss" in s.reason
+    assert s.steps_used <= 150
+
+
+def test_retries_stop_when_the_budget_is_spent_and_the_reason_says_so():
+    # safety 1: the first retry diverges too (49 c / 2 > 0.05), and a third attempt does not fit in 150 steps
+    s = find_lr(_Scripted(), _scripted_loss(_cliff), [None], optimizer_cls=torch.optim.SGD, ratios=(1,),
+                max_steps=150, lr_range=(1e-6, 1.0), safety=1.0, progress=False)
+    (row,) = s.per_ratio
+    assert 49 * row.edge_lr / 2 > 0.05
+    attempts = _confirm_attempts(s)
+    assert len(attempts) == 2 and row.halvings == 1 and row.confirm_loss == math.inf
+    assert all(any(p.diverged for p in s.table if p.phase == "confirm" and p.lr == a.lr) for a in attempts)
+    assert "every confirmation run diverged" in s.reason and s.steps_used <= 150
+
+
 # --------------------------------------------------------------------------- the record
 
 
@@ -301,6 +457,8 @@ def test_the_table_is_consistent_and_explain_and_plot_work(tmp_path):
             pts = [p for p in s.table if p.ratio == r and p.phase == phase]
             low = math.inf
             for p in pts:
+                if p.step == 1:  # each probe (a confirmation retry too) starts afresh
+                    low = math.inf
                 blown = not math.isfinite(p.loss) or p.smoothed > 4 * low
                 assert p.diverged == blown, p
                 low = min(low, p.smoothed)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import figures
 import pytest
+import render_page
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,3 +192,42 @@ def test_new_runs_record_provenance():
     p = provenance(["--rounds", "3"], script="benchmarks/bench_monitor.py")
     assert p["command"] == "python benchmarks/bench_monitor.py --rounds 3"
     assert set(LIBRARIES) <= set(p["versions"]) and p["machine"]["cpus"]
+
+
+# --------------------------------------------------------------------------- pages rendered from templates
+
+TEMPLATED = sorted(p.stem for p in render_page.TEMPLATES.glob("*.md"))
+
+
+@pytest.mark.parametrize("name", TEMPLATED)
+def test_a_templated_page_and_its_table_are_what_the_template_renders(name):
+    """docs/_src/<page>.md is the source: the committed page and its figure table must be its output."""
+    assert render_page.main([name, "--check"]) == 0, f"run python tests/render_page.py {name}"
+
+
+def test_the_templated_pages_include_the_ones_that_follow_the_studies():
+    assert {"README", "convergence", "find_lr"} <= set(TEMPLATED)
+
+
+def test_a_template_figure_is_rendered_from_its_json_and_tied_to_it():
+    key = "v2/summary.json#/tasks/order_B0/methods/loraplus4/diff/mean"
+    value = figures.resolve(key)
+    text, markers = render_page.render(f"λ=4 ends {{{{{key}|+.3f}}}} away, in test loss.\n")
+    assert text == f"λ=4 ends {format(value, '+.3f').replace('-', '−')} away, in test loss.\n"
+    table = tomllib.loads(render_page.table(text, markers, "docs/x.md"))
+    table = {"figure": table["figure"], "allow": table.get("allow", [])}
+    assert len(table["figure"]) == 1 and table["figure"][0]["source"] == key
+    assert not figures.check(text, table)
+    printed = markers[0].printed
+    for changed in _mutations(printed):  # the generated quote still finds the number, and the change shows
+        assert figures.check(text.replace(printed, changed), table)
+
+
+def test_a_written_out_figure_must_match_its_source():
+    key = "v2/summary.json#/tasks/order_B0/methods/loraplus4/diff/mean"
+    with pytest.raises(render_page.TemplateError, match="gives"):
+        render_page.render(f"{{{{+0.500@{key}|+.3f}}}}")
+    with pytest.raises(render_page.TemplateError, match="reason"):
+        render_page.render("{{=4|}}")
+    with pytest.raises(render_page.TemplateError, match="no_such_key"):
+        render_page.render("{{v2/summary.json#/no_such_key|d}}")

@@ -5,15 +5,21 @@ Design (also in ``docs/find_lr.md``):
 1. **Range test**, per ratio, from one restored start: A's lr grows geometrically from
    ``lr_range[0]`` to ``lr_range[1]`` over the ratio's range steps; every other group keeps its
    :func:`loraplus.LoraPlus` rate relative to A (B at ``ratio ×``). The loss is smoothed by a
-   bias-corrected exponential moving average (``beta``); the test stops at divergence (a
-   non-finite loss, or a smoothed loss above ``4 ×`` its minimum so far). The ratio's suggested
-   lr is the lr at the lowest smoothed loss divided by ``safety`` (default 10: the minimum of a
-   range test sits just below where training blows up).
+   bias-corrected exponential moving average (``beta``), whose value lags its input by
+   ``beta / (1 - beta)`` steps on average: each smoothed value is read against the lr of that
+   many steps earlier. The test stops at divergence (a non-finite loss, or a smoothed loss above
+   ``4 ×`` its minimum so far). The ratio's **edge** is the first lr, after the smoothed minimum
+   (looked for after the first tenth of the test, where the lr is too small to change anything),
+   at which the smoothed loss climbs back above the starting loss (the mean loss of that first
+   tenth) or the test diverges; the
+   suggested lr is the edge divided by ``safety``. The edge is a large, sharp change and the
+   minimum of a fine-tuning range test is a shallow, noisy one, so the edge is the better
+   located of the two (docs/find_lr.md has the measurements).
 2. **Confirmation**, per ratio, from the same restored start: train at the suggested lr
    (constant) for the ratio's confirmation steps; the ratio whose mean loss over the last
-   quarter of them is lowest is chosen (a range test's minimum mixes lrs and steps; equal-length
-   runs at a fixed lr compare ratios fairly). When every confirmation run diverged, the lowest
-   smoothed range-test loss decides.
+   quarter of them is lowest is chosen (a range test mixes lrs and steps; equal-length runs at
+   a fixed lr on the same batches compare ratios fairly). When every confirmation run diverged,
+   the lowest smoothed range-test loss decides.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from .._progress import _progress
 from ._restore import Snapshot
 from ._suggestion import LrSuggestion, ProbePoint, RatioSummary
 
-__all__ = ["DEFAULT_STEPS_PER_RATIO", "MIN_STEPS_PER_RATIO", "find_lr"]
+__all__ = ["DEFAULT_SAFETY", "DEFAULT_STEPS_PER_RATIO", "MIN_STEPS_PER_RATIO", "find_lr"]
 
 #: Steps per ratio when ``max_steps`` is None: two thirds range test, one third confirmation.
 DEFAULT_STEPS_PER_RATIO = 150
@@ -44,6 +50,13 @@ DEFAULT_STEPS_PER_RATIO = 150
 MIN_STEPS_PER_RATIO = 30
 #: The range test stops once the smoothed loss exceeds this multiple of its minimum.
 DIVERGENCE_FACTOR = 4.0
+#: The fraction of the range test, from its start, whose mean loss is the starting loss.
+START_FRACTION = 0.1
+#: ``safety``'s default. On the two development tasks (benchmarks/find_lr_eval.py's width32 and
+#: width64, ratios 1-64, 2 seeds: 16 points) the edge is 1.3x (0.72-1.65x) the best swept peak lr of
+#: a warm-up + cosine run; on the paper's toy (full-batch GD, 200 steps) rates above about a third
+#: of the edge diverge late in the run. 3 serves both (docs/find_lr.md).
+DEFAULT_SAFETY = 3.0
 #: Constructor parameters of optimizers that adapt their own step size (Prodigy, D-Adaptation).
 _SELF_ADAPTING = ("d0", "d_coef")
 
@@ -199,7 +212,7 @@ def find_lr(
     ratios: Sequence[float] = (1, 4, 16),
     max_steps: int | None = None,
     lr_range: tuple[float, float] = (1e-6, 1.0),
-    safety: float = 10.0,
+    safety: float = DEFAULT_SAFETY,
     beta: float = 0.9,
     offload: bool = False,
     progress: bool | None = None,
@@ -207,8 +220,9 @@ def find_lr(
 ) -> LrSuggestion:
     """Suggest A's learning rate and the B/A ratio for ``model`` with a short probe per ratio.
 
-    For each ratio: an exponential lr range test, then a confirmation run at the ratio's
-    suggested lr; the ratio with the lowest confirmation loss wins (see ``docs/find_lr.md``).
+    For each ratio: an exponential lr range test, whose edge (where the loss climbs back above
+    its start) divided by ``safety`` is the ratio's suggestion, then a confirmation run at that
+    lr; the ratio with the lowest confirmation loss wins (see ``docs/find_lr.md``).
     Every probe starts from the model as given, restored in place from one snapshot; the
     probe's optimizer (built by :func:`loraplus.LoraPlus`, so embeddings and weight decay follow
     the library's rules) is discarded after each probe. Groups whose rate follows A's (B at
@@ -233,7 +247,8 @@ def find_lr(
             ratio gets ``max_steps // len(ratios)``, at least 30: two thirds range test, one
             third confirmation.
         lr_range: A's lr at the first and last range-test step.
-        safety: the suggested lr is the lr at the minimum smoothed loss divided by this.
+        safety: the suggested lr is the range test's edge divided by this (default 3; how it was
+            set is in docs/find_lr.md).
         beta: the loss smoothing factor (bias-corrected EMA).
         offload: keep the snapshot on the CPU instead of on the parameters' devices.
         progress: a progress bar on stderr (tqdm when installed); default: only when stderr is a terminal.
@@ -307,27 +322,35 @@ def find_lr(
             pts = _run(model, loss_fn, stream, built, range_lrs, lo, ratio, "range", beta, i == 0, bar.update)
             del built  # the optimizer and its state go with each probe
             table += pts
-            ok = [p for p in pts if not p.diverged]
-            if not ok:
+            if not any(not p.diverged for p in pts):
                 raise LoraPlusError(
                     f"the range test at ratio {ratio:g} diverged at its first step (lr {lo:g}); lower lr_range[0]"
                 )
-            at = min(ok, key=lambda p: p.smoothed)
-            diverged = next((p.lr for p in pts if p.diverged), None)
-            ranged.append(RatioSummary(ratio, at.lr / safety, at.smoothed, at.lr, diverged, math.nan, len(ok)))
+            ranged.append(_read_range(ratio, pts, range_lrs, beta, safety))
+        # steps the range tests left unused (they stop at divergence) fund confirmation retries
+        spare = int(max_steps) - sum(r.steps for r in ranged) - n * n_confirm
         for summary in ranged:
             ratio, lr = summary.ratio, summary.suggested_lr
-            snapshot.restore()
-            snapshot.clear_grads()
-            bar.set_description(f"find_lr ratio {ratio:g}: confirmation")
-            built = _build(optimizer_cls, model, ratio, lr, optimizer_kwargs)
-            pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, "confirm", beta, False, bar.update)
-            del built  # the optimizer and its state go with each probe
-            table += pts
+            taken = halvings = 0
+            while True:
+                snapshot.restore()
+                snapshot.clear_grads()
+                bar.set_description(f"find_lr ratio {ratio:g}: confirmation")
+                built = _build(optimizer_cls, model, ratio, lr, optimizer_kwargs)
+                pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, "confirm", beta, False, bar.update)
+                del built  # the optimizer and its state go with each probe
+                table += pts
+                used = sum(1 for p in pts if not p.diverged)
+                taken += used
+                diverged = any(p.diverged for p in pts)
+                if not diverged or (n_confirm - used) + spare < n_confirm:
+                    break
+                spare -= used  # the retry takes the rest of this attempt's steps and `used` spare ones
+                lr, halvings = lr / 2, halvings + 1
             tail = [p.loss for p in pts[-max(1, n_confirm // 4):]]
-            loss = math.inf if any(p.diverged for p in pts) else sum(tail) / len(tail)
-            taken = sum(1 for p in pts if not p.diverged)
-            per_ratio.append(summary._replace(confirm_loss=loss, steps=summary.steps + taken))
+            loss = math.inf if diverged else sum(tail) / len(tail)
+            per_ratio.append(summary._replace(suggested_lr=lr, halvings=halvings, confirm_loss=loss,
+                                              steps=summary.steps + taken))
     finally:
         snapshot.restore()
         bar.close()
@@ -339,16 +362,48 @@ def find_lr(
         )
     else:
         chosen = min(per_ratio, key=lambda s: (s.best_smoothed, s.ratio))
-        reason = "every confirmation run diverged; chosen by the lowest smoothed loss of the range tests"
+        reason = ("every confirmation run diverged, also after halving the lr while the budget allowed; chosen by "
+                  "the lowest smoothed loss of the range tests: raise safety or max_steps")
     notes = []
     for s in per_ratio:
         if s.lr_at_best == range_lrs[0]:
             notes.append(f"ratio {s.ratio:g}: the loss was lowest at the start of the range; lower lr_range[0]")
-        if s.diverged_at is None and s.lr_at_best == range_lrs[-1]:
-            notes.append(f"ratio {s.ratio:g}: the loss was still falling at lr_range[1]; raise it")
+        if s.edge_lr is None:
+            notes.append(
+                f"ratio {s.ratio:g}: the loss did not climb back above its start within lr_range, so the "
+                "suggestion is the lr at the minimum divided by safety; raise lr_range[1] to find the edge"
+            )
     steps_used = sum(1 for p in table if not p.diverged)
     return LrSuggestion(chosen.suggested_lr, chosen.ratio, tuple(table), tuple(per_ratio), steps_used, reason,
-                        tuple(notes))
+                        tuple(notes), _lag(beta))
+
+
+def _lag(beta: float) -> int:
+    """The mean lag of a bias-corrected EMA with factor ``beta``, in steps."""
+    return round(beta / (1 - beta))
+
+
+def _read_range(ratio: float, pts: list[ProbePoint], lrs: Sequence[float], beta: float, safety: float) -> RatioSummary:
+    """One ratio's range test read: its lag-corrected minimum and edge, and the suggestion."""
+    delay = _lag(beta)
+
+    def lr_of(p: ProbePoint) -> float:  # the lr the smoothed value at p reflects
+        return lrs[max(0, p.step - 1 - delay)]
+
+    ok = [p for p in pts if not p.diverged]
+    n_head = max(1, math.ceil(START_FRACTION * len(lrs)))
+    head = ok[:n_head]
+    start = sum(p.loss for p in head) / len(head)
+    # the minimum is looked for after the start window: there the lr is too small to have changed
+    # anything, and the smoothed loss of the first few steps is one or two batches' loss
+    at = min(ok[n_head:] or ok, key=lambda p: p.smoothed)
+    edge = next((p for p in pts[at.step - 1 :] if p.diverged or p.smoothed > start), None)
+    diverged = next((p.lr for p in pts if p.diverged), None)
+    edge_lr = None if edge is None else lr_of(edge)
+    # without an edge the range test gives no stability bound; its minimum, always below the edge,
+    # stands in for it
+    suggested = (lr_of(at) if edge_lr is None else edge_lr) / safety
+    return RatioSummary(ratio, suggested, at.smoothed, lr_of(at), start, edge_lr, diverged, 0, math.nan, len(ok))
 
 
 def _check_ratios(ratios: Any) -> list[float]:

@@ -33,15 +33,28 @@ class ProbePoint(NamedTuple):
 
 
 class RatioSummary(NamedTuple):
-    """The probe of one ratio: its suggested lr (A's), the range test's lowest smoothed loss and
-    the lr where it was reached, the lr where the range test diverged (``None``: it did not), the
-    mean loss of the confirmation run's last steps (``inf``: it diverged) and the steps taken."""
+    """The probe of one ratio (every lr is A's).
+
+    ``suggested_lr`` is ``edge_lr / safety`` (``lr_at_best / safety`` without an edge), halved
+    ``halvings`` times because the confirmation run at it diverged (each retry from the same
+    start, while the budget allows). ``start_loss`` is the mean loss of the range test's first
+    tenth; ``best_smoothed`` the lowest smoothed loss after that tenth and ``lr_at_best`` the lr it
+    reflects (the smoothed value lags its input by ``beta / (1 - beta)`` steps, so this is the lr
+    of that many steps earlier); ``edge_lr`` the lr, read the same way, at which the smoothed loss
+    first climbed back above ``start_loss`` after its minimum, or the test diverged (``None``:
+    neither, within ``lr_range``); ``diverged_at`` the lr of the step that diverged (``None``:
+    none did); ``confirm_loss`` the mean loss of the confirmation run's last quarter (``inf``: it
+    diverged); ``steps`` the optimizer steps both took.
+    """
 
     ratio: float
     suggested_lr: float
     best_smoothed: float
     lr_at_best: float
+    start_loss: float
+    edge_lr: float | None
     diverged_at: float | None
+    halvings: int
     confirm_loss: float
     steps: int
 
@@ -62,6 +75,9 @@ class LrSuggestion:
         steps_used: optimizer steps taken over all probes.
         reason: why this ratio was chosen.
         notes: warnings about the probe's range (minimum at an edge, no divergence, …).
+        lag: the steps by which the smoothed loss lags the loss (``round(beta / (1 - beta))``);
+            ``per_ratio``'s lrs and ``plot()`` read each smoothed value against the lr of that
+            many steps earlier.
     """
 
     lr: float
@@ -71,6 +87,7 @@ class LrSuggestion:
     steps_used: int
     reason: str
     notes: tuple[str, ...] = ()
+    lag: int = 0
 
     def explain(self) -> str:
         """A plain-text table, one row per ratio, the chosen one marked, then why it was chosen."""
@@ -79,22 +96,27 @@ class LrSuggestion:
                 f"{s.ratio:g}",
                 _g(s.suggested_lr),
                 _g(s.suggested_lr * s.ratio),
+                _g(s.start_loss),
                 _g(s.best_smoothed),
+                _g(s.edge_lr),
                 _g(s.diverged_at),
+                str(s.halvings),
                 _g(s.confirm_loss) if math.isfinite(s.confirm_loss) else "diverged",
                 str(s.steps),
                 "<- chosen" if s.ratio == self.ratio else "",
             ]
             for s in self.per_ratio
         ]
-        headers = ["ratio", "lr(A)", "lr(B)", "best smoothed", "diverged at", "confirm loss", "steps", ""]
-        lines = [render_table(headers, rows, right={1, 2, 3, 4, 5, 6}), "", f"chosen: ratio {self.ratio:g}, lr {self.lr:.4g}: {self.reason}"]
+        headers = ["ratio", "lr(A)", "lr(B)", "start loss", "best smoothed", "edge lr(A)", "diverged at",
+                   "halvings", "confirm loss", "steps", ""]
+        lines = [render_table(headers, rows, right={1, 2, 3, 4, 5, 6, 7, 8, 9}), "", f"chosen: ratio {self.ratio:g}, lr {self.lr:.4g}: {self.reason}"]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"steps used: {self.steps_used}")
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Write a PNG of the range tests (smoothed loss against A's lr, one curve per ratio) to ``path``.
+        """Write a PNG of the range tests to ``path``: smoothed loss against A's lr, one curve per
+        ratio, its edge dashed and its suggestion dotted.
 
         Raises:
             LoraPlusError: when matplotlib is not installed.
@@ -108,11 +130,15 @@ class LrSuggestion:
             raise LoraPlusError("LrSuggestion.plot needs matplotlib: pip install matplotlib") from err
         fig, ax = plt.subplots(figsize=(6, 4))
         for s in self.per_ratio:
-            pts = [p for p in self.table if p.ratio == s.ratio and p.phase == "range" and math.isfinite(p.smoothed)]
-            (line,) = ax.plot([p.lr for p in pts], [p.smoothed for p in pts], label=f"ratio {s.ratio:g}")
+            pts = [p for p in self.table if p.ratio == s.ratio and p.phase == "range"]
+            lrs = [p.lr for p in pts]
+            shown = [(lrs[max(0, i - self.lag)], p.smoothed) for i, p in enumerate(pts) if math.isfinite(p.smoothed)]
+            (line,) = ax.plot([x for x, _ in shown], [y for _, y in shown], label=f"ratio {s.ratio:g}")
             ax.axvline(s.suggested_lr, color=line.get_color(), ls=":", lw=1)
+            if s.edge_lr is not None:
+                ax.axvline(s.edge_lr, color=line.get_color(), ls="--", lw=1)
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate of A (B: ratio x)")
+        ax.set_xlabel(f"learning rate of A (B: ratio x), {self.lag} steps before the smoothed loss")
         ax.set_ylabel("smoothed loss")
         ax.set_title(f"find_lr: lr {self.lr:.3g}, ratio {self.ratio:g}")
         ax.legend()
