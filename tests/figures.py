@@ -130,7 +130,7 @@ def _quote_regex(quote: str) -> tuple[re.Pattern, str, str]:
     return pattern, before, after
 
 
-def _hits(text: str, quote: str) -> list[re.Match]:
+def occurrences(text: str, quote: str) -> list[re.Match]:
     pattern, before, after = _quote_regex(quote)
     anchor = before if len(before) >= len(after) else after
     if not anchor:
@@ -148,7 +148,7 @@ def _hits(text: str, quote: str) -> list[re.Match]:
 
 def locate(text: str, quote: str, nth: int | None = None) -> tuple[int, int, str] | str:
     """Where the «number» of ``quote`` is on the page: (start, end, printed), or what is wrong."""
-    hits = _hits(text, quote)
+    hits = occurrences(text, quote)
     if nth is not None:
         if nth >= len(hits):
             return f"quote found {len(hits)} times, entry wants occurrence {nth}"
@@ -184,7 +184,7 @@ def render(value: Any, fmt: str, transform: str | None = None) -> str:
             raise TypeError(f"not a number: {value!r}")
     elif transform:
         value = TRANSFORMS[transform](value)
-    if fmt.startswith("sci"):  # compared as a value at the printed mantissa's precision (see _same)
+    if fmt.startswith("sci"):  # compared as a value at the printed mantissa's precision (see same_printed)
         return repr(float(value))
     if fmt.endswith("d") and isinstance(value, float):
         if value != int(value):
@@ -193,7 +193,7 @@ def render(value: Any, fmt: str, transform: str | None = None) -> str:
     return format(value, fmt)
 
 
-def _same(printed: str, expected: str, fmt: str) -> bool:
+def same_printed(printed: str, expected: str, fmt: str) -> bool:
     def norm(s: str) -> str:
         return s.replace("−", "-")
 
@@ -237,7 +237,7 @@ def check(text: str, table: dict[str, list[dict[str, Any]]]) -> list[str]:
             except (KeyError, IndexError, TypeError, ValueError, FileNotFoundError) as err:
                 problems.append(f"{e['quote']!r}: {e['source']}: {type(err).__name__}: {err}")
                 continue
-            if not _same(printed, expected, e["format"]):
+            if not same_printed(printed, expected, e["format"]):
                 problems.append(f"{e['quote']!r} prints {printed}, {e['source']} gives {expected}")
     for tok in tokens(text):
         if (tok.start, tok.end) not in covered and not any(s <= tok.start and tok.end <= t for s, t in covered):

@@ -93,7 +93,7 @@ def render(template: str) -> tuple[str, list[Marker]]:
                 if fmt.startswith("sci"):
                     raise TemplateError(f"a sci figure is written out: {{{{3.0·10⁻³@{source}|{fmt}}}}}")
                 printed = _minus(expected)
-            elif not figures._same(printed, expected, fmt):
+            elif not figures.same_printed(printed, expected, fmt):
                 raise TemplateError(f"{printed} is written for {source}, which gives {expected}")
         assert printed is not None
         if not figures.NUMBER.fullmatch(printed):
@@ -115,12 +115,12 @@ def _quote(text: str, mk: Marker) -> tuple[str, int | None]:
             if "«" in before + after or "»" in before + after:
                 continue
             quote = f"{before}«{mk.printed}»{after}"
-            hits = figures._hits(text, quote)
+            hits = figures.occurrences(text, quote)
             if len(hits) == 1 and hits[0].start("fig") == mk.start:
                 return quote, None
     before, after = text[max(0, mk.start - 12) : mk.start], text[mk.end : mk.end + 4]
     quote = f"{before}«{mk.printed}»{after}"
-    starts = [h.start("fig") for h in figures._hits(text, quote)]
+    starts = [h.start("fig") for h in figures.occurrences(text, quote)]
     return quote, starts.index(mk.start)
 
 

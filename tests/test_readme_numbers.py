@@ -66,7 +66,7 @@ def test_the_checker_reads_numbers_as_printed():
         "0.43", "−0.106", "+0.05", "1,440", "3.0·10⁻³"]
     assert figures.parse("3.0·10⁻³") == pytest.approx(3e-3) and figures.parse("10⁻²") == pytest.approx(1e-2)
     assert figures.render(-0.0831, "+.3f") == "-0.083" and figures.render(9, "d") == "9"
-    assert figures._same("−0.083", "-0.083", ".3f") and not figures._same("0.083", "-0.083", ".3f")
+    assert figures.same_printed("−0.083", "-0.083", ".3f") and not figures.same_printed("0.083", "-0.083", ".3f")
 
 
 def test_the_demo_output_in_the_readme_is_the_committed_runs():
