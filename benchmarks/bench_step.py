@@ -10,9 +10,13 @@ the same parameters are stepped in interleaved repetitions:
 * ``one_group`` — ``torch.optim.AdamW(trainable params, lr=1e-4, weight_decay=0.01, ...)``
 * ``hand`` — ``torch.optim.AdamW`` over hand-written groups (A at lr, B at 16·lr, the rest,
   no-decay at weight_decay 0), what a user would write without the library
+* ``loraplus_no_guard`` — ``loraplus.LoraPlus(..., guard=None)``: the same groups without the ratio
+  guard, so ``loraplus / loraplus_no_guard`` is the guard's cost per step (its target: not
+  measurable above noise, at most 1 % of a step). The guard's check alone is also timed on its own
+  (``guard_check_seconds``), as a share of the median step.
 
-Reported: the median time per ``opt.step()`` of each and the ratios ``loraplus / one_group``
-and ``loraplus / hand``; and the bytes of every tensor the optimizer holds (state plus the
+Reported: the median time per ``opt.step()`` of each and the ratios ``loraplus / one_group``,
+``loraplus / hand`` and ``loraplus / loraplus_no_guard``; and the bytes of every tensor the optimizer holds (state plus the
 tensors its param groups reference), which must be identical — LoRA+ only changes
 hyper-parameters per group, it adds no tensor memory. Results go to
 ``benchmarks/results/step.json``.
@@ -149,8 +153,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "loraplus": lambda kw=kw: loraplus.LoraPlus(torch.optim.AdamW, model, ratio=RATIO, lr=LR, weight_decay=WD, **kw),
             "one_group": lambda kw=kw: torch.optim.AdamW(trainable, lr=LR, weight_decay=WD, **kw),
             "hand": lambda kw=kw: torch.optim.AdamW(hand_groups(model), lr=LR, **kw),
+            "loraplus_no_guard": lambda kw=kw: loraplus.LoraPlus(
+                torch.optim.AdamW, model, ratio=RATIO, lr=LR, weight_decay=WD, guard=None, **kw
+            ),
         }
         opts = {k: f() for k, f in factories.items()}
+        guard = loraplus.guard(opts["loraplus"])
+        assert guard is not None and loraplus.guard(opts["loraplus_no_guard"]) is None
         for opt in opts.values():  # initialise state (and warm up kernels)
             for _ in range(2):
                 opt.step()
@@ -173,13 +182,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     times[key].append((time.perf_counter() - t0) / args.steps)
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {k: tensor_bytes(o) for k, o in opts.items()}
+        # the guard's own work, alone: what the pre-hook runs before each step
+        n_checks = 2000
+        t0 = time.perf_counter()
+        for _ in range(n_checks):
+            assert not guard.check(opts["loraplus"])
+        check_s = (time.perf_counter() - t0) / n_checks
         results[impl] = {
             "step_seconds": times,
             "median_step_s": med,
             "ratios": {
                 "loraplus_over_one_group": med["loraplus"] / med["one_group"],
                 "loraplus_over_hand": med["loraplus"] / med["hand"],
+                "loraplus_over_loraplus_no_guard": med["loraplus"] / med["loraplus_no_guard"],
             },
+            "guard_check_seconds": check_s,
+            "guard_check_share_of_step": check_s / med["loraplus"],
+            "guard_target_share": 0.01,
+            "guard_target_met": check_s / med["loraplus"] <= 0.01,
             # within one repetition the three ran back to back: their ratio cancels most of the
             # load of other processes; median and range over the repetitions
             "per_repetition_ratios": {
@@ -187,6 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for name, v in (
                     ("loraplus_over_one_group", [a / b for a, b in zip(times["loraplus"], times["one_group"])]),
                     ("loraplus_over_hand", [a / b for a, b in zip(times["loraplus"], times["hand"])]),
+                    (
+                        "loraplus_over_loraplus_no_guard",
+                        [a / b for a, b in zip(times["loraplus"], times["loraplus_no_guard"])],
+                    ),
                 )
             },
             "memory": mem,
@@ -194,7 +218,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "extra_tensor_bytes_vs_hand": mem["loraplus"]["total_bytes"] - mem["hand"]["total_bytes"],
         }
         print(f"\nAdamW({impl}=True)        median ms/step   x one group   optimizer tensor bytes")
-        for key, label in (("one_group", "one group"), ("hand", "hand-written groups"), ("loraplus", "loraplus.LoraPlus")):
+        for key, label in (
+            ("one_group", "one group"),
+            ("hand", "hand-written groups"),
+            ("loraplus_no_guard", "LoraPlus(guard=None)"),
+            ("loraplus", "loraplus.LoraPlus"),
+        ):
             print(
                 f"  {label:<22}{1e3 * med[key]:>12.3f}{med[key] / med['one_group']:>14.3f}"
                 f"{mem[key]['total_bytes']:>24,}"
@@ -203,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("  per repetition: " + ", ".join(
             f"{name.replace('_over_', ' / ').replace('_', ' ')} {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
             for name, v in r.items()) + f"; extra tensor bytes = {results[impl]['extra_tensor_bytes_vs_one_group']}")
+        print(f"  guard check alone: {1e6 * check_s:.1f} µs = {100 * check_s / med['loraplus']:.3f} % of a step")
 
     out = {
         "benchmark": "step",

@@ -20,6 +20,7 @@ from ._groups._build import DEFAULT_RATIO, param_groups, split_groups
 from ._groups._checkpoint import load_state_dict
 from ._groups._explain import explain
 from ._groups._factory import LoraPlus
+from ._groups._guard import guard
 from ._groups._refine import refine
 from ._groups._schedulers import per_group
 from ._labels import classify
@@ -47,6 +48,7 @@ __all__ = [
     "classify",
     "explain",
     "find_lr",
+    "guard",
     "load_state_dict",
     "pair_params",
     "pairs",

@@ -635,7 +635,7 @@ PUBLIC_API = {
     "CONVENTIONS", "Convention", "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Pair", "Pairs",
     "Preconditioner", "Role", "Unpaired", "classify", "explain", "load_state_dict", "pair_params", "pairs",
     "param_groups", "per_group", "precondition", "preconditioner", "split_groups", "testing", "apply", "refine",
-    "find_lr", "LrSuggestion",
+    "find_lr", "LrSuggestion", "guard",
 }
 
 

@@ -131,7 +131,7 @@ def _build(
 ) -> tuple[Any, list[float], list[bool]]:
     """The probe's optimizer, each group's rate at ``lr`` and whether that rate follows A's."""
     try:
-        opt = LoraPlus(optimizer_cls, model, ratio=ratio, lr=lr, **kwargs)
+        opt = LoraPlus(optimizer_cls, model, ratio=ratio, lr=lr, guard=None, **kwargs)  # the probe sets the rates
     except LoraPlusError as err:
         raise LoraPlusError(
             f"find_lr could not build its probe optimizer (it needs one that takes per-group lr, as LoraPlus builds): {err}"
@@ -145,7 +145,7 @@ def _build(
         )
     # which groups follow A's lr (A, B, and every role at A's rate) and which keep a rate of their own
     # (role_lr overrides, lr_embedding): a second grouping at twice the rate tells, without guessing
-    twice = LoraPlus(optimizer_cls, model, ratio=ratio, lr=2 * lr, **kwargs).param_groups
+    twice = LoraPlus(optimizer_cls, model, ratio=ratio, lr=2 * lr, guard=None, **kwargs).param_groups
     base = [float(g["lr"]) for g in groups]
     follows = [math.isclose(float(t["lr"]), 2 * b, rel_tol=1e-9) for t, b in zip(twice, base)]
     return opt, base, follows
@@ -295,7 +295,7 @@ def find_lr(
     beta = check_number("beta", beta, allow_zero=True)
     if beta >= 1:
         raise LoraPlusError(f"beta must be in [0, 1), got {beta!r}")
-    for key in ("lr", "ratio", "params"):
+    for key in ("lr", "ratio", "params", "guard"):
         if key in optimizer_kwargs:
             raise LoraPlusError(f"do not pass {key}= to find_lr: it is what the probe sets (use lr_range= and ratios=)")
     _check_optimizer(optimizer_cls)

@@ -12,6 +12,7 @@ from .._errors import LoraPlusError
 from .._labels import RuleSpec
 from .._role import Role
 from ._build import DEFAULT_RATIO
+from ._guard import attach_guard, coerce_mode
 from ._refine import MARK, refine_groups
 
 __all__ = ["SCHEDULER_SCALED_LISTS", "SCHEDULER_COPIED_LISTS", "apply"]
@@ -106,6 +107,7 @@ def apply(
     lr_embedding: float | None = None,
     role_lr: Mapping[Role | str, float] | None = None,
     rules: RuleSpec | None = None,
+    guard: str | None = "warn",
 ) -> OptimizerT:
     """Turn an optimizer you already built into a LoRA+ one, in place, before its first step.
 
@@ -134,6 +136,9 @@ def apply(
         lr_embedding: as in :func:`loraplus.refine`.
         role_lr: as in :func:`loraplus.refine`.
         rules: as in :func:`loraplus.refine`.
+        guard: the ratio guard (as in :func:`loraplus.LoraPlus`): before every step it checks that
+            each sibling still trains at its factor times its parent's rate; ``"warn"`` (default)
+            warns once, ``"raise"`` raises before the step, ``None`` attaches nothing.
 
     Returns:
         ``optimizer`` itself (its groups now carry ``name``, the ``loraplus`` mark, ``param_names``
@@ -156,6 +161,7 @@ def apply(
         ([('group0', 0.0005), ('group0.B', 0.004)], [0.001, 0.008])
     """
     inner = _inner_optimizer(optimizer)
+    mode = coerce_mode(guard)
     groups = inner.param_groups
     marked = [i for i, g in enumerate(groups) if MARK in g]
     if marked:
@@ -189,4 +195,5 @@ def apply(
     inner.param_groups[:] = refined.groups  # the same list object: wrappers that alias it stay right
     for sched in found:
         _extend(sched, refined.parent, refined.scale)
+    attach_guard(inner, mode)
     return optimizer

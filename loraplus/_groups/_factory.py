@@ -14,6 +14,7 @@ from .._errors import LoraPlusError
 from .._labels import NoDecaySpec, RuleSpec
 from .._role import Role
 from ._build import DEFAULT_RATIO, prepare
+from ._guard import attach_guard, coerce_mode
 
 __all__ = ["GLOBAL_LR_OPTIMIZERS", "LoraPlus", "build_optimizer"]
 
@@ -75,6 +76,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
     no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
     precondition: str | None = None,
     precondition_reg: float | None = None,
+    guard: str | None = "warn",
     **optimizer_kwargs: Any,
 ) -> OptimizerT:
     """Build ``optimizer_cls`` over ``model``'s trainable parameters with LoRA+ learning rates.
@@ -101,6 +103,12 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
             step; ``None`` (default) attaches nothing. The optimizer owns it:
             ``loraplus.preconditioner(opt)`` returns it (e.g. to ``remove()`` it).
         precondition_reg: the preconditioner's damping δ (default: the method's, as in PEFT).
+        guard: the ratio guard, a step pre-hook that checks before every step that each group still
+            trains at the rate relative to the A group that LoRA+ gave it (B at ``ratio ×``), and on
+            the first violation warns once (``"warn"``, the default) or raises
+            :class:`~loraplus.LoraPlusError` before the step (``"raise"``), naming the group, both
+            rates, the probable cause and the fix; ``None`` attaches nothing.
+            ``loraplus.guard(opt)`` returns it (e.g. to ``remove()`` it).
         **optimizer_kwargs: passed to ``optimizer_cls`` untouched (betas, eps, fused, …).
 
     Returns:
@@ -124,6 +132,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         (True, ['A', 'B', 'other', 'other.no_decay'])
     """
     _check_optimizer_cls(optimizer_cls)
+    mode = coerce_mode(guard)
     if precondition is None and precondition_reg is not None:
         raise LoraPlusError('precondition_reg= was given without precondition=; pass precondition="riemannian"')
     if "params" in optimizer_kwargs:
@@ -139,6 +148,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         no_decay=no_decay,
     )
     optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
+    attach_guard(optimizer, mode)
     if precondition is not None:
         from .._pairs._precondition import precondition as attach  # the optimizer owns it: preconditioner(opt)
 

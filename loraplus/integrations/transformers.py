@@ -28,6 +28,7 @@ from .._errors import LoraPlusError
 from .._groups._apply import apply
 from .._groups._build import DEFAULT_RATIO, role_lrs
 from .._groups._checkpoint import check_state_dict
+from .._groups._guard import coerce_mode
 from .._labels import NoDecaySpec, RuleSpec, match_pattern, normalize_no_decay, normalize_rules
 from .._layouts import canonical_name
 from .._numbers import check_number
@@ -68,6 +69,9 @@ class LoraPlusTrainerMixin:
         loraplus_no_decay: no-decay rules (globs, regexes, or callables ``(name, param, module)``
             returning True/False to force either way, None to defer) consulted before the
             Trainer's ``get_decay_parameter_names``, which decides every other parameter.
+        loraplus_guard: the ratio guard :func:`loraplus.apply` attaches (``"warn"``, ``"raise"`` or
+            ``None``): before every optimizer step it checks that each B sibling still trains at
+            ``loraplus_ratio`` × its group's rate, whatever the Trainer's scheduler or a callback did.
         **kwargs: keyword Trainer arguments.
 
     Resuming: the optimizer gets a torch ``load_state_dict`` pre-hook that runs the checks of
@@ -95,6 +99,7 @@ class LoraPlusTrainerMixin:
         loraplus_role_lr: Mapping[Role | str, float] | None = None,
         loraplus_rules: RuleSpec | None = None,
         loraplus_no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
+        loraplus_guard: str | None = "warn",
         **kwargs: Any,
     ) -> None:
         # fail at construction, not after the Trainer has set everything up
@@ -105,6 +110,7 @@ class LoraPlusTrainerMixin:
         self.loraplus_no_decay = normalize_no_decay(loraplus_no_decay)
         self.loraplus_role_lr = loraplus_role_lr
         self.loraplus_rules = loraplus_rules
+        self.loraplus_guard = coerce_mode(loraplus_guard)
         super().__init__(*args, **kwargs)
         ds_config = getattr(getattr(self.args, "hf_deepspeed_config", None), "config", None)
         if getattr(self, "is_deepspeed_enabled", False) and isinstance(ds_config, Mapping) and "optimizer" in ds_config:
@@ -150,6 +156,7 @@ class LoraPlusTrainerMixin:
                 lr_embedding=self.loraplus_lr_embedding,
                 role_lr=self.loraplus_role_lr,
                 rules=self.loraplus_rules,
+                guard=self.loraplus_guard,
             )
             own_way = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
             if not own_way and hasattr(optimizer, "register_load_state_dict_pre_hook"):
