@@ -147,6 +147,8 @@ def _lr_value(group: Mapping[str, Any]) -> float | None:
 
 
 def _shared_bound(groups: Sequence[Mapping[str, Any]], rel: Relation) -> tuple[str, float]:
+    if not 0 <= rel.reference_index < len(groups):
+        return "", math.nan  # the reference is not in this view (one group at a time)
     g, ref = groups[rel.index], groups[rel.reference_index]
     for key in BOUND_KEYS:
         a, b = g.get(key), ref.get(key)
@@ -170,6 +172,7 @@ class Guard:
         #: How many checks found at least one violation.
         self.violations = 0
         self._steps = 0
+        self._seen: dict[str, float | None] = {}  # each reference group's rate, as last seen
         self._handle: RemovableHandle | None = optimizer.register_step_pre_hook(_hook)
         setattr(optimizer, _LINK, self)
 
@@ -183,29 +186,42 @@ class Guard:
         return self._handle is not None
 
     def check(self, optimizer: Any) -> list[Violation]:
-        """Every relation broken in ``optimizer``'s groups now (what the hook runs before each step)."""
+        """Every relation broken in ``optimizer``'s groups now (what the hook runs before each step).
+
+        DeepSpeed's ZeRO stages 1 and 2 step the optimizer one group at a time, with
+        ``param_groups`` set to that group alone, in group order; every reference group comes before
+        the groups that follow it, so a group is then compared with its reference's rate as last seen.
+        """
         groups = optimizer.param_groups
         n = len(groups)
         by_name: dict[str, int] | None = None
+        seen = self._seen
         found: list[Violation] = []
         for rel in self.relations:
             i, r = rel.index, rel.reference_index
-            if i >= n or r >= n or groups[i].get("name") != rel.group or groups[r].get("name") != rel.reference:
-                if by_name is None:  # the groups were reordered or replaced: follow them by name
+            if i < n and r < n and groups[i].get("name") == rel.group and groups[r].get("name") == rel.reference:
+                lr, ref = _lr_value(groups[i]), _lr_value(groups[r])
+                seen[rel.reference] = ref
+            else:  # the groups were reordered, replaced or are shown one at a time: follow them by name
+                if by_name is None:
                     by_name = {str(g.get("name")): k for k, g in enumerate(groups) if "name" in g}
-                if rel.group not in by_name or rel.reference not in by_name:
-                    continue  # that group is gone: nothing left to check
-                i, r = by_name[rel.group], by_name[rel.reference]
-            lr, ref = _lr_value(groups[i]), _lr_value(groups[r])
+                    for name, k in by_name.items():
+                        seen[name] = _lr_value(groups[k])
+                if rel.group not in by_name:
+                    continue  # not in this view, or gone
+                i = by_name[rel.group]
+                r = by_name.get(rel.reference, -1)
+                lr, ref = _lr_value(groups[i]), seen.get(rel.reference)
             if lr is None or ref is None or _close(lr, rel.factor * ref):
                 continue
             moved = Relation(i, rel.group, r, rel.reference, rel.factor, rel.role)
-            found.append(Violation(moved, lr, ref, _cause(groups, moved), self._steps))
+            found.append(Violation(moved, lr, ref, _cause(groups, moved, seen), max(self._steps - 1, 0)))
         return found
 
     def _pre_step(self, optimizer: Any) -> None:
+        if self._counts_a_step(optimizer.param_groups):
+            self._steps += 1
         found = self.check(optimizer)
-        self._steps += 1
         if not found:
             return
         self.violations += 1
@@ -218,6 +234,13 @@ class Guard:
         if not warned:
             more = f" ({len(found) - 1} other group(s) too)" if len(found) > 1 else ""
             warnings.warn(first.message(optimizer.param_groups) + more, UserWarning, stacklevel=_caller_level())
+
+    def _counts_a_step(self, groups: Sequence[Mapping[str, Any]]) -> bool:
+        # one step per view that holds the first reference group (a one-group-at-a-time view holds it once)
+        if not self.relations:
+            return True
+        first = self.relations[0].reference
+        return any(g.get("name") == first for g in groups)
 
     def remove(self) -> None:
         """Detach the guard; idempotent."""
@@ -238,12 +261,12 @@ def _caller_level() -> int:
     return level
 
 
-def _cause(groups: Sequence[Mapping[str, Any]], rel: Relation) -> Cause:
+def _cause(groups: Sequence[Mapping[str, Any]], rel: Relation, seen: Mapping[str, float | None]) -> Cause:
     key, _ = _shared_bound(groups, rel)
     if key:
         return Cause.SCALAR_BOUND
-    rates = {_lr_value(g) for g in groups}
-    if len(groups) > 1 and len(rates) == 1 and None not in rates:
+    rates = {**seen, **{str(g.get("name")): _lr_value(g) for g in groups}}
+    if len(rates) > 1 and len(set(rates.values())) == 1 and None not in rates.values():
         return Cause.ONE_RATE
     return Cause.UNKNOWN
 
