@@ -305,3 +305,39 @@ def test_the_guard_reads_only_the_group_dicts():
     assert loraplus.guard(opt).check(opt) == []
     opt.param_groups[2]["lr"] = 7.0  # the groups it can read are still checked
     assert [v.relation.group for v in loraplus.guard(opt).check(opt)] == ["other"]
+
+
+# --- the Trainer --------------------------------------------------------------------------------------------
+
+
+def test_a_trainer_run_with_warm_up_and_decay_keeps_the_ratio_and_a_rewriting_callback_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import test_trainer as T
+
+    from loraplus.integrations.transformers import LoraPlusTrainer
+
+    class OneRate(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 3:
+                for g in optimizer.param_groups:
+                    g["lr"] = 1e-4
+
+    seen: list[dict[str, float]] = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            seen.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+
+    def trainer(out, callbacks):
+        return LoraPlusTrainer(
+            model=T._model(), args=T._args(out, max_steps=6, warmup_steps=2, save_strategy="no"),
+            train_dataset=T._Tokens(), callbacks=callbacks, loraplus_ratio=RATIO, loraplus_guard="raise",
+        )  # fmt: skip
+
+    kept = trainer(tmp_path / "kept", [Record()])
+    kept.train()
+    assert type(kept.optimizer).__name__ == "AcceleratedOptimizer" and loraplus.guard(kept.optimizer).violations == 0
+    assert len({s["group0"] for s in seen}) >= 4  # warm-up and decay both moved the rate
+    assert all(s["group0.B"] == pytest.approx(RATIO * s["group0"], rel=1e-12) for s in seen)
+    with pytest.raises(loraplus.LoraPlusError, match=r"group 'group0\.B' \(B parameters\) has lr=0\.0001"):
+        trainer(tmp_path / "broken", [OneRate()]).train()

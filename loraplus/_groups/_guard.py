@@ -281,6 +281,9 @@ def _hook(optimizer: Any, args: tuple, kwargs: dict) -> None:
 def guard(optimizer: Any) -> Guard | None:
     """The ratio guard attached to ``optimizer`` (by ``LoraPlus``, ``apply`` or the Trainer), or ``None``.
 
+    Wrappers that expose the optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``,
+    DeepSpeed's ZeRO optimizers) are looked through.
+
     Example:
         >>> import torch, loraplus
         >>> model = loraplus.testing.tiny_lora_model()
@@ -291,8 +294,14 @@ def guard(optimizer: Any) -> Guard | None:
         >>> loraplus.guard(opt) is None
         True
     """
-    found = vars(optimizer).get(_LINK) if hasattr(optimizer, "__dict__") else None
-    return found if isinstance(found, Guard) and found.active else None
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:  # accelerate, DeepSpeed: look through .optimizer
+        seen.add(id(optimizer))
+        found = vars(optimizer).get(_LINK) if hasattr(optimizer, "__dict__") else None
+        if isinstance(found, Guard):
+            return found if found.active else None
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 def coerce_mode(value: Any) -> GuardMode | None:
