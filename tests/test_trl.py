@@ -134,7 +134,7 @@ class _RecordRates(transformers.TrainerCallback):
         self.first_state: dict | None = None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        inner = optimizer.optimizer  # accelerate's AcceleratedOptimizer -> the optimizer that steps
+        inner = getattr(optimizer, "optimizer", optimizer)  # through accelerate's AcceleratedOptimizer
         assert type(inner) is torch.optim.AdamW
         if self.first_state is None:
             self.first_state = copy.deepcopy(inner.state_dict()["state"])
@@ -160,7 +160,7 @@ def _run(case: _Case, out, *, mixin: bool, resume: Path | None = None) -> dict[s
         callbacks=[record], **case.extra, **kw,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
-    state = trainer.optimizer.optimizer.state_dict()["state"]
+    state = getattr(trainer.optimizer, "optimizer", trainer.optimizer).state_dict()["state"]
     return {"out": Path(out), "steps": record.steps, "first_state": record.first_state, "final_state": state}
 
 
