@@ -86,7 +86,9 @@ def _words(n: int, count: int, seed: int) -> list[str]:
 
 
 def _preferences() -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"prompt": _words(3, 8, 1), "chosen": _words(3, 8, 2), "rejected": _words(3, 8, 3)})
+    # completions start with a space: TRL joins prompt + completion, and "t3" + "t4" would be one unknown word
+    chosen, rejected = ([" " + w for w in _words(3, 8, seed)] for seed in (2, 3))
+    return datasets.Dataset.from_dict({"prompt": _words(3, 8, 1), "chosen": chosen, "rejected": rejected})
 
 
 def _prompts() -> datasets.Dataset:
