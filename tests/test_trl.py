@@ -175,12 +175,17 @@ def trl_runs(request, tmp_path_factory):
 
 
 def _assert_stock_rates_times_ratio(stock_steps, lora_plus_steps) -> None:
+    """Per step and parameter: the stock rate, times RATIO for B; and so, within the LoRA+ run, each
+    B at RATIO × its A partner's rate (PEFT names them ``….lora_A.<adapter>.weight``/``….lora_B.…``)."""
     assert [k for k, _ in lora_plus_steps] == [k for k, _ in stock_steps]
     for (k, want), (_, got) in zip(stock_steps, lora_plus_steps):
         assert set(got) == set(want)
         for name, lr in want.items():
             expected = RATIO * lr if T._is_b(name) else lr
             assert got[name] == pytest.approx(expected, rel=1e-12, abs=0.0), (k, name)
+            if T._is_b(name):
+                partner = got[name.replace(".lora_B.", ".lora_A.")]
+                assert got[name] == pytest.approx(RATIO * partner, rel=1e-12, abs=0.0), (k, name)
 
 
 def test_trl_trainer_with_the_mixin_keeps_the_ratio_at_every_step_of_the_stock_schedule(trl_runs):
