@@ -359,6 +359,15 @@ def test_names_and_shapes_both_differing_is_not_a_renaming() -> None:
         loraplus.load_state_dict(target, saved, rename=lambda name: "inner." + name)
 
 
+
+def test_a_segment_map_replaces_whole_segments_only() -> None:
+    """Adapter 'a' renamed to 'b': {'a': 'b'} must not touch the 'a' inside 'layers' or 'lora_A'."""
+    saved = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("a"), lr=1e-3).state_dict()
+    target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("b"), lr=1e-3)
+    loraplus.load_state_dict(target, saved, rename={"a": "b"})
+    assert target.param_groups[0]["param_names"] == ["layers.0.lora_A.b.weight", "layers.1.lora_A.b.weight"]
+
+
 def test_bad_rename_arguments_are_refused() -> None:
     saved = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("default"), lr=1e-3).state_dict()
     target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("task_x"), lr=1e-3)
