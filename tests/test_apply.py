@@ -231,6 +231,144 @@ def test_what_is_not_param_groups_is_refused():
         loraplus.refine(_decay_split(model), model, "4")
 
 
+# --------------------------------------------------------------------------- named parameters (torch >= 2.6)
+
+
+def _pairs(params_by_torch: dict) -> set[tuple[str, int]]:
+    return {(n, id(p)) for g in params_by_torch for n, p in zip(g["param_names"], g["params"], strict=True)}
+
+
+def _aligned(groups, model) -> None:
+    """Every group names its parameters, each with the model's own name for it (ground truth: the model)."""
+    truth = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        assert [truth[id(p)] for p in g["params"]] == g["param_names"], g["name"]
+
+
+def test_refine_takes_named_parameters_as_torch_does():
+    """torch optimizers take model.named_parameters() (one group) and groups of (name, param) pairs and
+    keep the names as param_names; refine takes the same input, and the names stay with their parameter."""
+    model = tiny_lora_model()
+    reference = torch.optim.AdamW(model.named_parameters(), lr=1e-3)  # what torch builds from the same input
+    out = loraplus.refine(model.named_parameters(), model, 4, lr=1e-3)
+    assert [g["name"] for g in out] == ["group0", "group0.B"]
+    assert _pairs(out) == _pairs(reference.param_groups)
+    assert all(_is_b(n) == (g["name"] == "group0.B") for g in out for n in g["param_names"])
+    _aligned(out, model)
+    torch.optim.AdamW(out, lr=1e-3)  # torch takes the result
+
+    trainable = _trainable(model)
+    split = [
+        {"params": [(n, p) for n, p in trainable if p.ndim == 2], "weight_decay": 0.01, "lr": 1e-3},
+        {"params": [(n, p) for n, p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr": 1e-3},
+    ]
+    reference = torch.optim.AdamW(copy.deepcopy(split), lr=1e-3).param_groups
+    out = loraplus.refine(split, model, 4)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in out] == [
+        ("group0", 1e-3, 0.01), ("group0.B", 4e-3, 0.01), ("group1", 1e-3, 0.0),
+    ]  # fmt: skip
+    for i, ref in enumerate(reference):  # each input group's (name, param) pairs, split between it and its sibling
+        mine = [g for g in out if g["loraplus"]["parent"] == f"group{i}"]
+        assert {(n, tuple(p.shape)) for n, p in zip(ref["param_names"], ref["params"])} == {
+            (n, tuple(p.shape)) for g in mine for n, p in zip(g["param_names"], g["params"], strict=True)
+        }
+    _aligned(out, model)
+    opt = torch.optim.AdamW(out, lr=1e-3)
+
+    built_named = torch.optim.AdamW(model.named_parameters(), lr=1e-3)  # torch turned the pairs into param_names
+    loraplus.apply(built_named, model, 4)
+    assert [(g["name"], g["lr"]) for g in built_named.param_groups] == [("group0", 1e-3), ("group0.B", 4e-3)]
+    _aligned(built_named.param_groups, model)
+    assert [g["param_names"] for g in opt.param_groups] == [g["param_names"] for g in out]
+
+
+def test_pairs_and_bare_parameters_in_one_group_are_refused_as_torch_refuses():
+    model = tiny_lora_model()
+    (na, a), (nb, b) = _trainable(model)[:2]
+    for mixed in ([(na, a), b], [{"params": [(na, a), b], "lr": 1e-3}]):
+        with pytest.raises(ValueError, match="should be with/without names"):
+            torch.optim.AdamW(copy.deepcopy(mixed), lr=1e-3)  # torch refuses the same input (and edits it)
+        with pytest.raises(LoraPlusError, match=r"mixes \(name, parameter\) pairs \(items \[0\]\) with bare "
+                           r"parameters \(items \[1\]\)"):  # fmt: skip
+            loraplus.refine(mixed, model, lr=1e-3)
+    with pytest.raises(LoraPlusError, match=r"item 0 is a tuple of \('Parameter', 'str'\), not a \(name, parameter\)"):
+        loraplus.refine([(a, na)], model, lr=1e-3)
+    with pytest.raises(LoraPlusError, match=r"names its parameters twice.*item 0: param_names 'x', pair"):
+        loraplus.refine([{"params": [(na, a)], "param_names": ["x"], "lr": 1e-3}], model)
+
+
+def test_named_groups_next_to_unnamed_ones_get_the_models_names():
+    """torch refuses named and unnamed groups in one optimizer; refine names the unnamed ones from the
+    model, and refuses when a parameter there is not the model's (it has no name to give)."""
+    model = tiny_lora_model()
+    trainable = _trainable(model)
+    groups = [
+        {"params": [(n, p) for n, p in trainable if p.ndim == 2], "lr": 1e-3},
+        {"params": [p for n, p in trainable if p.ndim < 2], "lr": 1e-3},
+    ]
+    with pytest.raises(ValueError, match="with/without names"):
+        torch.optim.AdamW(copy.deepcopy(groups))
+    out = loraplus.refine(groups, model, 4)
+    _aligned(out, model)
+    torch.optim.AdamW(out)
+    groups[1]["params"].append(torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(LoraPlusError, match=r"group 1 \('group1'\) does not, and holds a parameter that is not"):
+        loraplus.refine(groups, model, 4)
+
+
+# --------------------------------------------------------------------------- group names
+
+
+def test_a_name_already_taken_is_refused_with_both_groups_named():
+    model = tiny_lora_model()
+    trainable = _trainable(model)
+    one = [p for n, p in trainable if n == "head.bias"]  # not a B factor: it stays in its group
+    others = [p for n, p in trainable if n != "head.bias"]  # the B factors among them move to a sibling
+    cases = {
+        "dec.B": ([("dec", others), ("dec.B", one)], r"the B sibling of input group 0 \(named 'dec'\) and input "
+                  r"group 1 \(named 'dec.B'\)"),
+        "group0.B": ([(None, others), ("group0.B", one)], r"the B sibling of input group 0 \(unnamed, so 'group0'\) "
+                     r"and input group 1 \(named 'group0.B'\)"),
+        "group1": ([("group1", others), (None, one)], r"input group 0 \(named 'group1'\) and input group 1 "
+                   r"\(unnamed, so 'group1'\)"),
+        "x": ([("x", others), ("x", one)], r"input group 0 \(named 'x'\) and input group 1 \(named 'x'\)"),
+    }  # fmt: skip
+    for taken, (spec, where) in cases.items():
+        groups = [{"params": ps, "lr": 1e-3, **({} if n is None else {"name": n})} for n, ps in spec]
+        with pytest.raises(LoraPlusError, match=rf"refine would give two groups the name '{taken}': {where}"):
+            loraplus.refine(groups, model, 4)
+        opt = torch.optim.AdamW(copy.copy(groups))
+        before = [dict(g) for g in opt.param_groups]
+        with pytest.raises(LoraPlusError, match=rf"apply would give two groups the name '{taken}'"):
+            loraplus.apply(opt, model, 4)
+        assert [dict(g) for g in opt.param_groups] == before  # nothing changed
+
+
+_NAMES = st.sampled_from([None, "dec", "dec.B", "group0", "group0.B", "group1", "group1.B", "x"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(names=st.lists(_NAMES, min_size=1, max_size=3), owner=st.lists(st.integers(0, 2), min_size=8, max_size=8))
+def test_group_names_come_out_unique_or_refine_refuses(names, owner):
+    """Expected names from the test's own grouping: '<name or group<i>>' for a group keeping any
+    non-B parameter, then '<name>.B' when it holds a B factor; a repeated one must be refused."""
+    model = tiny_lora_model()
+    trainable = _trainable(model)
+    assert len(trainable) == len(owner)
+    members = [[(n, p) for (n, p), o in zip(trainable, owner) if o % len(names) == i] for i in range(len(names))]
+    kept = [(name, ms) for name, ms in zip(names, members) if ms]
+    groups = [{"params": [p for _, p in ms], "lr": 1e-3, **({} if nm is None else {"name": nm})} for nm, ms in kept]
+    expected = []
+    for i, (nm, ms) in enumerate(kept):
+        base = f"group{i}" if nm is None else nm
+        expected += [base] * any(not _is_b(n) for n, _ in ms) + [base + ".B"] * any(_is_b(n) for n, _ in ms)
+    if len(set(expected)) < len(expected):
+        with pytest.raises(LoraPlusError, match="would give two groups the name"):
+            loraplus.refine(groups, model, 4)
+    else:
+        assert [g["name"] for g in loraplus.refine(groups, model, 4)] == expected
+
+
 def _opt(model, **kw):
     return torch.optim.AdamW(_decay_split(model), **kw)
 

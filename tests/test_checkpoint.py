@@ -208,8 +208,8 @@ def test_other_adapter_names_torch_loads_silently_loraplus_refuses() -> None:
     copy.deepcopy(target).load_state_dict(saved)  # the trap
     with pytest.raises(
         loraplus.LoraPlusError,
-        match=r"group 0 \('A'\): param_names differ at position 0: "
-        r"saved 'layers.0.lora_A.default.weight', current 'layers.0.lora_A.task_x.weight'",
+        match=r"only names differ: saved 'layers.0.lora_A.default.weight', current 'layers.0.lora_A.task_x.weight' "
+        r"\(4 names\)",
     ):
         loraplus.load_state_dict(target, saved)
 
@@ -254,6 +254,138 @@ def test_wrapper_prefixes_do_not_count_as_a_mismatch() -> None:
     loraplus.load_state_dict(opt_wrapped, saved)
     compiled = torch.compile(model)
     loraplus.load_state_dict(loraplus.LoraPlus(torch.optim.AdamW, compiled, ratio=8, lr=1e-3), saved)
+
+
+# ------------------------------------------------------------------------- renamed parameters
+
+
+class _QV(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.v, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.q(x)) * self.v(x))
+
+
+def _peft_qv(adapter: str) -> nn.Module:
+    """A real PEFT model whose LoRA adapter is called ``adapter`` (same seed: same weights)."""
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(_QV(), peft.LoraConfig(r=2, target_modules=["q", "v"]), adapter_name=adapter)
+
+
+def _qv_step(model: nn.Module, opt: torch.optim.Optimizer, t: int) -> None:
+    gen = torch.Generator().manual_seed(t)
+    x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def test_renamed_adapter_says_only_names_differ_and_loads_with_rename() -> None:
+    """PEFT adapter 'default' saved, the same model with adapter 'sft' resumes: refused with the rename that
+    loads it; loaded with it, every parameter gets the state its old self had, and training continues exactly."""
+    old = _peft_qv("default")
+    old_opt = loraplus.LoraPlus(torch.optim.AdamW, old, ratio=8, lr=1e-2, weight_decay=0.01)
+    for t in range(3):
+        _qv_step(old, old_opt, t)
+    saved = copy.deepcopy(old_opt.state_dict())
+    as_saved = {n: {k: v.clone() for k, v in old_opt.state[p].items()} for n, p in old.named_parameters()
+                if p in old_opt.state}  # fmt: skip
+    assert len(as_saved) == 4  # q and v, A and B: the state to move
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+        new = _peft_qv("sft")
+        with torch.no_grad():  # the trained weights, under the new names (the test renames them itself)
+            for n, p in old.named_parameters():
+                new.get_parameter(n.replace(".default.", ".sft.")).copy_(p)
+        return new, loraplus.LoraPlus(torch.optim.AdamW, new, ratio=8, lr=1e-2, weight_decay=0.01)
+
+    new, new_opt = fresh()
+    with pytest.raises(
+        loraplus.LoraPlusError,
+        match=r"only names differ: saved 'base_model.model.q.lora_A.default.weight', current "
+        r"'base_model.model.q.lora_A.sft.weight' \(4 names\); .*rename=\{'default': 'sft'\}",
+    ):
+        loraplus.load_state_dict(new_opt, saved)
+    assert not new_opt.state, "nothing is loaded when the check fails"
+
+    for rename in ({"default": "sft"}, lambda name: name.replace(".default.", ".sft.")):
+        new, new_opt = fresh()
+        loraplus.load_state_dict(new_opt, saved, rename=rename)
+        for name, entry in as_saved.items():
+            got = new_opt.state[new.get_parameter(name.replace(".default.", ".sft."))]
+            assert got.keys() == entry.keys()
+            for key, value in entry.items():
+                assert torch.equal(got[key], value), (name, key)
+        truth = {id(p): n for n, p in new.named_parameters()}
+        for g in new_opt.param_groups:  # the optimizer's names are the new ones, each on its parameter
+            assert g["param_names"] == [truth[id(p)] for p in g["params"]]
+        assert saved["param_groups"][0]["param_names"][0].endswith(".default.weight")  # the input is not modified
+
+    reference = copy.deepcopy((old, old_opt))
+    _qv_step(reference[0], reference[1], 3)
+    _qv_step(new, new_opt, 3)
+    for n, p in reference[0].named_parameters():
+        assert torch.equal(new.get_parameter(n.replace(".default.", ".sft.")), p), n
+
+
+def test_names_differing_beyond_one_segment_suggest_a_function() -> None:
+    model = _b_nonzero(tiny_lora_model())
+    saved = copy.deepcopy(_stepped(model).state_dict())
+    outer = nn.Module()
+    outer.inner = copy.deepcopy(model)  # not a wrapper prefix: every name gains a segment
+    target = loraplus.LoraPlus(torch.optim.AdamW, outer, ratio=8, lr=1e-3)
+    with pytest.raises(
+        loraplus.LoraPlusError,
+        match=r"only names differ: saved 'layers.0.lora_A.default.weight', current "
+        r"'inner.layers.0.lora_A.default.weight' \(8 names\).*rename=<a function from each saved name",
+    ):
+        loraplus.load_state_dict(target, saved)
+    loraplus.load_state_dict(target, saved, rename=lambda name: "inner." + name)
+    _assert_same_state(target.state_dict()["state"], saved["state"], "state")
+
+
+def test_names_and_shapes_both_differing_is_not_a_renaming() -> None:
+    saved = _stepped(_b_nonzero(tiny_lora_model(r=2))).state_dict()
+    outer = nn.Module()
+    outer.inner = tiny_lora_model(r=4)
+    target = loraplus.LoraPlus(torch.optim.AdamW, outer, ratio=8, lr=1e-3)
+    with pytest.raises(loraplus.LoraPlusError, match="saved for another model") as err:
+        loraplus.load_state_dict(target, saved)
+    assert "only names differ" not in str(err.value)
+    with pytest.raises(loraplus.LoraPlusError, match=r"has shape \(4, 8\) but its saved 'exp_avg' has shape \(2, 8\)"):
+        loraplus.load_state_dict(target, saved, rename=lambda name: "inner." + name)
+
+
+
+def test_a_segment_map_replaces_whole_segments_only() -> None:
+    """Adapter 'a' renamed to 'b': {'a': 'b'} must not touch the 'a' inside 'layers' or 'lora_A'."""
+    saved = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("a"), lr=1e-3).state_dict()
+    target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("b"), lr=1e-3)
+    loraplus.load_state_dict(target, saved, rename={"a": "b"})
+    assert target.param_groups[0]["param_names"] == ["layers.0.lora_A.b.weight", "layers.1.lora_A.b.weight"]
+
+
+def test_bad_rename_arguments_are_refused() -> None:
+    saved = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("default"), lr=1e-3).state_dict()
+    target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("task_x"), lr=1e-3)
+    with pytest.raises(loraplus.LoraPlusError, match=r"only names differ, even after rename=: saved \(renamed\) "
+                       r"'layers.0.lora_A.task_y.weight', current 'layers.0.lora_A.task_x.weight'"):  # fmt: skip
+        loraplus.load_state_dict(target, saved, rename={"default": "task_y"})
+    with pytest.raises(loraplus.LoraPlusError, match=r"single name segments .* got 'lora_A.default': 'lora_A.x'"):
+        loraplus.load_state_dict(target, saved, rename={"lora_A.default": "lora_A.x"})
+    with pytest.raises(loraplus.LoraPlusError, match="rename must be a dict of name segments .* got str"):
+        loraplus.load_state_dict(target, saved, rename="task_x")  # type: ignore[arg-type]
+    with pytest.raises(loraplus.LoraPlusError, match=r"rename\('layers.0.lora_A.default.weight'\) returned NoneType"):
+        loraplus.load_state_dict(target, saved, rename=lambda name: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(KeyError):  # the caller's own error, unchanged
+        loraplus.load_state_dict(target, saved, rename=lambda name: {}[name])
+    unnamed = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "param_names"} for g in saved["param_groups"]]}
+    with pytest.raises(loraplus.LoraPlusError, match="carry no param_names"):
+        loraplus.load_state_dict(target, unnamed, rename={"default": "task_x"})
+    assert not target.state
 
 
 @pytest.mark.parametrize("bad", [{}, {"model": {}}, [1, 2], None])

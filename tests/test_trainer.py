@@ -26,7 +26,7 @@ VOCAB = 32
 SEQ = 8
 
 
-def _model() -> torch.nn.Module:
+def _model(adapter: str = "default") -> torch.nn.Module:
     """A 2-layer random Llama with LoRA on attention and embeddings, and trainable norm copies (no decay)."""
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
@@ -40,7 +40,7 @@ def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["norm"])
-    model = peft.get_peft_model(base, lora)
+    model = peft.get_peft_model(base, lora, adapter_name=adapter)
     with torch.no_grad():  # B = 0 at init would leave A without gradient on the first step
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
@@ -540,6 +540,28 @@ def test_resume_with_other_groups_raises_instead_of_loading_by_position(full_run
     with pytest.raises(LoraPlusError, match="does not match this optimizer's param groups"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert reads == [str(checkpoint / "optimizer.pt")]
+
+
+
+def test_resume_with_a_renamed_adapter_says_only_names_differ(tmp_path):
+    """The pre-hook's check on the state the Trainer loads: an adapter renamed from 'default' to 'sft' is
+    reported as a renaming (not as another model), and nothing is loaded."""
+    saved = _trainer(tmp_path / "default").create_optimizer().state_dict()
+    optimizer = _trainer(tmp_path / "sft", _model("sft")).create_optimizer()
+    renamed = [n for n, p in _model().named_parameters() if p.requires_grad and "default" in n.split(".")]
+    q = "base_model.model.model.layers.0.self_attn.q_proj.lora_A"
+    with pytest.raises(
+        LoraPlusError,
+        match=rf"only names differ: saved '{q}.default.weight', current '{q}.sft.weight' \({len(renamed)} names\)"
+        r".*rename=\{'default': 'sft'\}",
+    ):
+        optimizer.load_state_dict(saved)  # what the Trainer's resume calls
+    assert not optimizer.state
+    as_advised = [  # the message's advice where the Trainer loads: rename the saved param_names the same way
+        {**g, "param_names": [".".join("sft" if seg == "default" else seg for seg in n.split(".")) for n in g["param_names"]]}
+        for g in saved["param_groups"]
+    ]
+    optimizer.load_state_dict({**saved, "param_groups": as_advised})
 
 
 _DEEPSPEED_SCRIPT = """

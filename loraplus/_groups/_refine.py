@@ -48,33 +48,127 @@ class Refined:
 
 
 def _as_groups(groups: Any) -> list[dict[str, Any]]:
+    """The input as a list of group dicts, each with a list of tensors under ``params``.
+
+    Accepts what torch optimizers accept: an iterable of parameters or of ``(name, parameter)``
+    pairs (``model.named_parameters()``), or of group dicts whose ``params`` are either. Names given
+    as pairs become the group's ``param_names``, as ``torch.optim.Optimizer.add_param_group`` does.
+    """
     if isinstance(groups, (torch.Tensor, nn.Module, Mapping, str)) or not isinstance(groups, Iterable):
         raise LoraPlusError(
-            f"refine takes a list of param groups (dicts with 'params') or an iterable of parameters, "
-            f"got {type(groups).__name__}"
+            f"refine takes a list of param groups (dicts with 'params'), an iterable of parameters or of "
+            f"(name, parameter) pairs (as model.named_parameters() yields), got {type(groups).__name__}"
         )
     items = list(groups)
     if not items:
         raise LoraPlusError("refine got no param groups (an empty list)")
-    if all(isinstance(g, torch.Tensor) for g in items):
-        return [{"params": items}]
+    if all(isinstance(g, (torch.Tensor, tuple)) for g in items):
+        return [_with_names("the parameter list", {"params": items})]
     bad = [i for i, g in enumerate(items) if not (isinstance(g, Mapping) and "params" in g)]
     if bad:
         raise LoraPlusError(
             f"refine: item(s) {bad[:5]} are neither param-group dicts with 'params' nor parameters; pass either a "
-            "list of dicts or a list of parameters, not a mix"
+            "list of dicts or a list of parameters (or of (name, parameter) pairs), not a mix"
         )
-    out = []
-    for g in items:
-        params = g["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        out.append({**g, "params": params})
-    return out
+    return [_with_names(f"group {i} ({_group_name(i, g)!r})", g) for i, g in enumerate(items)]
+
+
+def _with_names(where: str, group: Mapping[str, Any]) -> dict[str, Any]:
+    """``group`` with ``params`` a list of tensors; ``(name, parameter)`` pairs become ``param_names``."""
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    paired = [k for k, p in enumerate(params) if isinstance(p, tuple)]
+    if not paired:
+        return {**group, "params": params}
+    if len(paired) != len(params):
+        bare = [k for k, p in enumerate(params) if not isinstance(p, tuple)]
+        raise LoraPlusError(
+            f"{where} mixes (name, parameter) pairs (items {paired[:3]}) with bare parameters (items {bare[:3]}); "
+            "torch refuses such a group too ('all optimizer params should be with/without names'): give every "
+            "parameter of a group its name, as model.named_parameters() does, or none"
+        )
+    odd = [
+        k
+        for k, p in enumerate(params)
+        if len(p) != 2 or not isinstance(p[0], str) or not isinstance(p[1], torch.Tensor)
+    ]
+    if odd:
+        found = tuple(type(x).__name__ for x in params[odd[0]])
+        raise LoraPlusError(
+            f"{where}: item {odd[0]} is a tuple of {found}, not a (name, parameter) pair (str, Tensor) as "
+            "model.named_parameters() yields"
+        )
+    names = [p[0] for p in params]
+    if "param_names" in group and list(group["param_names"]) != names:
+        raise LoraPlusError(
+            f"{where} names its parameters twice, as (name, parameter) pairs and as 'param_names', and they "
+            f"differ ({_first_mismatch(list(group['param_names']), names)}); give the names one way"
+        )
+    return {**group, "params": [p[1] for p in params], "param_names": names}
+
+
+def _first_mismatch(given: Sequence[str], paired: Sequence[str]) -> str:
+    for k, (a, b) in enumerate(zip(given, paired)):
+        if a != b:
+            return f"item {k}: param_names {a!r}, pair {b!r}"
+    return f"{len(given)} param_names for {len(paired)} pairs"
 
 
 def _group_name(i: int, group: Mapping[str, Any]) -> str:
     name = group.get("name")
     return f"group{i}" if name is None else str(name)
+
+
+def _names_to_add(
+    groups: Sequence[Mapping[str, Any]], have_names: Sequence[bool], names: Mapping[int, str]
+) -> list[bool]:
+    """Which groups get ``param_names`` filled in from the model: all groups or none carry them, as torch wants.
+
+    Without names anywhere, every group gets them when every parameter is the model's (else none does);
+    next to groups that name their parameters, every other group gets them, and one holding a
+    parameter that is not the model's (so it cannot be named) is refused.
+    """
+    model_only = [all(id(p) in names for p in g["params"]) for g in groups]
+    if not any(have_names):
+        return [all(model_only)] * len(groups)
+    unnamed = [i for i, (named, known) in enumerate(zip(have_names, model_only)) if not (named or known)]
+    if unnamed:
+        i = unnamed[0]
+        named = [j for j, h in enumerate(have_names) if h]
+        raise LoraPlusError(
+            f"group {named[0]} ({_group_name(named[0], groups[named[0]])!r}) names its parameters (param_names or "
+            f"(name, parameter) pairs) but group {i} ({_group_name(i, groups[i])!r}) does not, and holds a "
+            "parameter that is not the model's, so it cannot be named from the model; torch refuses groups with "
+            "and without names in one optimizer: name the parameters of every group, or of none"
+        )
+    return [not h for h in have_names]
+
+
+def _check_distinct_names(groups: Sequence[Mapping[str, Any]], out: Refined, what: str) -> None:
+    """Refuse two output groups with one name (say which input groups they come from and how to fix it)."""
+    first: dict[str, int] = {}
+    for k, g in enumerate(out.groups):
+        name = g["name"]
+        if name not in first:
+            first[name] = k
+            continue
+        one, two = (_origin(groups, out, j) for j in (first[name], k))
+        raise LoraPlusError(
+            f"{what} would give two groups the name {name!r}: {one} and {two}; loggers, schedulers and "
+            "checkpoint checks find groups by name, so names must be unique: give the input groups distinct "
+            "'name' keys (a group's siblings are called '<name>.<role>', e.g. '<name>.B')"
+        )
+
+
+def _origin(groups: Sequence[Mapping[str, Any]], out: Refined, k: int) -> str:
+    i = out.parent[k]
+    given = groups[i].get("name")
+    parent = f"input group {i}" + (
+        f" (named {given!r})" if given is not None else f" (unnamed, so {_group_name(i, groups[i])!r})"
+    )
+    if out.groups[k]["name"] == _group_name(i, groups[i]):
+        return parent
+    return f"the {out.groups[k]['role']} sibling of {parent}"
 
 
 def _check_unique(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str]) -> None:
@@ -185,10 +279,8 @@ def refine_groups(
     names = {id(p): n for n, p in model.named_parameters()}
     _check_unique(parents, names)
 
-    # param_names: carried when the groups have them; added (from the model) only when no group has
-    # them and every parameter is the model's, so that all groups or none carry them, as torch wants
     have_names = [("param_names" in g) for g in parents]
-    add_names = not any(have_names) and all(id(p) in names for g in parents for p in g["params"])
+    add_names = _names_to_add(parents, have_names, names)
 
     out = Refined([], [], [])
     moved_any = False
@@ -201,7 +293,7 @@ def refine_groups(
                 raise LoraPlusError(
                     f"group {i} ({_group_name(i, group)!r}) has {len(params)} params but {len(pnames)} param_names"
                 )
-        elif add_names:
+        elif add_names[i]:
             pnames = [names[id(p)] for p in params]
         buckets: dict[Role | None, list[int]] = {}
         lr_i = None
@@ -249,6 +341,7 @@ def refine_groups(
             "model whose parameters the groups hold (the same wrapped or unwrapped object), and check that its "
             "B factors are trainable and in the optimizer"
         )
+    _check_distinct_names(parents, out, what)
     return out
 
 
@@ -270,10 +363,21 @@ def refine(
     parent's times ``ratio``. Every other key (weight decay, betas, custom keys a framework reads)
     is copied unchanged, so each parameter keeps its group's options. A and every other parameter
     stay in their group. Groups come out in input order, each sibling after its parent; a group left
-    empty is dropped; ``param_names`` are split alongside ``params`` (and filled in from the model
-    when no group has them and every parameter is the model's). Parameters that are not
-    ``model``'s stay where they are. Every output group carries ``name`` and the
-    ``"loraplus": {"parent": ..., "scale": ...}`` mark; siblings also carry ``role``.
+    empty is dropped. Parameters that are not ``model``'s stay where they are. Every output group
+    carries ``name`` and the ``"loraplus": {"parent": ..., "scale": ...}`` mark; siblings also carry
+    ``role``.
+
+    Group names are unique or refine refuses: an input group whose name is already taken by another
+    output group (two input groups named alike, a group named ``"dec.B"`` next to a group ``"dec"``
+    whose B factors move to ``"dec.B"``, or one named ``"group1"`` next to an unnamed second group)
+    raises a :class:`~loraplus.LoraPlusError` naming both groups. Nothing is renamed behind your back,
+    so a name you log or resume by always means the group you named.
+
+    Input forms are those torch optimizers take: parameters, ``(name, parameter)`` pairs such as
+    ``model.named_parameters()`` (one group), or group dicts whose ``params`` are parameters or
+    pairs. Names given as pairs become the group's ``param_names``, as torch does. ``param_names``
+    are split alongside ``params``; groups without them get them from the model when every
+    parameter is the model's, so that all groups carry them or none (as torch requires).
 
     Embedding adapters and the other roles follow :func:`loraplus.LoraPlus`: by default both
     embedding factors keep their group's rate (``LoraPlus`` gives them ``lr``), and so do DoRA
@@ -284,7 +388,7 @@ def refine(
 
     Args:
         groups: a list of param-group dicts (each with ``params``), or an iterable of parameters
-            (one group).
+            or of ``(name, parameter)`` pairs (one group).
         model: the model whose LoRA factors are looked for (as in :func:`loraplus.LoraPlus`).
         ratio: λ: B factors get ``ratio`` times their group's learning rate.
         lr: the rate of groups without an ``lr`` key (what the optimizer's ``lr=`` will give them).
@@ -298,8 +402,10 @@ def refine(
 
     Raises:
         LoraPlusError: for a parameter in two groups, groups already refined (or LoRA+'s own),
-            a group holding B factors without a numeric ``lr``, a model without adapters, or when
-            no group holds any of the model's B factors.
+            a group holding B factors without a numeric ``lr``, a model without adapters, when
+            no group holds any of the model's B factors, when two output groups would share a
+            name, for a group mixing ``(name, parameter)`` pairs with bare parameters, or for named
+            groups next to a group that holds parameters not in ``model`` (which cannot be named).
 
     Example:
         >>> import torch, loraplus
