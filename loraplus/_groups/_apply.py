@@ -141,11 +141,10 @@ def _attached(chain: Sequence[Any], records: Sequence[SchedulerRecord]) -> list[
 
 
 def _not_given(chain: Sequence[Any], covered: set[int], records: Sequence[SchedulerRecord]) -> list[Any]:
-    missing = [s for s in _attached(chain, records) if id(s) not in covered]
-    if missing:  # perhaps garbage that a reference cycle keeps (CyclicLR holds bound methods of itself)
-        gc.collect()
-        missing = [s for s in _attached(chain, records) if id(s) not in covered]
-    return missing
+    if not any(id(s) not in covered for s in _attached(chain, records)):
+        return []
+    gc.collect()  # perhaps garbage that only a reference cycle keeps alive (nothing here holds it any more)
+    return [s for s in _attached(chain, records) if id(s) not in covered]
 
 
 def _extend(sched: Any, record: SchedulerRecord, parent: Sequence[int], scale: Sequence[float]) -> None:
