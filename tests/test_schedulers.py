@@ -548,3 +548,14 @@ def test_the_compatibility_page_shows_the_catalogue_as_rendered():
         "docs/compatibility.md's scheduler table differs from the catalogue; paste the output of\n"
         "python -c 'from loraplus.schedulers import scheduler_table; print(scheduler_table())'"
     )
+
+
+def test_per_group_measures_against_the_rate_the_schedule_started_from():
+    """After a scheduler has moved every lr by 1/8, an explicit reference still means the start rates."""
+    opt = make_opt(ratio=4.0, lr=1e-3)  # A 1e-3, B 4e-3, other groups 0.5e-3
+    sched = S.ExponentialLR(opt, gamma=0.5)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert lrs(opt)[0] == pytest.approx(1e-3 / 8)
+    assert loraplus.per_group(opt, 2e-3, reference=1e-3) == pytest.approx([2e-3, 8e-3, 1e-3, 1e-3])
