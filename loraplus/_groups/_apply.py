@@ -199,8 +199,9 @@ def apply(
     An attached scheduler that is not passed would no longer match the groups (ReduceLROnPlateau
     fails at its first reduction, possibly hours later), so apply refuses it: it looks for live
     schedulers of a known type that hold this optimizer (through the garbage collector's
-    referrers of the optimizer: one pass over Python's tracked objects, e.g. ~50 ms with 3 million,
-    plus a collection when one is found, to drop unreachable ones). It also refuses when
+    referrers of the optimizer: one pass over Python's tracked objects, measured at ~30 ms of CPU
+    with torch and transformers loaded and ~70 ms with 3.3 million objects, plus a collection when
+    one is found, to drop unreachable ones). It also refuses when
     ``schedulers`` is not given and the groups carry ``initial_lr`` (a scheduler was attached
     once); pass ``schedulers=[]`` if none is left.
 
