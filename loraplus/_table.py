@@ -1,10 +1,10 @@
-"""One plain-text table renderer for the whole package (explain(), the Monitor's summary, the demo)."""
+"""One table renderer for the whole package (explain(), the Monitor's summary, the demo, generated docs tables)."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-__all__ = ["render_table"]
+__all__ = ["render_markdown_table", "render_table"]
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Collection[int] = ()) -> str:
@@ -27,3 +27,18 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: C
         return "  ".join(out).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def render_markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The same table as a Markdown (GitHub/mkdocs) table, for the pages in docs/ that are generated.
+
+    Example:
+        >>> print(render_markdown_table(["name", "n"], [["a", "1"]]))
+        | name | n |
+        |---|---|
+        | a | 1 |
+    """
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows)])

@@ -591,3 +591,145 @@ def test_apply_on_an_optimizer_with_tensor_learning_rates():
     assert isinstance(opt.param_groups[1]["lr"], torch.Tensor)
     assert opt.param_groups[1]["lr"].item() == pytest.approx(4e-3)
     assert opt.param_groups[0]["lr"].item() == pytest.approx(1e-3)  # the parent's tensor is not shared and scaled
+
+
+# --------------------------------------------------------------------------- each attached scheduler, once
+
+
+def _norm_at_1e2(model):
+    """Two groups: the matrices (A, B, head) at 1e-3 and the norm/bias vectors at 1e-2."""
+    named = _trainable(model)
+    return [
+        {"params": [p for n, p in named if p.ndim == 2], "lr": 1e-3},
+        {"params": [p for n, p in named if p.ndim < 2], "lr": 1e-2},
+    ]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    ["children and parent", "parent twice", "chained and a child"],
+)
+def test_a_scheduler_listed_twice_or_also_reached_through_its_parent_is_extended_once(listing):
+    runs = []
+    for _ in range(2):
+        model = tiny_lora_model()
+        opt = torch.optim.SGD(_norm_at_1e2(model), lr=1e-3)
+        if listing == "chained and a child":
+            a, b = S.ExponentialLR(opt, 0.9), S.LambdaLR(opt, lambda t: 1 / (1 + t))
+            top = S.ChainedScheduler([a, b])
+            given = [top, b]
+        else:
+            a, b = S.LinearLR(opt, start_factor=0.5, total_iters=2), S.CosineAnnealingLR(opt, T_max=10)
+            top = S.SequentialLR(opt, [a, b], milestones=[2])
+            given = [a, b, top] if listing == "children and parent" else [top, top]
+        runs.append((model, opt, top, given))
+    (model, opt, top, given), (_, ref, ref_top, _) = runs
+    loraplus.apply(opt, model, 8, schedulers=given)
+    assert len(top.get_last_lr()) == 3
+    _check_steps(model, opt, top, ref, ref_top, steps=14)
+    assert opt.param_groups[2]["lr"] == pytest.approx(ref.param_groups[1]["lr"])  # the norm group: not 8e-3
+
+
+def test_swalr_built_before_apply_keeps_b_at_ratio_times_its_parent():
+    from torch.optim.swa_utils import SWALR
+
+    model, opt, sched, ref, ref_sched = _twins(lambda o: SWALR(o, swa_lr=1e-3, anneal_epochs=3))
+    assert [g["swa_lr"] for g in opt.param_groups] == pytest.approx([1e-3, 8e-3, 1e-3])
+    _check_steps(model, opt, sched, ref, ref_sched, steps=8)
+    assert opt.param_groups[1]["lr"] == pytest.approx(8e-3)  # annealed to ratio x the parent's swa_lr
+
+
+@pytest.mark.parametrize("given", [None, "none", "another one"])
+def test_an_attached_reduce_on_plateau_that_is_not_passed_is_refused_at_apply(given):
+    """It writes nothing into the groups; without this, torch fails at its first reduction, hours in."""
+    model = tiny_lora_model()
+    opt = torch.optim.SGD(_norm_at_1e2(model), lr=1e-3)
+    plateau = S.ReduceLROnPlateau(opt, min_lr=[0.0, 1e-5])
+    plateau.state_dict()  # Python now keeps its attributes in a __dict__: found through that too
+    schedulers = None if given is None else [] if given == "none" else [S.StepLR(opt, 3)]
+    with pytest.raises(LoraPlusError, match=r"not in schedulers= \(ReduceLROnPlateau\).*schedulers=\[scheduler"):
+        loraplus.apply(opt, model, 8, schedulers=schedulers)
+    assert len(opt.param_groups) == 2, "refused before anything changed"
+    loraplus.apply(opt, model, 8, schedulers=[plateau, *(schedulers or [])])
+    assert plateau.min_lrs == pytest.approx([0.0, 0.0, 1e-5])
+
+
+def test_a_scheduler_attached_to_the_wrapper_is_found_too():
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_lora_model()
+    opt = accelerate.optimizer.AcceleratedOptimizer(torch.optim.SGD(_norm_at_1e2(model), lr=1e-3))
+    plateau = S.ReduceLROnPlateau(opt)
+    with pytest.raises(LoraPlusError, match=r"\(ReduceLROnPlateau\)"):
+        loraplus.apply(opt, model, 8, schedulers=[])
+    loraplus.apply(opt, model, 8, schedulers=[plateau])
+
+
+def test_a_dropped_scheduler_kept_only_by_a_reference_cycle_does_not_count():
+    model = tiny_lora_model()
+    opt = torch.optim.SGD(_norm_at_1e2(model), lr=1e-3)
+    dropped = S.ReduceLROnPlateau(opt)
+    dropped.me = dropped  # a cycle: only the garbage collector frees it
+    del dropped
+    loraplus.apply(opt, model, 8, schedulers=[])
+
+
+class _Floors:
+    """A hand-rolled scheduler, no torch base class: one floor per group."""
+
+    def __init__(self, optimizer, floor):
+        self.optimizer, self.floors = optimizer, [floor] * len(optimizer.param_groups)
+
+    def step(self):
+        for g, f in zip(self.optimizer.param_groups, self.floors):
+            g["lr"] = max(g["lr"] * 0.5, f)
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+
+def test_an_unknown_scheduler_type_is_refused_until_a_record_describes_it():
+    from loraplus.schedulers import Carry, PerGroup, SchedulerRecord
+
+    runs = []
+    for _ in range(2):
+        model = tiny_lora_model()
+        opt = torch.optim.SGD(_norm_at_1e2(model), lr=1e-3)
+        runs.append((model, opt, _Floors(opt, 2e-4)))
+    (model, opt, sched), (_, ref, ref_sched) = runs
+    with pytest.raises(LoraPlusError, match=r"schedulers\[0\] \(.*_Floors\) is not a scheduler loraplus knows.*scheduler_records=\[loraplus.schedulers.SchedulerRecord.for_type\(_Floors"):
+        loraplus.apply(opt, model, 8, schedulers=[sched])
+    record = SchedulerRecord.for_type(_Floors, lists=[PerGroup("floors", Carry.SCALED)])
+    loraplus.apply(opt, model, 8, schedulers=[sched], scheduler_records=[record])
+    _check_steps(model, opt, sched, ref, ref_sched, steps=10)
+    assert opt.param_groups[1]["lr"] == pytest.approx(8 * 2e-4)  # B's own floor
+    with pytest.raises(LoraPlusError, match="scheduler_records takes loraplus.schedulers.SchedulerRecord"):
+        loraplus.apply(torch.optim.SGD(_norm_at_1e2(model)), model, schedulers=[], scheduler_records=["floors"])
+
+
+class _StepWithFloors(S.StepLR):
+    def __init__(self, optimizer, floor):
+        self.floors = [floor] * len(optimizer.param_groups)
+        super().__init__(optimizer, step_size=2, gamma=0.5)
+
+    def get_lr(self):
+        return [max(lr, f) for lr, f in zip(super().get_lr(), self.floors)]
+
+
+class _MyStepLR(S.StepLR):
+    pass
+
+
+def test_a_subclass_is_handled_as_its_catalogued_base_unless_it_keeps_lists_the_base_does_not():
+    model, opt, sched, ref, ref_sched = _twins(lambda o: _MyStepLR(o, step_size=3, gamma=0.5))
+    _check_steps(model, opt, sched, ref, ref_sched)
+    model = tiny_lora_model()
+    opt = torch.optim.SGD(_norm_at_1e2(model), lr=1e-3)
+    sched = _StepWithFloors(opt, 1e-4)
+    with pytest.raises(LoraPlusError, match=r"handled as its base class StepLR, but it also keeps floors"):
+        loraplus.apply(opt, model, 8, schedulers=[sched])
+    from loraplus.schedulers import SCHEDULERS, Carry, PerGroup, SchedulerRecord
+
+    step_lr = next(r for r in SCHEDULERS if r.name == "StepLR")
+    mine = SchedulerRecord.for_type(_StepWithFloors, lists=(*step_lr.lists, PerGroup("floors", Carry.SCALED)))
+    loraplus.apply(opt, model, 8, schedulers=[sched], scheduler_records=[mine])
+    assert sched.floors == pytest.approx([1e-4, 8e-4, 1e-4])

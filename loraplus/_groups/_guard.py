@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._errors import LoraPlusError
 from .._role import Role
+from ._scheduler_catalog import scaled_group_keys, start_keys
 
 __all__ = ["Cause", "Guard", "GuardMode", "Relation", "Violation", "attach_guard", "guard", "relations_of"]
 
@@ -43,9 +44,13 @@ _LINK = "_loraplus_guard"
 REL_TOL = 1e-6
 
 #: Group keys that schedulers write into the groups as bounds (OneCycleLR's ``max_lr``/``min_lr``,
-#: SWALR's ``swa_lr``, the ``initial_lr`` every torch scheduler records): when a constrained group and
-#: its reference hold the same value there, a scalar bound was given where a per-group one was needed.
-BOUND_KEYS: tuple[str, ...] = ("max_lr", "min_lr", "swa_lr", "initial_lr")
+#: SWALR's ``swa_lr``, the ``initial_lr`` every torch scheduler records), from the scheduler catalogue:
+#: when a constrained group and its reference hold the same value there, a scalar bound was given
+#: where a per-group one was needed.
+BOUND_KEYS: tuple[str, ...] = (
+    *(k for k in scaled_group_keys() if k != "lr" and k not in start_keys()),
+    *start_keys(),  # last: every scheduler records it, a named bound says more
+)
 
 
 class GuardMode(str, Enum):

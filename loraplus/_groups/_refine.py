@@ -22,13 +22,15 @@ from .._labels import Label, RuleSpec, label_model
 from .._numbers import check_number
 from .._role import Role
 from ._build import DEFAULT_RATIO, role_lrs, validate_labels, warn_where_loraplus_does_not_apply
+from ._scheduler_catalog import scaled_group_keys
 
 __all__ = ["MARK", "SCALED_KEYS", "Refined", "refine", "refine_groups"]
 
 #: Group keys that hold a learning rate and are multiplied by the sibling's factor: the rate
-#: itself, the rate a torch scheduler started from (``initial_lr``) and OneCycleLR's (and
-#: Megatron-style) peak and floor (``max_lr``, ``min_lr``). Every other key is copied unchanged.
-SCALED_KEYS: tuple[str, ...] = ("lr", "initial_lr", "max_lr", "min_lr")
+#: itself and every rate a catalogued scheduler writes into the groups (the rate a torch scheduler
+#: started from, ``initial_lr``; OneCycleLR's peak and floor, ``max_lr`` and ``min_lr``; SWALR's
+#: ``swa_lr``: :data:`loraplus.schedulers.SCHEDULERS`). Every other key is copied unchanged.
+SCALED_KEYS: tuple[str, ...] = ("lr", *(k for k in scaled_group_keys() if k != "lr"))
 
 #: The key every refined group carries: ``{"parent": <parent group's name>, "scale": <factor>}``.
 #: It marks the groups as LoRA+-refined (``apply`` refuses to run twice) and survives ``state_dict``.
@@ -255,6 +257,7 @@ def refine_groups(
     role_lr: Mapping[Role | str, float] | None = None,
     rules: RuleSpec | None = None,
     what: str = "refine",
+    scaled_keys: Sequence[str] = SCALED_KEYS,
 ) -> Refined:
     """:func:`refine`, also saying where each output group came from (for :func:`loraplus.apply`)."""
     ratio_f = check_number("ratio", ratio)
@@ -324,7 +327,7 @@ def refine_groups(
                 scale = factors[key]
                 if "lr" not in group:
                     new["lr"] = lr_i
-                for k in SCALED_KEYS:
+                for k in scaled_keys:
                     if k in new:
                         new[k] = _scale(new[k], scale)
                 new["name"] = f"{name}.{key.value}"
@@ -359,7 +362,8 @@ def refine(
 
     For every input group (its name is its ``name`` key, else ``group<i>``), the LoRA B factors of
     ``model`` it holds move to a new group ``"<name>.B"`` placed right after it, whose learning-rate
-    keys — ``lr``, ``initial_lr``, ``max_lr`` and ``min_lr`` (:data:`SCALED_KEYS`) — are the
+    keys — ``lr`` and the rates schedulers keep in the groups: ``initial_lr``, ``max_lr``,
+    ``min_lr``, ``swa_lr`` (:data:`SCALED_KEYS`, from :data:`loraplus.schedulers.SCHEDULERS`) — are the
     parent's times ``ratio``. Every other key (weight decay, betas, custom keys a framework reads)
     is copied unchanged, so each parameter keeps its group's options. A and every other parameter
     stay in their group. Groups come out in input order, each sibling after its parent; a group left

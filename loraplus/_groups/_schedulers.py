@@ -8,6 +8,7 @@ from typing import Any
 from .._errors import LoraPlusError
 from .._numbers import check_number
 from .._role import Role
+from ._scheduler_catalog import start_keys
 
 __all__ = ["per_group"]
 
@@ -26,18 +27,24 @@ def _groups_of(optimizer: Any) -> list[Mapping[str, Any]]:
 
 
 def _start_lr(group: Mapping[str, Any]) -> float:
-    # A scheduler stores the lr it started from as "initial_lr"; after it has stepped, "lr" has moved.
-    return float(group.get("initial_lr", group["lr"]))
+    # A scheduler stores the lr it started from in the group ("initial_lr"); after it has stepped, "lr" has moved.
+    for key in start_keys():
+        if key in group:
+            return float(group[key])
+    return float(group["lr"])
 
 
 def per_group(optimizer: Any, value: float, *, reference: float | None = None) -> list[float]:
     """Expand a scalar scheduler bound into one value per param group, keeping the LoRA+ ratio.
 
     Schedulers that *set* learning rates from a scalar — ``OneCycleLR(max_lr=)``,
-    ``CyclicLR(base_lr=, max_lr=)``, ``ReduceLROnPlateau(min_lr=)`` — give every group the same
-    value, so B ends up with A's learning rate and LoRA+ silently turns into plain LoRA. They
-    all accept a list instead; this builds it: group ``i`` gets
-    ``value * lr_i / reference``, so every group keeps its ratio to the others.
+    ``CyclicLR(base_lr=, max_lr=)``, ``ReduceLROnPlateau(min_lr=)``, ``SWALR(swa_lr=)``,
+    transformers' ``GreedyLR(min_lr=, max_lr=)`` — give every group the same value, so B ends up
+    with A's learning rate and LoRA+ silently turns into plain LoRA. They all accept a list
+    instead; this builds it: group ``i`` gets ``value * lr_i / reference``, so every group keeps
+    its ratio to the others. (``CosineAnnealingLR``/``CosineAnnealingWarmRestarts`` accept no
+    list for ``eta_min``: use a ``LambdaLR`` whose factor ends at ``eta_min / lr``.) Which
+    arguments these are is recorded in :data:`loraplus.schedulers.SCHEDULERS`.
 
     Args:
         optimizer: the LoRA+ optimizer (or a list of param groups, e.g. from
