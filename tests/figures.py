@@ -67,6 +67,7 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
     "minutes": lambda v: v / 60,  # a stored number of seconds printed in minutes
     "hours": lambda v: v / 3600,  # seconds printed in hours
     "ms": lambda v: 1000 * v,  # seconds printed in milliseconds
+    "us": lambda v: 1e6 * v,  # seconds printed in microseconds
     "mib": lambda v: v / 2**20,  # bytes printed in MiB
 }
 

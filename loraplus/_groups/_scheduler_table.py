@@ -21,7 +21,7 @@ _HEADERS = (
 _FIX = {
     Fix.PER_GROUP: "pass `loraplus.per_group(opt, value)`",
     Fix.LAMBDA_FLOOR: "no list accepted: use a LambdaLR floor (below)",
-    Fix.HARMLESS: "set it to {harmless:g}",
+    Fix.HARMLESS: "set it to `{harmless:g}`",
 }
 
 
@@ -35,7 +35,7 @@ def _values(items: Sequence[PerGroup], none: str) -> str:
 
 
 def _bound(b: Bound) -> str:
-    when = f"`{b.argument}`" if b.harmless is None else f"`{b.argument}` ≠ {b.harmless:g}"
+    when = f"`{b.argument}`" if b.harmless is None else f"`{b.argument} ≠ {b.harmless:g}`"
     return f"{when}: {_FIX[b.fix].format(harmless=b.harmless)}"
 
 
