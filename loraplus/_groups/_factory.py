@@ -14,30 +14,26 @@ from .._errors import LoraPlusError
 from .._labels import NoDecaySpec, RuleSpec
 from .._role import Role
 from ._build import DEFAULT_RATIO, prepare
+from ._lr_free import PerGroupLr, lr_free_record
 
-__all__ = ["GLOBAL_LR_OPTIMIZERS", "LoraPlus", "build_optimizer"]
+__all__ = ["LoraPlus", "build_optimizer"]
 
 OptimizerT = TypeVar("OptimizerT")
-
-#: Optimizers known to read ``param_groups[0]["lr"]`` for every group (learning-rate-free
-#: methods): LoRA+ has no effect there.
-GLOBAL_LR_OPTIMIZERS = frozenset(
-    {
-        "Prodigy",
-        "ProdigyPlusScheduleFree",
-        "DAdaptAdam",
-        "DAdaptAdaGrad",
-        "DAdaptAdan",
-        "DAdaptLion",
-        "DAdaptSGD",
-    }
-)
 
 
 def _unwrap(factory: Any) -> Any:
     while isinstance(factory, functools.partial):
         factory = factory.func
     return factory
+
+
+def _bound_options(factory: Any) -> dict[str, Any]:
+    """The keywords ``functools.partial`` layers bind (the outer one wins)."""
+    layers = []
+    while isinstance(factory, functools.partial):
+        layers.append(factory.keywords)
+        factory = factory.func
+    return {k: v for layer in reversed(layers) for k, v in layer.items()}
 
 
 def _check_optimizer_cls(optimizer_cls: Any) -> None:
@@ -52,11 +48,27 @@ def _check_optimizer_cls(optimizer_cls: Any) -> None:
             f"{target.__name__} does not support per-parameter options (param groups), so it cannot give "
             "B a different learning rate than A; use a first-order optimizer such as torch.optim.AdamW"
         )
-    name = getattr(target, "__name__", "")
-    if name in GLOBAL_LR_OPTIMIZERS:
+
+
+def _check_lr_free(optimizer: Any, groups: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a learning-rate-free optimizer that crashes on or ignores the groups' different rates;
+    warn where each group estimates its own step size (docs/compatibility.md, from its record)."""
+    record = lr_free_record(type(optimizer))
+    rates = {g["name"]: float(g["lr"]) for g in groups}
+    if record is None or len(set(rates.values())) < 2:  # one rate everywhere (ratio=1): nothing to lose
+        return
+    behaviour = record.behaviour(optimizer.param_groups[0])
+    shown = ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
+    what = f"{record.shown} (measured on {record.distribution} {record.version}) {behaviour.value}"
+    if behaviour.refused:
+        raise LoraPlusError(
+            f"{what}; the LoRA+ groups have different learning rates ({shown}), so LoRA+ cannot work with it. "
+            f"Use {record.instead} (see docs/compatibility.md)"
+        )
+    if behaviour is PerGroupLr.OWN_D:
         warnings.warn(
-            f"{name} reads the learning rate of the first param group for every group, so LoRA+ has no effect "
-            "with it; use an optimizer that honours per-group learning rates (see docs/compatibility.md)",
+            f"{what}: the ratio between B's and A's steps follows d_B/d_A, not only the ratio you set; "
+            f"{record.instead} (see docs/compatibility.md)",
             UserWarning,
             stacklevel=3,
         )
@@ -108,13 +120,17 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
 
     Raises:
         LoraPlusError: on invalid options, a model without adapters, an optimizer that cannot
-            take param groups (LBFGS), or when the optimizer rejects its arguments (its
+            take param groups (LBFGS), a learning-rate-free optimizer that crashes on or ignores
+            different per-group rates (Prodigy, D-Adaptation: docs/compatibility.md lists each
+            class) when the groups' rates differ, or when the optimizer rejects its arguments (its
             ``TypeError``/``ValueError``, chained as the cause).
 
     Warns:
         UserWarning: once, when LoRA+ cannot act as asked: B factors at A's rate without
-            ``ratio=1`` (through ``role_lr``), no B factor at all, or adapter factors without a
-            partner in their layer (see :func:`loraplus.pairs`).
+            ``ratio=1`` (through ``role_lr``), no B factor at all, adapter factors without a
+            partner in their layer (see :func:`loraplus.pairs`), or a learning-rate-free
+            optimizer that estimates its step size per group (``ProdigyPlusScheduleFree``
+            without ``split_groups=False``).
 
     Example:
         >>> import torch, loraplus
@@ -139,6 +155,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         no_decay=no_decay,
     )
     optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
+    _check_lr_free(optimizer, groups)
     if precondition is not None:
         from .._pairs._precondition import precondition as attach  # the optimizer owns it: preconditioner(opt)
 

@@ -1,0 +1,170 @@
+"""Learning-rate-free optimizers: what each does with per-group learning rates, one record per class.
+
+Prodigy and D-Adaptation estimate a step size ``d`` and multiply it by ``lr``. Whether a per-group
+``lr`` survives depends on the implementation, so each class has one :class:`LrFreeOptimizer`
+record, measured on the installed package (``tests/test_lr_free.py`` re-measures every record):
+:func:`loraplus.LoraPlus` refuses the classes that would crash or ignore the ratio, warns where
+each group estimates its own ``d``, and :func:`loraplus.find_lr` reads the same records. A class
+is recognised by the object (its defining module, read from ``sys.modules`` only, and
+``issubclass``), never by a name string, and nothing is imported to find out.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .._table import render_table
+
+__all__ = ["LR_FREE_OPTIMIZERS", "LrFreeOptimizer", "PerGroupLr", "lr_free_record", "lr_free_table"]
+
+
+class PerGroupLr(Enum):
+    """What a learning-rate-free optimizer does with param groups whose ``lr`` differ."""
+
+    #: One step-size estimate d for all groups, times each group's own lr: B's step is exactly ratio × A's.
+    SHARED_D = "multiplies one shared step-size estimate d by each group's lr"
+    #: Each group estimates its own d and multiplies it by its own lr: B's step is ratio · d_B/d_A × A's.
+    OWN_D = "estimates d per group and multiplies it by that group's lr, so B's step is ratio · d_B/d_A times A's"
+    #: One d times the first group's lr for every group: B moves exactly as A does.
+    FIRST_GROUP = "multiplies its step-size estimate d by the first group's lr for every group, so the ratio has no effect"
+    #: ``step()`` raises ``RuntimeError`` when the groups' non-zero lrs differ.
+    RAISES = "raises RuntimeError at the first step() when the groups' non-zero lrs differ"
+
+    @property
+    def refused(self) -> bool:
+        """Whether LoRA+ cannot work at all: the optimizer crashes or ignores every group's lr but one."""
+        return self in (PerGroupLr.FIRST_GROUP, PerGroupLr.RAISES)
+
+    @property
+    def short(self) -> str:
+        """The behaviour in a few words, for the compatibility table."""
+        return _SHORT[self]
+
+    @property
+    def with_loraplus(self) -> str:
+        """What :func:`loraplus.LoraPlus` does when the groups' lrs differ, in a few words."""
+        return _WITH_LORAPLUS[self]
+
+
+_SHORT = {
+    PerGroupLr.SHARED_D: "shared d × each group's lr",
+    PerGroupLr.OWN_D: "each group's own d × its lr",
+    PerGroupLr.FIRST_GROUP: "d × group 0's lr for all",
+    PerGroupLr.RAISES: "RuntimeError at step()",
+}
+_WITH_LORAPLUS = {
+    PerGroupLr.SHARED_D: "works",
+    PerGroupLr.OWN_D: "warns",
+    PerGroupLr.FIRST_GROUP: "refused",
+    PerGroupLr.RAISES: "refused",
+}
+
+
+@dataclass(frozen=True)
+class LrFreeOptimizer:
+    """One learning-rate-free optimizer class, as measured.
+
+    Attributes:
+        module: the module that defines the class (its ``__module__``).
+        qualname: the class's ``__qualname__`` in that module.
+        distribution: the package that ships it (as ``pip install`` names it).
+        version: the version the behaviour was measured on.
+        per_group_lr: what it does with differing per-group lrs, under its defaults.
+        instead: what to use for LoRA+ instead (refused classes) or how to use it (the others).
+        shared_option: a constructor option ``(name, value)`` under which its d is shared by all
+            groups (then :attr:`PerGroupLr.SHARED_D`); the value is read back from its param groups.
+    """
+
+    module: str
+    qualname: str
+    distribution: str
+    version: str
+    per_group_lr: PerGroupLr
+    instead: str
+    shared_option: tuple[str, object] | None = None
+
+    @property
+    def shown(self) -> str:
+        """The import path users write: ``prodigyopt.Prodigy``, ``pytorch_optimizer.DAdaptAdam``."""
+        return f"{self.module.partition('.')[0]}.{self.qualname}"
+
+    def cls(self) -> type | None:
+        """The class, when its module is already imported (nothing is imported here)."""
+        found: Any = sys.modules.get(self.module)
+        for part in self.qualname.split("."):
+            found = getattr(found, part, None)
+        return found if isinstance(found, type) else None
+
+    def behaviour(self, options: Mapping[str, Any]) -> PerGroupLr:
+        """Its behaviour under ``options`` (constructor keywords, or a param group that stores them)."""
+        if self.shared_option is not None:
+            key, value = self.shared_option
+            if key in options and options[key] == value:
+                return PerGroupLr.SHARED_D
+        return self.per_group_lr
+
+
+_USE_INSTEAD = (
+    "prodigyplus.ProdigyPlusScheduleFree(split_groups=False) (one shared d times each group's lr), "
+    "or a fixed-rate optimizer such as torch.optim.AdamW"
+)
+
+#: Every learning-rate-free optimizer loraplus knows, measured on the versions named (tests/test_lr_free.py).
+LR_FREE_OPTIMIZERS: tuple[LrFreeOptimizer, ...] = (
+    LrFreeOptimizer("prodigyopt.prodigy", "Prodigy", "prodigyopt", "1.1.2", PerGroupLr.RAISES, _USE_INSTEAD),
+    *(
+        LrFreeOptimizer(f"dadaptation.{module}", name, "dadaptation", "3.2", behaviour, _USE_INSTEAD)
+        for module, name, behaviour in (
+            ("dadapt_adam", "DAdaptAdam", PerGroupLr.RAISES),
+            ("dadapt_sgd", "DAdaptSGD", PerGroupLr.RAISES),
+            ("dadapt_lion", "DAdaptLion", PerGroupLr.RAISES),
+            ("dadapt_adagrad", "DAdaptAdaGrad", PerGroupLr.FIRST_GROUP),
+            ("dadapt_adan", "DAdaptAdan", PerGroupLr.FIRST_GROUP),
+        )
+    ),
+    LrFreeOptimizer(
+        "pytorch_optimizer.optimizer.prodigy", "Prodigy", "pytorch-optimizer", "4.1.0", PerGroupLr.FIRST_GROUP, _USE_INSTEAD
+    ),
+    *(
+        LrFreeOptimizer(
+            "pytorch_optimizer.optimizer.dadapt", name, "pytorch-optimizer", "4.1.0", PerGroupLr.FIRST_GROUP, _USE_INSTEAD
+        )
+        for name in ("DAdaptAdam", "DAdaptSGD", "DAdaptAdaGrad", "DAdaptAdan", "DAdaptLion")
+    ),
+    LrFreeOptimizer(
+        "prodigyplus.prodigy_plus_schedulefree",
+        "ProdigyPlusScheduleFree",
+        "prodigy-plus-schedule-free",
+        "2.0.1",
+        PerGroupLr.OWN_D,
+        "pass split_groups=False: one d shared by all groups, so B's step is exactly ratio × A's",
+        shared_option=("split_groups", False),
+    ),
+)
+
+
+def lr_free_record(cls: object) -> LrFreeOptimizer | None:
+    """The record of ``cls`` (a class, or a subclass of a recorded one), or None."""
+    if not isinstance(cls, type):
+        return None
+    for record in LR_FREE_OPTIMIZERS:
+        known = record.cls()
+        if known is not None and issubclass(cls, known):
+            return record
+    return None
+
+
+def lr_free_table() -> str:
+    """The records as the table docs/compatibility.md shows (tests/test_lr_free.py checks the page)."""
+    rows = []
+    for r in LR_FREE_OPTIMIZERS:
+        verdict = r.per_group_lr.with_loraplus
+        if r.shared_option is not None:
+            key, value = r.shared_option
+            verdict += f"; {PerGroupLr.SHARED_D.with_loraplus} with {key}={value!r}"
+        rows.append([r.shown, f"{r.distribution} {r.version}", r.per_group_lr.short, verdict])
+    return render_table(["optimizer", "measured on", "with different per-group lrs", "LoraPlus"], rows)
