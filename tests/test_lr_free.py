@@ -275,7 +275,7 @@ def test_find_lr_refuses_them_before_probing_when_a_ratio_is_not_1(factory):
     assert not calls  # refused before a single loss was computed
 
 
-def test_find_lr_reads_the_shared_d_option_from_the_same_record():
+def test_find_lr_runs_prodigy_plus_with_a_shared_d_and_says_the_probed_lr_is_a_multiplier():
     calls: list[int] = []
     with pytest.warns(UserWarning, match="ProdigyPlusScheduleFree adapts its own step size.*multiplier"):
         with warnings.catch_warnings():

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .._errors import LoraPlusError
-from .._groups._factory import LoraPlus, _bound_options, _unwrap
+from .._groups._factory import LoraPlus, _unwrap
 from .._groups._lr_free import lr_free_record
 from .._numbers import check_number
 from .._progress import _progress
@@ -98,14 +98,14 @@ class _Batches:
 _EMPTY = "batches is empty: find_lr needs at least one batch to compute the loss on; pass your training DataLoader or a list of batches"
 
 
-def _check_optimizer(optimizer_cls: Any, options: dict[str, Any], ratios: Sequence[float]) -> None:
+def _check_optimizer(optimizer_cls: Any, ratios: Sequence[float]) -> None:
     if not callable(optimizer_cls):
         raise LoraPlusError(f"optimizer_cls must be an optimizer class, got {type(optimizer_cls).__name__}")
     target = _unwrap(optimizer_cls)
     shown = getattr(target, "__name__", repr(target))
     record = lr_free_record(target)
     if record is not None:  # a learning-rate-free optimizer: its record says what it does with the ratio
-        behaviour = record.behaviour({**_bound_options(optimizer_cls), **options})
+        behaviour = record.per_group_lr
         if behaviour.refused and any(r != 1 for r in ratios):
             raise LoraPlusError(
                 f"find_lr compares ratios {', '.join(f'{r:g}' for r in ratios)}, but {record.shown} (measured on "
@@ -305,7 +305,7 @@ def find_lr(
     for key in ("lr", "ratio", "params"):
         if key in optimizer_kwargs:
             raise LoraPlusError(f"do not pass {key}= to find_lr: it is what the probe sets (use lr_range= and ratios=)")
-    _check_optimizer(optimizer_cls, optimizer_kwargs, ratio_list)
+    _check_optimizer(optimizer_cls, ratio_list)
     per = int(max_steps) // n
     n_confirm = per // 3
     n_range = per - n_confirm

@@ -27,15 +27,6 @@ def _unwrap(factory: Any) -> Any:
     return factory
 
 
-def _bound_options(factory: Any) -> dict[str, Any]:
-    """The keywords ``functools.partial`` layers bind (the outer one wins)."""
-    layers = []
-    while isinstance(factory, functools.partial):
-        layers.append(factory.keywords)
-        factory = factory.func
-    return {k: v for layer in reversed(layers) for k, v in layer.items()}
-
-
 def _check_optimizer_cls(optimizer_cls: Any) -> None:
     if not callable(optimizer_cls):
         raise LoraPlusError(
