@@ -118,6 +118,31 @@ def test_prodigy_plus_with_a_shared_d_moves_b_exactly_ratio_times_a():
         assert torch.equal(db, RATIO * da)
 
 
+def test_dadaptation_adam_layer_scale_moves_b_exactly_ratio_times_a():
+    """dadaptation.DAdaptAdam refuses different lrs but takes a per-group ``layer_scale`` r.
+
+    Why exactly: one d is shared by all groups and r multiplies only the group's momentum
+    increment (and its share of d's numerator); the second moment, from the same gradients, is
+    identical for A and B. So with one lr, r = 4 on B's group and the same gradient at every step,
+    ΔB == 4·ΔA bit for bit (4 is a power of two).
+    """
+    grad = torch.tensor([0.5, -1.0, 0.25, 2.0, -0.75, 1.5])
+    a, b = torch.nn.Parameter(torch.zeros(6)), torch.nn.Parameter(torch.zeros(6))
+    opt = dadaptation.DAdaptAdam([{"params": [a]}, {"params": [b], "layer_scale": RATIO}], lr=1.0)
+    for _ in range(5):
+        before_a, before_b = a.detach().clone(), b.detach().clone()
+        a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        da = a.detach() - before_a
+        assert da.abs().max() > 0 and torch.equal(b.detach() - before_b, RATIO * da)
+    assert opt.param_groups[0]["d"] > 1e-6  # d really adapted meanwhile (d0, its start, is 1e-6)
+
+
+def test_the_dadaptation_adam_record_suggests_layer_scale():
+    with pytest.raises(LoraPlusError, match=r"layer_scale=ratio on the B group"):
+        loraplus.LoraPlus(dadaptation.DAdaptAdam, tiny_lora_model(), ratio=RATIO, lr=1.0)
+
+
 def test_prodigy_plus_default_estimates_d_per_group_so_the_ratio_drifts():
     """With its default split_groups=True each group estimates its own d from its own displacement.
     Step 1 is exactly 4× (both d are d0); after that B's larger displacement raises d_B above d_A,

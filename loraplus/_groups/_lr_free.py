@@ -116,10 +116,18 @@ _USE_INSTEAD = (
 #: Every learning-rate-free optimizer loraplus knows, measured on the versions named (tests/test_lr_free.py).
 LR_FREE_OPTIMIZERS: tuple[LrFreeOptimizer, ...] = (
     LrFreeOptimizer("prodigyopt.prodigy", "Prodigy", "prodigyopt", "1.1.2", PerGroupLr.RAISES, _USE_INSTEAD),
+    LrFreeOptimizer(
+        "dadaptation.dadapt_adam",
+        "DAdaptAdam",
+        "dadaptation",
+        "3.2",
+        PerGroupLr.RAISES,
+        "its per-group step multiplier: one lr for every group (loraplus.param_groups(model, lr=..., ratio=1)) and "
+        "layer_scale=ratio on the B group, so B's step is exactly ratio × A's; or " + _USE_INSTEAD,
+    ),
     *(
         LrFreeOptimizer(f"dadaptation.{module}", name, "dadaptation", "3.2", behaviour, _USE_INSTEAD)
         for module, name, behaviour in (
-            ("dadapt_adam", "DAdaptAdam", PerGroupLr.RAISES),
             ("dadapt_sgd", "DAdaptSGD", PerGroupLr.RAISES),
             ("dadapt_lion", "DAdaptLion", PerGroupLr.RAISES),
             ("dadapt_adagrad", "DAdaptAdaGrad", PerGroupLr.FIRST_GROUP),
