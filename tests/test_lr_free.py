@@ -276,6 +276,32 @@ def _loraplus_quiet(factory, model=None, **kwargs):
         return loraplus.LoraPlus(factory, model or tiny_lora_model(), ratio=RATIO, lr=1.0, **kwargs)
 
 
+# ----------------------------------------------------------------------------- apply
+
+
+def test_apply_refuses_them_before_changing_the_optimizer():
+    """prodigyopt crashes at step() once apply has split B into a group at 4× the rate."""
+    model = tiny_lora_model()
+    opt = prodigyopt.Prodigy(model.parameters(), lr=1.0)
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(LoraPlusError, match=r"prodigyopt.Prodigy \(measured on .*group0 1, group0.B 4"):
+        loraplus.apply(opt, model, ratio=RATIO, schedulers=[])
+    assert opt.param_groups == before
+
+
+def test_apply_on_prodigy_plus_built_with_one_group_keeps_its_shared_d():
+    """Built over one group, ProdigyPlusScheduleFree turns split_groups off itself (one d); apply's
+    B sibling keeps that option, so d stays shared and nothing is warned."""
+    model = tiny_lora_model()
+    opt = _quiet(PPSF, model.parameters(), lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loraplus.apply(opt, model, ratio=RATIO, schedulers=[])
+    assert [(g["name"], g["lr"], g["split_groups"]) for g in opt.param_groups] == [
+        ("group0", 1.0, False), ("group0.B", RATIO, False),
+    ]
+
+
 # ----------------------------------------------------------------------------- find_lr
 
 

@@ -12,6 +12,7 @@ from .._errors import LoraPlusError
 from .._labels import RuleSpec
 from .._role import Role
 from ._build import DEFAULT_RATIO
+from ._lr_free import check_lr_free
 from ._refine import MARK, refine_groups
 
 __all__ = ["SCHEDULER_SCALED_LISTS", "SCHEDULER_COPIED_LISTS", "apply"]
@@ -186,6 +187,7 @@ def apply(
     refined = refine_groups(
         groups, model, ratio, lr_embedding=lr_embedding, role_lr=role_lr, rules=rules, what="apply"
     )
+    check_lr_free(inner, refined.groups)  # before anything changes
     inner.param_groups[:] = refined.groups  # the same list object: wrappers that alias it stay right
     for sched in found:
         _extend(sched, refined.parent, refined.scale)

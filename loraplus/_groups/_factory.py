@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -14,7 +13,7 @@ from .._errors import LoraPlusError
 from .._labels import NoDecaySpec, RuleSpec
 from .._role import Role
 from ._build import DEFAULT_RATIO, prepare
-from ._lr_free import PerGroupLr, lr_free_record
+from ._lr_free import check_lr_free
 
 __all__ = ["LoraPlus", "build_optimizer"]
 
@@ -38,30 +37,6 @@ def _check_optimizer_cls(optimizer_cls: Any) -> None:
         raise LoraPlusError(
             f"{target.__name__} does not support per-parameter options (param groups), so it cannot give "
             "B a different learning rate than A; use a first-order optimizer such as torch.optim.AdamW"
-        )
-
-
-def _check_lr_free(optimizer: Any, groups: Sequence[Mapping[str, Any]]) -> None:
-    """Refuse a learning-rate-free optimizer that crashes on or ignores the groups' different rates;
-    warn where each group estimates its own step size (docs/compatibility.md, from its record)."""
-    record = lr_free_record(type(optimizer))
-    rates = {g["name"]: float(g["lr"]) for g in groups}
-    if record is None or len(set(rates.values())) < 2:  # one rate everywhere (ratio=1): nothing to lose
-        return
-    behaviour = record.behaviour(optimizer.param_groups[0])
-    shown = ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
-    what = f"{record.shown} (measured on {record.distribution} {record.version}) {behaviour.value}"
-    if behaviour.refused:
-        raise LoraPlusError(
-            f"{what}; the LoRA+ groups have different learning rates ({shown}), so LoRA+ cannot work with it. "
-            f"Use {record.instead} (see docs/compatibility.md)"
-        )
-    if behaviour is PerGroupLr.OWN_D:
-        warnings.warn(
-            f"{what}: the ratio between B's and A's steps follows d_B/d_A, not only the ratio you set; "
-            f"{record.instead} (see docs/compatibility.md)",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -146,7 +121,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         no_decay=no_decay,
     )
     optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
-    _check_lr_free(optimizer, groups)
+    check_lr_free(optimizer, groups)
     if precondition is not None:
         from .._pairs._precondition import precondition as attach  # the optimizer owns it: preconditioner(opt)
 

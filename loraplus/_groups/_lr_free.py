@@ -3,8 +3,9 @@
 Prodigy and D-Adaptation estimate a step size ``d`` and multiply it by ``lr``. Whether a per-group
 ``lr`` survives depends on the implementation, so each class has one :class:`LrFreeOptimizer`
 record, measured on the installed package (``tests/test_lr_free.py`` re-measures every record):
-:func:`loraplus.LoraPlus` refuses the classes that would crash or ignore the ratio, warns where
-each group estimates its own ``d``, and :func:`loraplus.find_lr` reads the same records. A class
+:func:`loraplus.LoraPlus` and :func:`loraplus.apply` refuse the classes that would crash or
+ignore the ratio and warn where each group estimates its own ``d``; :func:`loraplus.find_lr` reads
+the same records. A class
 is recognised by the object (its defining module, read from ``sys.modules`` only, and
 ``issubclass``), never by a name string, and nothing is imported to find out.
 """
@@ -12,14 +13,16 @@ is recognised by the object (its defining module, read from ``sys.modules`` only
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .._errors import LoraPlusError
 from .._table import render_table
 
-__all__ = ["LR_FREE_OPTIMIZERS", "LrFreeOptimizer", "PerGroupLr", "lr_free_record", "lr_free_table"]
+__all__ = ["LR_FREE_OPTIMIZERS", "LrFreeOptimizer", "PerGroupLr", "check_lr_free", "lr_free_record", "lr_free_table"]
 
 
 class PerGroupLr(Enum):
@@ -176,3 +179,31 @@ def lr_free_table() -> str:
             verdict += f"; {PerGroupLr.SHARED_D.with_loraplus} with {key}={value!r}"
         rows.append([r.shown, f"{r.distribution} {r.version}", r.per_group_lr.short, verdict])
     return render_table(["optimizer", "measured on", "with different per-group lrs", "LoraPlus"], rows)
+
+
+def check_lr_free(optimizer: Any, groups: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a learning-rate-free optimizer that crashes on or ignores the groups' different rates;
+    warn where each group estimates its own step size (docs/compatibility.md, from its record).
+
+    ``groups`` are the LoRA+ groups it has (or is about to have); its own ``param_groups[0]`` tells
+    the options it was built with. Called from the public entry points (``stacklevel`` 3).
+    """
+    record = lr_free_record(type(optimizer))
+    rates = {g["name"]: float(g["lr"]) for g in groups}
+    if record is None or len(set(rates.values())) < 2:  # one rate everywhere (ratio=1): nothing to lose
+        return
+    behaviour = record.behaviour(optimizer.param_groups[0])
+    shown = ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
+    what = f"{record.shown} (measured on {record.distribution} {record.version}) {behaviour.value}"
+    if behaviour.refused:
+        raise LoraPlusError(
+            f"{what}; the LoRA+ groups have different learning rates ({shown}), so LoRA+ cannot work with it. "
+            f"Use {record.instead} (see docs/compatibility.md)"
+        )
+    if behaviour is PerGroupLr.OWN_D:
+        warnings.warn(
+            f"{what}: the ratio between B's and A's steps follows d_B/d_A, not only the ratio you set; "
+            f"{record.instead} (see docs/compatibility.md)",
+            UserWarning,
+            stacklevel=3,
+        )
