@@ -109,7 +109,7 @@ def _check_optimizer(optimizer_cls: Any, ratios: Sequence[float]) -> None:
         if behaviour.refused and any(r != 1 for r in ratios):
             raise LoraPlusError(
                 f"find_lr compares ratios {', '.join(f'{r:g}' for r in ratios)}, but {record.shown} (measured on "
-                f"{record.distribution} {record.version}) {behaviour.value}; use {record.instead} "
+                f"{record.distribution} {record.version}) {behaviour.described}; use {record.instead} "
                 "(see docs/compatibility.md)"
             )
         warnings.warn(

@@ -5,9 +5,9 @@ Prodigy and D-Adaptation estimate a step size ``d`` and multiply it by ``lr``. W
 record, measured on the installed package (``tests/test_lr_free.py`` re-measures every record):
 :func:`loraplus.LoraPlus` and :func:`loraplus.apply` refuse the classes that would crash or
 ignore the ratio and warn where each group estimates its own ``d``; :func:`loraplus.find_lr` reads
-the same records. A class
-is recognised by the object (its defining module, read from ``sys.modules`` only, and
-``issubclass``), never by a name string, and nothing is imported to find out.
+the same records. A class is recognised by the object (its defining module, read from
+``sys.modules`` only, and ``issubclass``), never by a name string, and nothing is imported to find
+out.
 """
 
 from __future__ import annotations
@@ -22,49 +22,73 @@ from typing import Any
 from .._errors import LoraPlusError
 from .._table import render_table
 
-__all__ = ["LR_FREE_OPTIMIZERS", "LrFreeOptimizer", "PerGroupLr", "check_lr_free", "lr_free_record", "lr_free_table"]
+__all__ = ["LR_FREE_OPTIMIZERS", "LrFreeOptimizer", "Option", "PerGroupLr", "check_lr_free", "lr_free_record", "lr_free_table"]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """A behaviour's words and consequence (an enum member's value)."""
+
+    described: str  # in messages, after the optimizer's name
+    short: str  # in the compatibility table
+    with_loraplus: str  # what LoraPlus and apply do when the groups' lrs differ
+    refused: bool  # LoRA+ cannot work at all: they raise LoraPlusError
 
 
 class PerGroupLr(Enum):
     """What a learning-rate-free optimizer does with param groups whose ``lr`` differ."""
 
     #: One step-size estimate d for all groups, times each group's own lr: B's step is exactly ratio × A's.
-    SHARED_D = "multiplies one shared step-size estimate d by each group's lr"
+    SHARED_D = _Kind("multiplies one shared step-size estimate d by each group's lr", "shared d × each group's lr", "works", False)
     #: Each group estimates its own d and multiplies it by its own lr: B's step is ratio · d_B/d_A × A's.
-    OWN_D = "estimates d per group and multiplies it by that group's lr, so B's step is ratio · d_B/d_A times A's"
+    OWN_D = _Kind(
+        "estimates d per group and multiplies it by that group's lr, so B's step is ratio · d_B/d_A times A's",
+        "each group's own d × its lr",
+        "warns",
+        False,
+    )
     #: One d times the first group's lr for every group: B moves exactly as A does.
-    FIRST_GROUP = "multiplies its step-size estimate d by the first group's lr for every group, so the ratio has no effect"
+    FIRST_GROUP = _Kind(
+        "multiplies its step-size estimate d by the first group's lr for every group, so the ratio has no effect",
+        "d × group 0's lr for all",
+        "refused",
+        True,
+    )
     #: ``step()`` raises ``RuntimeError`` when the groups' non-zero lrs differ.
-    RAISES = "raises RuntimeError at the first step() when the groups' non-zero lrs differ"
+    RAISES = _Kind(
+        "raises RuntimeError at the first step() when the groups' non-zero lrs differ", "RuntimeError at step()", "refused", True
+    )
 
     @property
     def refused(self) -> bool:
         """Whether LoRA+ cannot work at all: the optimizer crashes or ignores every group's lr but one."""
-        return self in (PerGroupLr.FIRST_GROUP, PerGroupLr.RAISES)
+        return self.value.refused
+
+    @property
+    def described(self) -> str:
+        """The behaviour in a clause, for messages."""
+        return self.value.described
 
     @property
     def short(self) -> str:
         """The behaviour in a few words, for the compatibility table."""
-        return _SHORT[self]
+        return self.value.short
 
     @property
     def with_loraplus(self) -> str:
-        """What :func:`loraplus.LoraPlus` does when the groups' lrs differ, in a few words."""
-        return _WITH_LORAPLUS[self]
+        """What :func:`loraplus.LoraPlus` and :func:`loraplus.apply` do when the groups' lrs differ."""
+        return self.value.with_loraplus
 
 
-_SHORT = {
-    PerGroupLr.SHARED_D: "shared d × each group's lr",
-    PerGroupLr.OWN_D: "each group's own d × its lr",
-    PerGroupLr.FIRST_GROUP: "d × group 0's lr for all",
-    PerGroupLr.RAISES: "RuntimeError at step()",
-}
-_WITH_LORAPLUS = {
-    PerGroupLr.SHARED_D: "works",
-    PerGroupLr.OWN_D: "warns",
-    PerGroupLr.FIRST_GROUP: "refused",
-    PerGroupLr.RAISES: "refused",
-}
+@dataclass(frozen=True)
+class Option:
+    """A constructor option, as its param groups store it."""
+
+    name: str
+    value: object
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value!r}"
 
 
 @dataclass(frozen=True)
@@ -78,8 +102,8 @@ class LrFreeOptimizer:
         version: the version the behaviour was measured on.
         per_group_lr: what it does with differing per-group lrs, under its defaults.
         instead: what to use for LoRA+ instead (refused classes) or how to use it (the others).
-        shared_option: a constructor option ``(name, value)`` under which its d is shared by all
-            groups (then :attr:`PerGroupLr.SHARED_D`); the value is read back from its param groups.
+        shared_option: the constructor option under which its d is shared by all groups (then
+            :attr:`PerGroupLr.SHARED_D`); read back from its param groups.
     """
 
     module: str
@@ -88,7 +112,7 @@ class LrFreeOptimizer:
     version: str
     per_group_lr: PerGroupLr
     instead: str
-    shared_option: tuple[str, object] | None = None
+    shared_option: Option | None = None
 
     @property
     def shown(self) -> str:
@@ -104,10 +128,9 @@ class LrFreeOptimizer:
 
     def behaviour(self, options: Mapping[str, Any]) -> PerGroupLr:
         """Its behaviour under ``options`` (constructor keywords, or a param group that stores them)."""
-        if self.shared_option is not None:
-            key, value = self.shared_option
-            if key in options and options[key] == value:
-                return PerGroupLr.SHARED_D
+        shared = self.shared_option
+        if shared is not None and shared.name in options and options[shared.name] == shared.value:
+            return PerGroupLr.SHARED_D
         return self.per_group_lr
 
 
@@ -153,7 +176,7 @@ LR_FREE_OPTIMIZERS: tuple[LrFreeOptimizer, ...] = (
         "2.0.1",
         PerGroupLr.OWN_D,
         "pass split_groups=False: one d shared by all groups, so B's step is exactly ratio × A's",
-        shared_option=("split_groups", False),
+        shared_option=Option("split_groups", False),
     ),
 )
 
@@ -175,8 +198,7 @@ def lr_free_table() -> str:
     for r in LR_FREE_OPTIMIZERS:
         verdict = r.per_group_lr.with_loraplus
         if r.shared_option is not None:
-            key, value = r.shared_option
-            verdict += f"; {PerGroupLr.SHARED_D.with_loraplus} with {key}={value!r}"
+            verdict += f"; {PerGroupLr.SHARED_D.with_loraplus} with {r.shared_option}"
         rows.append([r.shown, f"{r.distribution} {r.version}", r.per_group_lr.short, verdict])
     return render_table(["optimizer", "measured on", "with different per-group lrs", "LoraPlus"], rows)
 
@@ -194,7 +216,7 @@ def check_lr_free(optimizer: Any, groups: Sequence[Mapping[str, Any]]) -> None:
         return
     behaviour = record.behaviour(optimizer.param_groups[0])
     shown = ", ".join(f"{name} {rate:g}" for name, rate in rates.items())
-    what = f"{record.shown} (measured on {record.distribution} {record.version}) {behaviour.value}"
+    what = f"{record.shown} (measured on {record.distribution} {record.version}) {behaviour.described}"
     if behaviour.refused:
         raise LoraPlusError(
             f"{what}; the LoRA+ groups have different learning rates ({shown}), so LoRA+ cannot work with it. "
