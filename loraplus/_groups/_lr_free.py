@@ -224,8 +224,7 @@ def check_lr_free(optimizer: Any, groups: Sequence[Mapping[str, Any]]) -> None:
         )
     if behaviour is PerGroupLr.OWN_D:
         warnings.warn(
-            f"{what}: the ratio between B's and A's steps follows d_B/d_A, not only the ratio you set; "
-            f"{record.instead} (see docs/compatibility.md)",
+            f"{what}, and d_B/d_A drifts; {record.instead} (see docs/compatibility.md)",
             UserWarning,
             stacklevel=3,
         )
