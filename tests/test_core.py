@@ -587,14 +587,6 @@ def test_lbfgs_rejected_before_building():
         LoraPlus(functools.partial(torch.optim.LBFGS, max_iter=3), tiny_lora_model(), lr=1.0)
 
 
-def test_global_lr_optimizers_warn():
-    from pytorch_optimizer import DAdaptAdam, Prodigy
-
-    for cls in (Prodigy, DAdaptAdam):
-        with pytest.warns(UserWarning, match=f"{cls.__name__} reads the learning rate of the first param group"):
-            LoraPlus(cls, tiny_lora_model(), lr=1.0)
-
-
 def test_optimizer_errors_get_context():
     with pytest.raises(LoraPlusError, match=r"AdamW could not be built over the LoRA\+ groups \[A \(2 tensors\).*TypeError"):
         LoraPlus(torch.optim.AdamW, tiny_lora_model(), lr=1e-3, not_an_option=1)

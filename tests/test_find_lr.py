@@ -535,25 +535,11 @@ class _NoLr(torch.optim.Optimizer):
         super().__init__(params, {"momentum": momentum})
 
 
-class _SelfTuning(torch.optim.SGD):
-    """Takes d0 like Prodigy / D-Adaptation."""
-
-    def __init__(self, params, lr=1.0, d0=1e-6):
-        super().__init__(params, lr=lr)
-
-
 def test_optimizers_without_per_group_lr_are_refused():
     assert "per-group" in _refused("per-group|param groups|per-parameter", optimizer_cls=torch.optim.LBFGS)
     msg = _refused("per-group|param groups|per-parameter", optimizer_cls=_OneGroupOnly)
     assert "find_lr" in msg
     assert "no learning rate" in _refused("no lr parameter", optimizer_cls=_NoLr)
-
-
-def test_a_self_tuning_optimizer_earns_a_warning():
-    net = _net()
-    with pytest.warns(UserWarning, match="d0"):
-        find_lr(net, _ce, _data(), optimizer_cls=_SelfTuning, ratios=(1,), max_steps=30, lr_range=(1e-4, 1.0),
-                progress=False)
 
 
 @pytest.mark.parametrize(

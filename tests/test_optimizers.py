@@ -429,26 +429,6 @@ def test_split_groups_keeps_metadata_and_drops_empty_halves() -> None:
         loraplus.split_groups([{"params": [torch.zeros(1)]}], lambda n, p: True)
 
 
-# ------------------------------------------------------------------ optimizers that ignore per-group lr
-
-
-@pytest.mark.parametrize("cls", [pytorch_optimizer.Prodigy, pytorch_optimizer.DAdaptAdam], ids=lambda c: c.__name__)
-def test_global_lr_optimizers_warn_and_indeed_ignore_the_ratio(cls: type) -> None:
-    """Unsupported: they read param_groups[0]['lr'] for every group. The core warns; the update proves why."""
-    deltas = {}
-    for ratio in (1.0, RATIO):
-        model = make_model()
-        with pytest.warns(UserWarning, match=f"{cls.__name__} reads the learning rate of the first param group"):
-            opt = loraplus.LoraPlus(cls, model, ratio=ratio, lr=1.0)
-        before = _snapshot(model)
-        loss_fn(model, 0).backward()
-        opt.step()
-        deltas[ratio] = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
-    b = "layers.0.lora_B.default.weight"
-    assert deltas[1.0][b].abs().max() > 0
-    torch.testing.assert_close(deltas[RATIO][b], deltas[1.0][b])  # λ had no effect at all
-
-
 def test_transformers_adafactor_with_relative_step_is_rejected_with_context() -> None:
     """Its default relative_step=True computes its own lr and refuses a manual one: LoRA+ needs relative_step=False."""
     with pytest.raises(loraplus.LoraPlusError, match="Adafactor could not be built.*relative_step"):

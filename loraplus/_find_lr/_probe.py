@@ -37,6 +37,7 @@ from torch import nn
 
 from .._errors import LoraPlusError
 from .._groups._factory import LoraPlus, _unwrap
+from .._groups._lr_free import lr_free_record
 from .._numbers import check_number
 from .._progress import _progress
 from ._restore import Snapshot
@@ -57,8 +58,6 @@ START_FRACTION = 0.1
 #: a warm-up + cosine run; on the paper's toy (full-batch GD, 200 steps) rates above about a third
 #: of the edge diverge late in the run. 3 serves both (docs/find_lr.md).
 DEFAULT_SAFETY = 3.0
-#: Constructor parameters of optimizers that adapt their own step size (Prodigy, D-Adaptation).
-_SELF_ADAPTING = ("d0", "d_coef")
 
 
 class _Batches:
@@ -99,30 +98,36 @@ class _Batches:
 _EMPTY = "batches is empty: find_lr needs at least one batch to compute the loss on; pass your training DataLoader or a list of batches"
 
 
-def _check_optimizer(optimizer_cls: Any) -> None:
+def _check_optimizer(optimizer_cls: Any, ratios: Sequence[float]) -> None:
     if not callable(optimizer_cls):
         raise LoraPlusError(f"optimizer_cls must be an optimizer class, got {type(optimizer_cls).__name__}")
     target = _unwrap(optimizer_cls)
+    shown = getattr(target, "__name__", repr(target))
+    record = lr_free_record(target)
+    if record is not None:  # a learning-rate-free optimizer: its record says what it does with the ratio
+        behaviour = record.per_group_lr
+        if behaviour.refused and any(r != 1 for r in ratios):
+            raise LoraPlusError(
+                f"find_lr compares ratios {', '.join(f'{r:g}' for r in ratios)}, but {record.shown} (measured on "
+                f"{record.distribution} {record.version}) {behaviour.described}; use {record.instead} "
+                "(see docs/compatibility.md)"
+            )
+        warnings.warn(
+            f"{record.shown} adapts its own step size: the lr find_lr probes is a multiplier on its estimate d, "
+            "not a learning rate; read the suggestion as a scale, or use a fixed-rate optimizer such as "
+            "torch.optim.AdamW",
+            UserWarning,
+            stacklevel=3,
+        )
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return
-    names = set(params)
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    shown = getattr(target, "__name__", repr(target))
-    if "lr" not in names and not var_kw:
+    if "lr" not in params and not var_kw:
         raise LoraPlusError(
             f"{shown} takes no learning rate (its constructor has no lr parameter), so there is nothing for "
             "find_lr to find; use an optimizer with a per-group lr such as torch.optim.AdamW"
-        )
-    found = sorted(names & set(_SELF_ADAPTING))
-    if found:
-        warnings.warn(
-            f"{shown} adapts its own step size (it takes {', '.join(found)}): the lr find_lr probes is a "
-            "multiplier on that adapted step, not a learning rate, and such optimizers often read one group's lr "
-            "for all groups; read the suggestion as a scale, or use a plain optimizer such as torch.optim.AdamW",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -264,8 +269,10 @@ def find_lr(
             ``max_steps``, ``lr_range``, ``safety`` or ``beta``.
 
     Warns:
-        UserWarning: for optimizers that adapt their own step size (constructor parameters
-            ``d0``/``d_coef``, as Prodigy and D-Adaptation take).
+        UserWarning: for a learning-rate-free optimizer that keeps per-group rates (its record in
+            docs/compatibility.md): the probed lr is a multiplier on its step-size estimate. Those
+            that crash on or ignore different per-group rates are refused (LoraPlusError) when a
+            ratio other than 1 is asked for.
 
     Example:
         >>> import torch, loraplus
@@ -298,7 +305,7 @@ def find_lr(
     for key in ("lr", "ratio", "params", "guard"):
         if key in optimizer_kwargs:
             raise LoraPlusError(f"do not pass {key}= to find_lr: it is what the probe sets (use lr_range= and ratios=)")
-    _check_optimizer(optimizer_cls)
+    _check_optimizer(optimizer_cls, ratio_list)
     per = int(max_steps) // n
     n_confirm = per // 3
     n_range = per - n_confirm

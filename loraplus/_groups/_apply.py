@@ -14,6 +14,7 @@ from .._labels import RuleSpec
 from .._role import Role
 from ._build import DEFAULT_RATIO
 from ._guard import attach_guard, coerce_mode
+from ._lr_free import check_lr_free
 from ._refine import MARK, SCALED_KEYS, refine_groups
 from ._scheduler_catalog import Carry, SchedulerRecord, record_for, scaled_group_keys
 
@@ -296,6 +297,7 @@ def apply(
         what="apply",
         scaled_keys=(*SCALED_KEYS, *(k for k in scaled_group_keys(records) if k not in SCALED_KEYS)),
     )
+    check_lr_free(inner, refined.groups)  # before anything changes
     inner.param_groups[:] = refined.groups  # the same list object: wrappers that alias it stay right
     for sched, record in found:
         _extend(sched, record, refined.parent, refined.scale)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -15,24 +14,11 @@ from .._labels import NoDecaySpec, RuleSpec
 from .._role import Role
 from ._build import DEFAULT_RATIO, prepare
 from ._guard import attach_guard, coerce_mode
+from ._lr_free import check_lr_free
 
-__all__ = ["GLOBAL_LR_OPTIMIZERS", "LoraPlus", "build_optimizer"]
+__all__ = ["LoraPlus", "build_optimizer"]
 
 OptimizerT = TypeVar("OptimizerT")
-
-#: Optimizers known to read ``param_groups[0]["lr"]`` for every group (learning-rate-free
-#: methods): LoRA+ has no effect there.
-GLOBAL_LR_OPTIMIZERS = frozenset(
-    {
-        "Prodigy",
-        "ProdigyPlusScheduleFree",
-        "DAdaptAdam",
-        "DAdaptAdaGrad",
-        "DAdaptAdan",
-        "DAdaptLion",
-        "DAdaptSGD",
-    }
-)
 
 
 def _unwrap(factory: Any) -> Any:
@@ -52,14 +38,6 @@ def _check_optimizer_cls(optimizer_cls: Any) -> None:
         raise LoraPlusError(
             f"{target.__name__} does not support per-parameter options (param groups), so it cannot give "
             "B a different learning rate than A; use a first-order optimizer such as torch.optim.AdamW"
-        )
-    name = getattr(target, "__name__", "")
-    if name in GLOBAL_LR_OPTIMIZERS:
-        warnings.warn(
-            f"{name} reads the learning rate of the first param group for every group, so LoRA+ has no effect "
-            "with it; use an optimizer that honours per-group learning rates (see docs/compatibility.md)",
-            UserWarning,
-            stacklevel=3,
         )
 
 
@@ -116,13 +94,17 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
 
     Raises:
         LoraPlusError: on invalid options, a model without adapters, an optimizer that cannot
-            take param groups (LBFGS), or when the optimizer rejects its arguments (its
+            take param groups (LBFGS), a learning-rate-free optimizer that crashes on or ignores
+            different per-group rates (Prodigy, D-Adaptation: docs/compatibility.md lists each
+            class) when the groups' rates differ, or when the optimizer rejects its arguments (its
             ``TypeError``/``ValueError``, chained as the cause).
 
     Warns:
         UserWarning: once, when LoRA+ cannot act as asked: B factors at A's rate without
-            ``ratio=1`` (through ``role_lr``), no B factor at all, or adapter factors without a
-            partner in their layer (see :func:`loraplus.pairs`).
+            ``ratio=1`` (through ``role_lr``), no B factor at all, adapter factors without a
+            partner in their layer (see :func:`loraplus.pairs`), or a learning-rate-free
+            optimizer that estimates its step size per group (``ProdigyPlusScheduleFree``
+            without ``split_groups=False``).
 
     Example:
         >>> import torch, loraplus
@@ -148,6 +130,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         no_decay=no_decay,
     )
     optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
+    check_lr_free(optimizer, groups)
     attach_guard(optimizer, mode)
     if precondition is not None:
         from .._pairs._precondition import precondition as attach  # the optimizer owns it: preconditioner(opt)
