@@ -108,8 +108,9 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
 
     Raises:
         LoraPlusError: on invalid options, a model without adapters, an optimizer that cannot
-            take param groups (LBFGS), or when the optimizer rejects its arguments (its
-            ``TypeError``/``ValueError``, chained as the cause).
+            take param groups (LBFGS), a model whose A factors a still alive LoRA-FA optimizer froze,
+            or when the optimizer rejects its arguments (its ``TypeError``/``ValueError``, chained as
+            the cause).
 
     Warns:
         UserWarning: once, when LoRA+ cannot act as asked: B factors at A's rate without
@@ -128,6 +129,9 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         raise LoraPlusError('precondition_reg= was given without precondition=; pass precondition="riemannian"')
     if "params" in optimizer_kwargs:
         raise LoraPlusError("do not pass params=: LoraPlus builds the param groups from the model")
+    from .._pairs._precondition import check_not_frozen_by_lorafa  # (lazy, like attach below)
+
+    check_not_frozen_by_lorafa(model)  # else labelling finds B without A and cannot say why
     _, groups = prepare(
         model,
         lr=lr,
