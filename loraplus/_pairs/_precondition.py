@@ -298,8 +298,13 @@ class Preconditioner:
         """Whether the hook is still attached."""
         return self._handle is not None
 
+    @torch.compiler.disable
     def apply(self) -> None:
-        """Precondition the current gradients now (what the hook does before each step)."""
+        """Precondition the current gradients now (what the hook does before each step).
+
+        Always eager, also inside ``torch.compile(opt.step)``: dynamo does not trace it (see
+        docs/optimizers.md for why and what it costs); the rest of the step is still compiled.
+        """
         for bucket in self._buckets:
             _solve_bucket(bucket, self.method, self.reg, self._cache)
 
