@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import subprocess
 import sys
 import warnings
 import weakref
@@ -427,10 +428,11 @@ def test_the_optimizer_owns_a_preconditioner_attached_by_loraplus_and_it_is_remo
     assert loraplus.preconditioner(torch.optim.SGD(model.parameters(), lr=0.1)) is None
 
 
-def test_hooks_hold_the_preconditioner_weakly_and_nothing_keeps_the_optimizer_alive():
+@pytest.mark.parametrize("method", ["riemannian", "lorafa"])
+def test_hooks_hold_the_preconditioner_weakly_and_nothing_keeps_the_optimizer_alive(method):
     model = _peft()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    pre = precondition(opt, model)
+    pre = precondition(opt, model, method=method)  # LoRA-FA's finalizer must hold neither of them
     gc.collect()
     holders = [id(r) for r in gc.get_referrers(pre) if r is not sys._getframe()]
     assert holders == [id(vars(opt))]  # the optimizer's attribute is its one strong holder (not the hook)
@@ -443,6 +445,127 @@ def test_hooks_hold_the_preconditioner_weakly_and_nothing_keeps_the_optimizer_al
         assert pre_ref() is None
     finally:
         gc.enable()
+
+
+# ----------------------------------------------------------------------------------------------- LoRA-FA lifecycle
+def _names(model: nn.Module, segment: str) -> list[str]:
+    return [n for n, _ in model.named_parameters() if segment in n]  # PEFT's names say which factor
+
+
+@pytest.mark.parametrize("cycle", [False, True], ids=["dropped", "collected-from-a-cycle"])
+def test_lorafa_freeze_is_undone_when_its_optimizer_is_collected_so_a_second_loraplus_works(cycle):
+    """An lr sweep builds LoraPlus(..., precondition="lorafa") again on the same model. Once the first optimizer
+    is gone its A factors must be trainable again (they stayed frozen: "found B factors but no A factor")."""
+    model = _peft()
+    params = dict(model.named_parameters())
+    a_names, b_names = _names(model, ".lora_A."), _names(model, ".lora_B.")
+    opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=4, lr=1e-2, precondition="lorafa")
+    assert not any(params[n].requires_grad for n in a_names)
+    if cycle:
+        opt.itself = opt  # only the cyclic collector can free it
+    opt_ref = weakref.ref(opt)
+    gc.disable()
+    try:
+        del opt  # without a cycle, dropping the last reference is enough: no collector run
+        assert (opt_ref() is not None) == cycle
+        assert all(params[n].requires_grad for n in a_names) != cycle
+    finally:
+        gc.enable()
+    gc.collect()
+    assert opt_ref() is None
+    assert all(params[n].requires_grad for n in a_names + b_names)
+    again = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=4, lr=1e-2)
+    lrs = {id(p): g["lr"] for g in again.param_groups for p in g["params"]}
+    assert [lrs[id(params[n])] for n in a_names] == [1e-2] * len(a_names)  # lr, as passed
+    assert [lrs[id(params[n])] for n in b_names] == [4e-2] * len(b_names)  # ratio 4 × lr
+    model(_batches(1)[0]).square().mean().backward()
+    assert all(params[n].grad is not None for n in a_names)  # A trains again
+
+
+def test_a_model_whose_a_factors_a_live_lorafa_optimizer_froze_is_refused_with_the_way_out():
+    """Refused, not reference-counted: a second optimizer would train the model with A frozen by the first."""
+    model = _peft()
+    params = dict(model.named_parameters())
+    a_names = _names(model, ".lora_A.")
+    first = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1, precondition="lorafa")
+    attempts = {
+        "LoraPlus": lambda: loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1),
+        "LoraPlus lorafa": lambda: loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1, precondition="lorafa"),
+        "precondition lorafa": lambda: precondition(torch.optim.SGD(model.parameters(), lr=0.1), model, method="lorafa"),
+        "precondition riemannian": lambda: precondition(torch.optim.SGD(model.parameters(), lr=0.1), model),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(LoraPlusError, match="frozen by the LoRA-FA preconditioner of an optimizer that is still "
+                           r"alive \(SGD at 0x[0-9a-f]+\); drop that optimizer first") as err:
+            attempt()
+        assert a_names[0] in str(err.value), what
+    assert not any(params[n].requires_grad for n in a_names)  # the refused calls changed nothing
+    loraplus.preconditioner(first).remove()
+    second = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1, precondition="lorafa")  # after remove()
+    assert {id(p) for p in loraplus.preconditioner(second).frozen} == {id(params[n]) for n in a_names}
+
+
+def test_collection_restores_only_what_lorafa_froze_also_after_the_model_is_gone(monkeypatch):
+    unraisable: list = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # an exception in a finalizer lands here
+    model = _peft()
+    params = dict(model.named_parameters())
+    user_frozen, *lorafa_frozen = _names(model, ".lora_A.")
+    params[user_frozen].requires_grad_(False)  # frozen by the user before: not LoRA-FA's to restore
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.warns(UserWarning, match="no A factor"):  # that layer's B is left alone
+        pre = precondition(opt, model, method="lorafa")
+    assert {id(p) for p in pre.frozen} == {id(params[n]) for n in lorafa_frozen}
+    factors = {n: params[n] for n in [user_frozen, *lorafa_frozen]}
+    model_ref = weakref.ref(model)
+    del pre, params, model
+    gc.collect()
+    assert model_ref() is None  # the model went first; the optimizer still holds the factors
+    del opt
+    gc.collect()
+    assert not factors[user_frozen].requires_grad
+    assert all(factors[n].requires_grad for n in lorafa_frozen)
+    assert unraisable == []
+
+
+def test_remove_restores_once_so_a_later_collection_keeps_the_users_own_freeze():
+    model = _peft()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    pre = precondition(opt, model, method="lorafa")
+    first, *rest = pre.frozen
+    pre.remove()
+    assert first.requires_grad and all(p.requires_grad for p in rest)
+    first.requires_grad_(False)  # the user's own decision, after remove()
+    del pre, opt
+    gc.collect()
+    assert not first.requires_grad and all(p.requires_grad for p in rest)
+
+
+def test_a_model_saved_while_lorafa_is_attached_loads_without_a_live_freeze(tmp_path):
+    model = _peft()
+    opt = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1, precondition="lorafa")
+    torch.save(model, tmp_path / "model.pt")  # pickles each parameter's attributes, the freeze's among them
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    a = [p for n, p in loaded.named_parameters() if ".lora_A." in n]
+    assert a and not any(p.requires_grad for p in a)  # saved as it was: frozen
+    for p in a:
+        p.requires_grad_(True)
+    loraplus.LoraPlus(torch.optim.SGD, loaded, ratio=4, lr=0.1)  # no live LoRA-FA owns the loaded factors
+    assert loraplus.preconditioner(opt).active
+
+
+def test_interpreter_exit_with_a_live_lorafa_optimizer_is_quiet():
+    script = (
+        "import torch, loraplus\n"
+        "model = loraplus.testing.tiny_lora_model()\n"
+        "for layer in model.layers:\n"
+        "    layer.scaling = {'default': 2.0}\n"
+        "opt = loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3, precondition='lorafa')\n"
+        "opt.itself = opt\n"  # alive until exit, and in a cycle
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
 
 
 def test_non_product_adapters_are_left_alone_with_a_warning():

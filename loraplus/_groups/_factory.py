@@ -96,7 +96,8 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         LoraPlusError: on invalid options, a model without adapters, an optimizer that cannot
             take param groups (LBFGS), a learning-rate-free optimizer that crashes on or ignores
             different per-group rates (Prodigy, D-Adaptation: docs/compatibility.md lists each
-            class) when the groups' rates differ, or when the optimizer rejects its arguments (its
+            class) when the groups' rates differ, a model whose A factors a still alive LoRA-FA
+            optimizer froze, or when the optimizer rejects its arguments (its
             ``TypeError``/``ValueError``, chained as the cause).
 
     Warns:
@@ -119,6 +120,9 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         raise LoraPlusError('precondition_reg= was given without precondition=; pass precondition="riemannian"')
     if "params" in optimizer_kwargs:
         raise LoraPlusError("do not pass params=: LoraPlus builds the param groups from the model")
+    from .._pairs._precondition import check_not_frozen_by_lorafa  # (lazy, like attach below)
+
+    check_not_frozen_by_lorafa(model)  # else labelling finds B without A and cannot say why
     _, groups = prepare(
         model,
         lr=lr,

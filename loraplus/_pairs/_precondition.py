@@ -9,6 +9,10 @@ Ownership: the optimizer owns its preconditioner. The one strong link is an attr
 optimizer instance (read by :func:`preconditioner`); the hook holds the preconditioner weakly and
 the preconditioner holds the optimizer weakly, so there is no module-level registry and no
 reference cycle, and dropping the optimizer frees both.
+
+LoRA-FA's freeze of the A factors is a :class:`_Freeze` record: each frozen factor carries it (so a
+later call on the model can say why A is frozen), and it is released once, by ``remove()`` or by a
+``weakref.finalize`` on the optimizer when the optimizer is collected.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ METHODS = tuple(DEFAULT_REG)
 
 #: The attribute of an optimizer instance that holds its preconditioner (the optimizer owns it).
 _LINK = "_loraplus_preconditioner"
+#: The attribute of an A factor that LoRA-FA froze: the :class:`_Freeze` that will make it trainable again.
+_FROZEN_BY = "_loraplus_frozen_by"
 
 
 def preconditioner(optimizer: torch.optim.Optimizer) -> Preconditioner | None:
@@ -68,6 +74,70 @@ def _weak_hook(pre: Preconditioner) -> Any:
         return None if target is None else target._pre_step(optimizer, args, kwargs)
 
     return hook
+
+
+def _not_frozen() -> None:
+    """What a pickled :class:`_Freeze` loads as: a saved model carries no live freeze."""
+    return None
+
+
+class _Freeze:
+    """The A factors one LoRA-FA preconditioner froze with ``requires_grad_(False)``.
+
+    Each of them carries this record as an attribute until :meth:`release`, which a ``weakref.finalize``
+    on the optimizer runs once: from ``remove()``, or when the optimizer is collected. It holds the
+    factors weakly and not the optimizer, so it keeps neither alive.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer):
+        self._params = tuple(weakref.ref(p) for p in params)
+        self.optimizer = f"{type(optimizer).__name__} at {id(optimizer):#x}"  # for messages only
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+            setattr(p, _FROZEN_BY, self)
+
+    def release(self) -> None:
+        """Make the factors that still carry this freeze trainable again (a collected factor is skipped)."""
+        for ref in self._params:
+            p = ref()
+            if p is None or vars(p).get(_FROZEN_BY) is not self:
+                continue
+            delattr(p, _FROZEN_BY)
+            if not p.requires_grad:
+                p.requires_grad_(True)
+        self._params = ()
+
+    def __reduce__(self) -> tuple[Any, tuple]:  # torch.save(model) pickles the factors' attributes
+        return (_not_frozen, ())
+
+
+def frozen_by_lorafa(model: nn.Module) -> list[tuple[str, _Freeze]]:
+    """``(name, freeze)`` for each parameter of ``model`` that a live LoRA-FA preconditioner froze."""
+    found = []
+    for name, p in model.named_parameters():
+        freeze = vars(p).get(_FROZEN_BY)
+        if isinstance(freeze, _Freeze):
+            found.append((name, freeze))
+    return found
+
+
+def check_not_frozen_by_lorafa(model: nn.Module) -> None:
+    """Refuse a model whose A factors a LoRA-FA preconditioner of another, still alive optimizer froze.
+
+    Raises:
+        LoraPlusError: naming the factors, the optimizer that froze them and the two ways out.
+    """
+    found = frozen_by_lorafa(model)
+    if found:
+        owners = sorted({freeze.optimizer for _, freeze in found})
+        names = [name for name, _ in found]
+        raise LoraPlusError(
+            f"{len(names)} A factors of this model ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}) are "
+            f"frozen by the LoRA-FA preconditioner of an optimizer that is still alive ({', '.join(owners)}); "
+            "drop that optimizer first (`del opt`, and any scheduler or trainer holding it: its factors are "
+            "trainable again once it is collected) or call loraplus.preconditioner(opt).remove()"
+        )
 
 
 @dataclass(frozen=True)
@@ -185,8 +255,8 @@ class Preconditioner:
         reg: the damping δ added to the r×r matrices' diagonal.
         pairs: the :class:`loraplus.Pair` records whose gradients are rewritten, in model order.
         skipped: ``(name, reason)`` for adapter factors left as the optimizer sees them.
-        frozen: the A factors LoRA-FA froze (``requires_grad_(False)``); ``remove()`` makes them
-            trainable again. Empty for Riemannian.
+        frozen: the A factors LoRA-FA froze (``requires_grad_(False)``); ``remove()``, or the
+            optimizer being garbage-collected, makes them trainable again. Empty for Riemannian.
 
     The optimizer owns it: dropping this handle does not detach it (``loraplus.preconditioner(opt)``
     returns it again); ``remove()`` does. It holds no state between steps (the r×r systems are
@@ -214,11 +284,12 @@ class Preconditioner:
         self._cache: dict[tuple[int, str], _Workspace] = {}
         self._optimizer = weakref.ref(optimizer)
         self.frozen: tuple[nn.Parameter, ...] = ()
+        self._unfreeze: weakref.finalize | None = None
         if method == "lorafa":  # LoRA-FA proper: autograd never computes dA nor keeps what it needs
             self.frozen = tuple(pr.a for pr in self.pairs if pr.a is not None and pr.a.requires_grad)
-            for p in self.frozen:
-                p.requires_grad_(False)
-                p.grad = None
+            # undone by remove() or when the optimizer is collected; nothing to undo at interpreter exit
+            self._unfreeze = weakref.finalize(optimizer, _Freeze(self.frozen, optimizer).release)
+            self._unfreeze.atexit = False
         self._handle: RemovableHandle | None = optimizer.register_step_pre_hook(_weak_hook(self))
         setattr(optimizer, _LINK, self)
 
@@ -227,8 +298,13 @@ class Preconditioner:
         """Whether the hook is still attached."""
         return self._handle is not None
 
+    @torch.compiler.disable
     def apply(self) -> None:
-        """Precondition the current gradients now (what the hook does before each step)."""
+        """Precondition the current gradients now (what the hook does before each step).
+
+        Always eager, also inside ``torch.compile(opt.step)``: dynamo does not trace it (see
+        docs/optimizers.md for why and what it costs); the rest of the step is still compiled.
+        """
         for bucket in self._buckets:
             _solve_bucket(bucket, self.method, self.reg, self._cache)
 
@@ -255,8 +331,8 @@ class Preconditioner:
             self._handle.remove()
             self._handle = None
             self._cache.clear()
-            for p in self.frozen:
-                p.requires_grad_(True)
+            if self._unfreeze is not None:
+                self._unfreeze()  # a finalize runs once: the collected optimizer will not run it again
             opt = self._optimizer()
             if opt is not None and vars(opt).get(_LINK) is self:
                 delattr(opt, _LINK)
@@ -311,8 +387,11 @@ def precondition(
     * ``"lorafa"`` (LoRA-FA): A is frozen with ``requires_grad_(False)`` (so autograd never computes
       dA, and ``clip_grad_norm_`` sees B's gradients only) and g_B ← g_B (AAᵀ + δI)⁻¹ / s², s
       being the layer's LoRA scaling. Needs every pair's scaling. It is the one method that
-      changes ``requires_grad``; ``remove()`` restores it. Attach it before wrapping the model in
-      DDP, which records the trainable parameters when it is built.
+      changes ``requires_grad``; ``remove()`` restores it, and so does the optimizer being
+      garbage-collected (only on the factors it froze that are still frozen). While that optimizer
+      is alive, another ``LoraPlus`` or ``precondition`` on the model is refused (its A factors are
+      frozen): drop the optimizer first. Attach it before wrapping the model in DDP, which records
+      the trainable parameters when it is built.
 
     The optimizer owns the returned preconditioner: dropping the handle does not detach it, and
     :func:`loraplus.preconditioner` returns it again; ``remove()`` detaches it.
@@ -338,7 +417,8 @@ def precondition(
     Raises:
         LoraPlusError: unknown method, negative ``reg``, an optimizer that is not a torch optimizer
             or is LBFGS or already preconditioned, no pair whose factors the optimizer holds,
-            sharded factors (FSDP, DTensor, ZeRO-3), or LoRA-FA on a layout without scaling.
+            sharded factors (FSDP, DTensor, ZeRO-3), LoRA-FA on a layout without scaling, or a model
+            whose A factors the LoRA-FA preconditioner of another, still alive optimizer froze.
 
     Example:
         >>> import torch, loraplus
@@ -367,6 +447,7 @@ def precondition(
     if attached is not None:
         raise LoraPlusError(f"this optimizer is already preconditioned ({attached!r}); "
                             "loraplus.preconditioner(optimizer).remove() it first")
+    check_not_frozen_by_lorafa(model)
     # before pairing: FSDP1's flat 1-D views would not even pair, and the error would not say why
     why = _sharding_error(model, [p for p in model.parameters() if p.requires_grad])
     if why is not None:
