@@ -606,3 +606,20 @@ def test_cuda_models_are_restored_in_place():
     assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
     find_lr(net, _ce, data, ratios=(1,), max_steps=30, offload=True, progress=False)
     _assert_unchanged(net, snap)
+
+
+def test_lorafa_probes_at_several_ratios_and_leaves_every_a_factor_trainable():
+    """LoRA-FA freezes A while its optimizer lives, and a second optimizer on a model whose A factors a live
+    LoRA-FA optimizer froze is refused: each probe must be built while no earlier one is alive."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0", "2"]))
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 8, generator=gen), torch.randn(4, 4, generator=gen)) for _ in range(5)]
+    s = loraplus.find_lr(model, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batches, ratios=(1, 4),
+                         max_steps=60, precondition="lorafa", progress=False)  # fmt: skip
+    assert [r.ratio for r in s.per_ratio] == [1, 4]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert sum(before[n] for n in before if "lora_A" in n) == 2

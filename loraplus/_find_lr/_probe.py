@@ -135,7 +135,13 @@ def _build(
     optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs: dict[str, Any]
 ) -> tuple[Any, list[float], list[bool]]:
     """The probe's optimizer, each group's rate at ``lr`` and whether that rate follows A's."""
+    # which groups follow A's lr (A, B, and every role at A's rate) and which keep a rate of their own
+    # (role_lr overrides, lr_embedding): a grouping at twice the rate tells, without guessing. It is built
+    # first and without preconditioning: the groups are the same, and LoRA-FA's freeze (while the probe's
+    # optimizer is alive) would hide the A factors from a second grouping
+    plain = {k: v for k, v in kwargs.items() if k not in ("precondition", "precondition_reg")}
     try:
+        twice = [float(g["lr"]) for g in LoraPlus(optimizer_cls, model, ratio=ratio, lr=2 * lr, guard=None, **plain).param_groups]
         opt = LoraPlus(optimizer_cls, model, ratio=ratio, lr=lr, guard=None, **kwargs)  # the probe sets the rates
     except LoraPlusError as err:
         raise LoraPlusError(
@@ -148,11 +154,8 @@ def _build(
             "'lr' and 'role'), so B cannot get ratio x A's rate; use an optimizer that takes per-group lr "
             "(e.g. torch.optim.AdamW)"
         )
-    # which groups follow A's lr (A, B, and every role at A's rate) and which keep a rate of their own
-    # (role_lr overrides, lr_embedding): a second grouping at twice the rate tells, without guessing
-    twice = LoraPlus(optimizer_cls, model, ratio=ratio, lr=2 * lr, guard=None, **kwargs).param_groups
     base = [float(g["lr"]) for g in groups]
-    follows = [math.isclose(float(t["lr"]), 2 * b, rel_tol=1e-9) for t, b in zip(twice, base)]
+    follows = [math.isclose(t, 2 * b, rel_tol=1e-9) for t, b in zip(twice, base)]
     return opt, base, follows
 
 
