@@ -154,7 +154,9 @@ class SchedulerRecord:
 
 # ------------------------------------------------------------------------------------------------ the records
 
-_TORCH = "torch.optim.lr_scheduler"
+#: The module of torch's schedulers (the table names them without it).
+TORCH_SCHEDULERS = "torch.optim.lr_scheduler"
+_TORCH = TORCH_SCHEDULERS
 _S, _C = Carry.SCALED, Carry.COPIED
 
 #: every torch LRScheduler writes the lr it starts from into each group and keeps two rate lists

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .._table import render_markdown_table
-from ._scheduler_catalog import SCHEDULERS, Bound, Carry, Fix, PerGroup, SchedulerRecord
+from ._scheduler_catalog import SCHEDULERS, TORCH_SCHEDULERS, Bound, Carry, Fix, PerGroup, SchedulerRecord
 
 __all__ = ["scheduler_table"]
 
@@ -46,7 +46,7 @@ def _before_apply(b: Bound) -> str:
 
 
 def _row(rec: SchedulerRecord) -> list[str]:
-    name = rec.name if rec.library == "torch" and rec.module.endswith("lr_scheduler") else f"{rec.module}.{rec.name}"
+    name = rec.name if rec.module == TORCH_SCHEDULERS else f"{rec.module}.{rec.name}"  # torch's own: short
     return [
         f"`{name}`",
         _values(rec.group_keys, "those of the schedulers it drives" if rec.children else "none: no mark on the groups"),
