@@ -280,6 +280,33 @@ def test_the_suggestion_is_close_to_a_reference_sweeps_best():
 # --------------------------------------------------------------------------- the rule, on a scripted loss curve
 
 
+def _rises_too_far(smoothed: float, low: float, start: float, spread: float) -> bool:
+    """The documented divergence rule: the smoothed loss above its minimum so far by more than 3x
+    the larger of the fall from the start to that minimum and the start's spread (differences
+    below 1e-12 of the losses' size are rounding)."""
+    rounding = 1e-12 * max(abs(start), abs(low), abs(smoothed))
+    return smoothed - low > max(3 * max(start - low, spread), rounding)
+
+
+def _assert_divergence_as_documented(s, n_head: int) -> None:
+    """Every point of s.table is flagged diverged exactly when the rule says: a non-finite loss, or,
+    after the range test's first n_head steps, a rise too far; the start (mean) and spread (max -
+    min) are those of the range test's first n_head losses, for its confirmation runs too; each
+    probe (a confirmation retry too) tracks its own minimum, and stops at the first divergence."""
+    for r in {p.ratio for p in s.table}:
+        head = [p.loss for p in s.table if p.ratio == r and p.phase == "range"][:n_head]
+        start, spread = sum(head) / len(head), max(head) - min(head)
+        for phase in ("range", "confirm"):
+            low = math.inf
+            for p in (p for p in s.table if p.ratio == r and p.phase == phase):
+                if p.step == 1:
+                    low = math.inf
+                ruled = phase == "confirm" or p.step > n_head
+                blown = not math.isfinite(p.loss) or (ruled and _rises_too_far(p.smoothed, low, start, spread))
+                assert p.diverged == blown, p
+                low = min(low, p.smoothed)
+
+
 class _Scripted(nn.Module):
     """One trainable lora_A / lora_B pair whose loss the test writes: under plain SGD the loss's
     gradient on A[0, 0] is 1, so A[0, 0] falls by exactly the lr of each step and the distance
@@ -321,7 +348,7 @@ def _reference_reading(lrs: list[float], curve, beta: float = 0.9, noise=None):
         sm = avg / (1 - beta**k)
         smoothed.append(sm)
         raw.append(value)
-        if start is not None and sm - low > 3 * max(start - low, spread):
+        if start is not None and _rises_too_far(sm, low, start, spread):
             break
         low = min(low, sm)
         if k == n_head:
@@ -359,6 +386,7 @@ def test_the_suggestion_is_the_edge_over_safety_as_documented():
     assert row.halvings == 0
     assert s.lr == row.suggested_lr == pytest.approx(edge / 2.5, rel=1e-12)
     assert s.lag == 9
+    _assert_divergence_as_documented(s, 10)
 
 
 def test_an_easy_first_batch_is_not_taken_for_the_minimum():
@@ -377,6 +405,7 @@ def test_an_easy_first_batch_is_not_taken_for_the_minimum():
     (row,) = s.per_ratio
     assert row.start_loss == pytest.approx(start, rel=1e-12)
     assert row.lr_at_best == pytest.approx(at_min, rel=1e-12) and row.edge_lr == pytest.approx(edge, rel=1e-12)
+    _assert_divergence_as_documented(s, 10)
 
 
 def test_beta_sets_the_lag_the_lrs_are_read_at():
@@ -460,23 +489,7 @@ def test_the_table_is_consistent_and_explain_and_plot_work(tmp_path):
     for p in s.table:  # every point that diverged is flagged, and only those stop a probe
         if not math.isfinite(p.loss) or not math.isfinite(p.smoothed):
             assert p.diverged
-    # the documented rule: non-finite, or (after the range test's first tenth, here 3 of its 30 steps)
-    # the smoothed loss above its minimum so far by more than 3x the larger of the fall from the
-    # start (the first tenth's mean loss) to that minimum and the first tenth's spread (max - min);
-    # a confirmation run measures from its range test's start
-    for r in (1.0, 4.0):
-        head = [p.loss for p in s.table if p.ratio == r and p.phase == "range"][:3]
-        start, spread = sum(head) / 3, max(head) - min(head)
-        for phase in ("range", "confirm"):
-            pts = [p for p in s.table if p.ratio == r and p.phase == phase]
-            low = math.inf
-            for p in pts:
-                if p.step == 1:  # each probe (a confirmation retry too) starts afresh
-                    low = math.inf
-                ruled = phase == "confirm" or p.step > 3
-                blown = not math.isfinite(p.loss) or (ruled and p.smoothed - low > 3 * max(start - low, spread))
-                assert p.diverged == blown, p
-                low = min(low, p.smoothed)
+    _assert_divergence_as_documented(s, 3)  # the first tenth of 30 range-test steps
     ranges = [p for p in s.table if p.phase == "range"]
     assert any(p.diverged for p in ranges)  # lr up to 1e3 must blow up
     for r in (1.0, 4.0):
@@ -683,6 +696,7 @@ def test_a_negative_loss_gets_the_suggestion_of_the_same_loss_shifted_up():
     assert row_low.diverged_at == row.diverged_at and row_low.halvings == row.halvings == 0
     assert _points(low) == _points(plain)  # every probe stops at the same step, confirmation included
     assert low.notes == plain.notes
+    _assert_divergence_as_documented(low, 10)
 
 
 def test_a_shifted_real_loss_gets_the_same_suggestion():
@@ -710,6 +724,39 @@ def test_easy_first_batches_do_not_stop_the_range_test_before_the_dip():
     assert row.best_smoothed < 0.7 - 10.0  # the minimum found is the dip's
     assert row.start_loss == pytest.approx(start, rel=1e-12)
     assert row.lr_at_best == pytest.approx(at_min, rel=1e-12) and row.edge_lr == pytest.approx(edge, rel=1e-12)
+    _assert_divergence_as_documented(s, 10)
+
+
+def test_an_exactly_flat_start_is_not_read_as_a_rise():
+    """A full-batch float64 loss that the first lrs do not move: its smoothed value jitters by an
+    ulp around the start (spread 0, fall 0), which is rounding, not divergence."""
+
+    def flat_then_dip(d: float) -> float:
+        return 0.3 if d < 1e-3 else 0.3 * _flat_dip(d)
+
+    lrs = _range_lrs(1e-5, 1.0, 100)
+    _, at_min, edge = _reference_reading(lrs, flat_then_dip)
+    assert lrs[20] < at_min < edge
+    s = find_lr(_Scripted(), _scripted_loss(flat_then_dip), [None], **_SCRIPTED)
+    (row,) = s.per_ratio
+    assert row.lr_at_best == pytest.approx(at_min, rel=1e-12) and row.edge_lr == pytest.approx(edge, rel=1e-12)
+    _assert_divergence_as_documented(s, 10)
+
+
+def _vee(d: float) -> float:
+    """Down from 1 to 0.8 at d = 0.05, then up steeply; NaN from d = 2."""
+    if d > 2:
+        return math.nan
+    return 1.0 - 4 * d if d <= 0.05 else 0.8 + 20 * (d - 0.05)
+
+
+def test_a_confirmation_run_measures_its_rise_from_its_range_tests_start():
+    """safety 1: the confirmation runs fall, turn and rise; they diverge by the rule (not at a NaN),
+    measured from the range test's start (a run's own first tenth has fallen already)."""
+    s = find_lr(_Scripted(), _scripted_loss(_vee), [None], **{**_SCRIPTED, "safety": 1.0})
+    blown = [p for p in s.table if p.phase == "confirm" and p.diverged]
+    assert blown and all(math.isfinite(p.loss) for p in blown) and s.per_ratio[0].halvings >= 1
+    _assert_divergence_as_documented(s, 10)
 
 
 def test_an_eval_mode_model_is_probed_in_train_mode_and_left_in_eval_mode():
