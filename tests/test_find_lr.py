@@ -760,7 +760,7 @@ def test_a_confirmation_run_measures_its_rise_from_its_range_tests_start():
 
 
 def test_an_eval_mode_model_is_probed_in_train_mode_and_left_in_eval_mode():
-    """from_pretrained returns a model in eval mode: probed so, dropout is off and the rate ~4x low."""
+    """from_pretrained returns a model in eval mode: probed so, dropout was off (issue #25: a rate ~4x low)."""
     net = _net()
     net.eval()
     snap = _snapshot(net)

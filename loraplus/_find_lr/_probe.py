@@ -333,7 +333,7 @@ def find_lr(
         beta: the loss smoothing factor (bias-corrected EMA).
         train: put the model in train mode (``model.train()``) for every probe, as a training loop
             does, so dropout is on (default); a model from ``from_pretrained`` is in eval mode, and
-            probed so it gets a rate several times too low. ``False`` probes in the modes the
+            probed so it gets the rate of a model without dropout. ``False`` probes in the modes the
             model has (for submodules you keep in eval, e.g. a frozen batch norm). Either way every
             module's mode is restored afterwards.
         offload: keep the snapshot on the CPU instead of on the parameters' devices.
