@@ -7,12 +7,15 @@ Design (also in ``docs/find_lr.md``):
    :func:`loraplus.LoraPlus` rate relative to A (B at ``ratio ×``). The loss is smoothed by a
    bias-corrected exponential moving average (``beta``), whose value lags its input by
    ``beta / (1 - beta)`` steps on average: each smoothed value is read against the lr of that
-   many steps earlier. The test stops at divergence (a non-finite loss, or a smoothed loss above
-   ``4 ×`` its minimum so far). The ratio's **edge** is the first lr, after the smoothed minimum
-   (looked for after the first tenth of the test, where the lr is too small to change anything),
-   at which the smoothed loss climbs back above the starting loss (the mean loss of that first
-   tenth) or the test diverges; the
-   suggested lr is the edge divided by ``safety``. The edge is a large, sharp change and the
+   many steps earlier. The *start* is the mean loss of the test's first tenth, where the lr is
+   too small to change anything. The test stops at divergence: a non-finite loss, or, after the
+   first tenth, a smoothed loss that has risen above its minimum so far by more than
+   ``DIVERGENCE_RISE ×`` the larger of the fall from the start to that minimum and the spread
+   (max − min) of the first tenth's losses. Differences of losses, never ratios: the rule reads
+   a loss that can be negative (a shifted loss, a Gaussian NLL, an ELBO) as it reads the same
+   loss shifted up. The ratio's **edge** is the first lr, after the smoothed minimum (looked for
+   after the first tenth), at which the smoothed loss climbs back above the start or the test
+   diverges; the suggested lr is the edge divided by ``safety``. The edge is a large, sharp change and the
    minimum of a fine-tuning range test is a shallow, noisy one, so the edge is the better
    located of the two (docs/find_lr.md has the measurements).
 2. **Confirmation**, per ratio, from the same restored start: train at the suggested lr
@@ -30,16 +33,18 @@ import numbers
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .._errors import LoraPlusError
+from .._groups._build import param_groups
 from .._groups._factory import LoraPlus, _unwrap
 from .._groups._lr_free import lr_free_record
 from .._numbers import check_number
 from .._progress import _progress
+from .._role import Role
 from ._restore import Snapshot
 from ._suggestion import LrSuggestion, ProbePoint, RatioSummary
 
@@ -49,8 +54,13 @@ __all__ = ["DEFAULT_SAFETY", "DEFAULT_STEPS_PER_RATIO", "MIN_STEPS_PER_RATIO", "
 DEFAULT_STEPS_PER_RATIO = 150
 #: The smallest budget per ratio ``max_steps`` may give (20 range-test + 10 confirmation steps).
 MIN_STEPS_PER_RATIO = 30
-#: The range test stops once the smoothed loss exceeds this multiple of its minimum.
-DIVERGENCE_FACTOR = 4.0
+#: A probe stops once its smoothed loss has risen above its minimum so far by more than this
+#: multiple of the larger of the fall from the start to that minimum and the start's spread (for a
+#: loss that falls to half its start, 4x the minimum, the rule this replaced, which only a loss
+#: bounded below by 0 can use).
+DIVERGENCE_RISE = 3.0
+#: Relative differences of the smoothed loss below this are rounding, not a rise.
+_ROUNDING = 1e-12
 #: The fraction of the range test, from its start, whose mean loss is the starting loss.
 START_FRACTION = 0.1
 #: ``safety``'s default. On the two development tasks (benchmarks/find_lr_eval.py's width32 and
@@ -61,34 +71,37 @@ DEFAULT_SAFETY = 3.0
 
 
 class _Batches:
-    """Each probe's batches, in the same order: a re-iterable is iterated afresh (cycling when it
-    runs out); a one-shot iterator is cached as it is read, at most ``bound`` batches."""
+    """The batches every probe sees, the same ones in the same order: ``batches`` is iterated once,
+    whatever it is (a list, a shuffling ``DataLoader``, a generator), and each batch is kept as it
+    is read, at most ``bound`` (the most one probe takes); every probe replays them, and cycles
+    them when the source ran out first.
+
+    Iterating a re-iterable afresh per probe would give each probe other batches wherever the order
+    comes from state the snapshot cannot restore (a ``DataLoader``'s own ``generator``, a sampler
+    seeded by epoch); reading it once cannot. The iterator is made at the first batch, inside the
+    first probe, so the RNG draws a ``DataLoader`` makes there are undone by the restore.
+    """
 
     def __init__(self, batches: Iterable[Any], bound: int) -> None:
         self._source = batches
-        self._oneshot = iter(batches) is batches
+        self._reader: Iterator[Any] | None = None
         self._cache: list[Any] = []
         self._bound = bound
         self._exhausted = False
 
     def probe(self) -> Iterator[Any]:
-        if not self._oneshot:
-            while True:
-                empty = True
-                for batch in self._source:
-                    empty = False
-                    yield batch
-                if empty:
-                    raise LoraPlusError(_EMPTY)
         yield from self._cache
         while not self._exhausted and len(self._cache) < self._bound:
+            if self._reader is None:
+                self._reader = iter(self._source)
             try:
-                batch = next(self._source)  # type: ignore[call-overload]
+                batch = next(self._reader)
             except StopIteration:
                 self._exhausted = True
                 break
             self._cache.append(batch)
             yield batch
+        self._reader = None  # read to the bound or to the end: let a DataLoader's workers go
         if not self._cache:
             raise LoraPlusError(_EMPTY)
         while True:
@@ -131,32 +144,85 @@ def _check_optimizer(optimizer_cls: Any, ratios: Sequence[float]) -> None:
         )
 
 
+#: The keywords of :func:`loraplus.param_groups`, the options that decide each group's rate.
+_GROUPING = frozenset(inspect.signature(param_groups).parameters) - {"model", "lr", "ratio"}
+
+
+def _follows(model: nn.Module, ratio: float, lr: float, kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], list[bool]]:
+    """The LoRA+ groups at ``lr`` and whether each one's rate follows A's (B at ``ratio ×``, every role
+    at A's rate) or is a rate of its own (``role_lr``, ``lr_embedding``): a second grouping at twice
+    the rate tells, without guessing. Pure: labels the model, builds no optimizer, changes nothing."""
+    grouping = {k: v for k, v in kwargs.items() if k in _GROUPING}
+    once = param_groups(model, lr=lr, ratio=ratio, **grouping)
+    twice = param_groups(model, lr=2 * lr, ratio=ratio, **grouping)
+    return once, [math.isclose(float(t["lr"]), 2 * float(g["lr"]), rel_tol=1e-9) for g, t in zip(once, twice)]
+
+
+def _check_swept(groups: Sequence[dict[str, Any]], follows: Sequence[bool], role_lr: Any) -> None:
+    """Refuse a ``role_lr`` that fixes A's or B's rate: the range test would then sweep nothing its
+    suggestion reports (with A fixed, B is fixed too, at ``ratio ×`` it)."""
+    if not any(Role(g["role"]) in (Role.A, Role.B) for g, f in zip(groups, follows) if not f):
+        return
+    given = {Role.coerce(k): float(v) for k, v in dict(role_lr or {}).items()}  # validated by the grouping
+    named = [role for role in (Role.A, Role.B) if role in given]
+    shown = ", ".join(f"loraplus.Role.{role.name}: {given[role]:g}" for role in named)
+    raise LoraPlusError(
+        f"role_lr fixes the learning rate of the {' and '.join(r.name for r in named)} factors ({shown}), but "
+        "find_lr searches for A's rate and B's ratio to it: with it fixed the range test sweeps nothing that its "
+        f"suggestion reports. Drop {' and '.join(f'loraplus.Role.{r.name}' for r in named)} from role_lr and pass "
+        "the suggestion as LoraPlus(lr=s.lr, ratio=s.ratio); other roles in role_lr (e.g. loraplus.Role.OTHER) "
+        "keep their rate during the probe"
+    )
+
+
 def _build(
     optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs: dict[str, Any]
 ) -> tuple[Any, list[float], list[bool]]:
-    """The probe's optimizer, each group's rate at ``lr`` and whether that rate follows A's."""
-    # which groups follow A's lr (A, B, and every role at A's rate) and which keep a rate of their own
-    # (role_lr overrides, lr_embedding): a grouping at twice the rate tells, without guessing. It is built
-    # first and without preconditioning: the groups are the same, and LoRA-FA's freeze (while the probe's
-    # optimizer is alive) would hide the A factors from a second grouping
-    plain = {k: v for k, v in kwargs.items() if k not in ("precondition", "precondition_reg")}
+    """The probe's optimizer, each group's rate at ``lr`` and whether that rate follows A's.
+
+    Which groups follow A's rate is read before the optimizer is built: building it may change the
+    model (``precondition="lorafa"`` freezes A), and only one optimizer is built per probe."""
+    _, follows = _follows(model, ratio, lr, kwargs)
     try:
-        twice = [float(g["lr"]) for g in LoraPlus(optimizer_cls, model, ratio=ratio, lr=2 * lr, guard=None, **plain).param_groups]
         opt = LoraPlus(optimizer_cls, model, ratio=ratio, lr=lr, guard=None, **kwargs)  # the probe sets the rates
     except LoraPlusError as err:
         raise LoraPlusError(
             f"find_lr could not build its probe optimizer (it needs one that takes per-group lr, as LoraPlus builds): {err}"
         ) from err
     groups = getattr(opt, "param_groups", None)
-    if not groups or any("lr" not in g for g in groups) or not any(g.get("role") == "B" for g in groups):
+    if (
+        not groups
+        or len(groups) != len(follows)
+        or any("lr" not in g for g in groups)
+        or not any(g.get("role") == Role.B.value for g in groups)
+    ):
         raise LoraPlusError(
             f"{type(opt).__name__} did not keep the per-group learning rates LoraPlus gave it (groups with "
             "'lr' and 'role'), so B cannot get ratio x A's rate; use an optimizer that takes per-group lr "
             "(e.g. torch.optim.AdamW)"
         )
-    base = [float(g["lr"]) for g in groups]
-    follows = [math.isclose(t, 2 * b, rel_tol=1e-9) for t, b in zip(twice, base)]
-    return opt, base, follows
+    return opt, [float(g["lr"]) for g in groups], follows
+
+
+class _Start(NamedTuple):
+    """What a probe's divergence rule measures a rise against: ``level``, the mean loss of the range
+    test's first tenth (the start), and ``spread``, the max - min of those losses (their noise)."""
+
+    level: float
+    spread: float
+
+
+def _start(losses: Sequence[float]) -> _Start:
+    return _Start(sum(losses) / len(losses), max(losses) - min(losses))
+
+
+def _diverged(smoothed: float, best: float, start: _Start) -> bool:
+    """The smoothed loss rose above its minimum so far by more than ``DIVERGENCE_RISE ×`` the larger
+    of the fall from the start to that minimum and the start's spread. Only differences of losses
+    enter: a loss shifted by any constant, negative ones included, diverges at the same step."""
+    scale = max(start.level - best, start.spread)
+    rounding = _ROUNDING * max(abs(start.level), abs(best), abs(smoothed))
+    return smoothed - best > max(DIVERGENCE_RISE * scale, rounding)
 
 
 def _loss(loss_fn: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module, batch: Any, first: bool) -> torch.Tensor:
@@ -183,8 +249,12 @@ def _run(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], batches: _Batches,
     built: tuple[Any, list[float], list[bool]], lrs: Sequence[float],
     lr0: float, ratio: float, phase: str, beta: float, check_first: bool, tick: Callable[[int], None],
+    start: _Start | None, n_head: int,
 ) -> list[ProbePoint]:
-    """Train one probe from the current state: step k at A's lr ``lrs[k]``; stops at divergence."""
+    """Train one probe from the current state: step k at A's lr ``lrs[k]``; stops at divergence.
+
+    ``start`` is what a rise is measured against; ``None`` (the range test): the first ``n_head``
+    losses, from which step on the rise rule applies (before it, only a non-finite loss diverges)."""
     opt, base, follows = built
     points: list[ProbePoint] = []
     avg, best = 0.0, math.inf
@@ -199,11 +269,13 @@ def _run(
             break
         avg = beta * avg + (1 - beta) * value
         smoothed = avg / (1 - beta**k)
-        if smoothed > DIVERGENCE_FACTOR * best:
+        if start is not None and _diverged(smoothed, best, start):
             points.append(ProbePoint(ratio, phase, lr, k, value, smoothed, True))
             break
         best = min(best, smoothed)
         points.append(ProbePoint(ratio, phase, lr, k, value, smoothed, False))
+        if start is None and k == n_head:
+            start = _start([p.loss for p in points])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -222,6 +294,7 @@ def find_lr(
     lr_range: tuple[float, float] = (1e-6, 1.0),
     safety: float = DEFAULT_SAFETY,
     beta: float = 0.9,
+    train: bool = True,
     offload: bool = False,
     progress: bool | None = None,
     **optimizer_kwargs: Any,
@@ -230,25 +303,30 @@ def find_lr(
 
     For each ratio: an exponential lr range test, whose edge (where the loss climbs back above
     its start) divided by ``safety`` is the ratio's suggestion, then a confirmation run at that
-    lr; the ratio with the lowest confirmation loss wins (see ``docs/find_lr.md``).
+    lr; the ratio with the lowest confirmation loss wins (see ``docs/find_lr.md``). The rules
+    compare losses by their differences only, so a loss that can be negative (a shifted loss, a
+    Gaussian NLL, an ELBO) gets the suggestion of the same loss shifted up.
     Every probe starts from the model as given, restored in place from one snapshot; the
     probe's optimizer (built by :func:`loraplus.LoraPlus`, so embeddings and weight decay follow
     the library's rules) is discarded after each probe. Groups whose rate follows A's (B at
     ``ratio ×``, heads and norms at A's rate) are scaled with it; groups given a rate of their own
-    through ``optimizer_kwargs`` (``role_lr``, ``lr_embedding``) keep it throughout.
+    through ``optimizer_kwargs`` (``lr_embedding``, ``role_lr`` for roles other than A and B) keep
+    it throughout.
 
     **The model is left exactly as it was found** — trainable parameter values, buffers (the same
     tensor objects), ``requires_grad``, every module's ``training`` flag, every ``.grad`` (the
     original tensor or None) and the torch CPU/CUDA, ``random`` and NumPy RNG states — also when
-    ``loss_fn`` raises or on KeyboardInterrupt (the error propagates unchanged). The probe runs in
-    the model's current train/eval mode.
+    ``loss_fn`` raises, on a refusal and on KeyboardInterrupt (the error propagates unchanged).
+    The snapshot is taken before anything can change the model, building the probe's optimizer
+    included (``precondition="lorafa"`` freezes A there).
 
     Args:
         model: the model with its LoRA adapters attached (CPU or CUDA; nothing is moved).
         loss_fn: ``loss_fn(model, batch)`` returns the scalar loss tensor to minimise.
-        batches: training batches. A re-iterable (list, DataLoader) is iterated afresh for each
-            probe and cycled; a one-shot iterator (a generator) is cached as it is read, at most
-            as many batches as one range test takes, and the cache is cycled.
+        batches: training batches: a list, a ``DataLoader`` (shuffling or not), a generator. It
+            is iterated once and its batches kept as they are read, at most as many as one range
+            test takes (two thirds of ``max_steps // len(ratios)``); every probe replays them in
+            the same order, cycling them when ``batches`` has fewer.
         optimizer_cls: an optimizer taking per-group ``lr`` (default AdamW).
         ratios: the B/A ratios to probe, each positive and finite.
         max_steps: total optimizer steps over all probes (default ``150 × len(ratios)``); each
@@ -258,18 +336,25 @@ def find_lr(
         safety: the suggested lr is the range test's edge divided by this (default 3; how it was
             set is in docs/find_lr.md).
         beta: the loss smoothing factor (bias-corrected EMA).
+        train: put the model in train mode (``model.train()``) for every probe, as a training loop
+            does, so dropout is on (default); a model from ``from_pretrained`` is in eval mode, and
+            probed so it gets the rate of a model without dropout. ``False`` probes in the modes the
+            model has (for submodules you keep in eval, e.g. a frozen batch norm). Either way every
+            module's mode is restored afterwards.
         offload: keep the snapshot on the CPU instead of on the parameters' devices.
         progress: a progress bar on stderr (tqdm when installed); default: only when stderr is a terminal.
         **optimizer_kwargs: passed to :func:`loraplus.LoraPlus` (``weight_decay``, ``betas``,
-            ``lr_embedding``, …); not ``lr`` or ``ratio``.
+            ``lr_embedding``, ``precondition``, …); not ``lr`` or ``ratio``, and no ``role_lr`` for
+            A or B: their rates are what the probe finds.
 
     Returns:
         An :class:`LrSuggestion`: ``.lr``, ``.ratio``, ``.table``, ``.steps_used``, ``.explain()``, ``.plot()``.
 
     Raises:
         LoraPlusError: on a model without adapters, empty batches, a non-scalar loss or one that is
-            not finite before any update, an optimizer without per-group lr, bad ``ratios``,
-            ``max_steps``, ``lr_range``, ``safety`` or ``beta``.
+            not finite before any update, an optimizer without per-group lr, a ``role_lr`` that
+            fixes A's or B's rate, bad ``ratios``, ``max_steps``, ``lr_range``, ``safety``, ``beta``
+            or ``train``.
 
     Warns:
         UserWarning: for a learning-rate-free optimizer that keeps per-group rates (its record in
@@ -308,46 +393,54 @@ def find_lr(
     for key in ("lr", "ratio", "params", "guard"):
         if key in optimizer_kwargs:
             raise LoraPlusError(f"do not pass {key}= to find_lr: it is what the probe sets (use lr_range= and ratios=)")
+    if not isinstance(train, bool):
+        raise LoraPlusError(f"train must be True (probe in train mode) or False (in the modes given), got {train!r}")
     _check_optimizer(optimizer_cls, ratio_list)
     per = int(max_steps) // n
     n_confirm = per // 3
     n_range = per - n_confirm
+    n_head = _head(n_range)
     range_lrs = [lo * (hi / lo) ** (k / (n_range - 1)) for k in range(n_range)]
-    # labelling errors (no adapters, ...) surface here, before anything is touched
-    _build(optimizer_cls, model, ratio_list[0], lo, optimizer_kwargs)
+    # labelling errors (no adapters, ...) and a role_lr that fixes A or B surface here; labelling
+    # changes nothing, so this needs no snapshot
+    _check_swept(*_follows(model, ratio_list[0], lo, optimizer_kwargs), optimizer_kwargs.get("role_lr"))
     stream = _Batches(batches, n_range)
     if progress is None:
         progress = sys.stderr.isatty()
     bar = _progress(n * (n_range + n_confirm), "find_lr", progress)
+    # the snapshot comes before anything that changes the model: building a probe's optimizer can
+    # (precondition="lorafa" freezes A), train=True does, and so does every step
     snapshot = Snapshot(model, offload=offload)
     table: list[ProbePoint] = []
-    ranged: list[RatioSummary] = []  # each ratio's range test; its confirmation fills in the rest
+    ranged: list[tuple[RatioSummary, _Start]] = []  # each ratio's range test; its confirmation fills in the rest
     per_ratio: list[RatioSummary] = []
     try:
         for i, ratio in enumerate(ratio_list):
-            snapshot.restore()
-            snapshot.clear_grads()
+            _fresh(snapshot, model, train)
             bar.set_description(f"find_lr ratio {ratio:g}: range test")
             built = _build(optimizer_cls, model, ratio, lo, optimizer_kwargs)
-            pts = _run(model, loss_fn, stream, built, range_lrs, lo, ratio, "range", beta, i == 0, bar.update)
+            pts = _run(model, loss_fn, stream, built, range_lrs, lo, ratio, "range", beta, i == 0, bar.update,
+                       None, n_head)
             del built  # the optimizer and its state go with each probe
             table += pts
             if not any(not p.diverged for p in pts):
                 raise LoraPlusError(
                     f"the range test at ratio {ratio:g} diverged at its first step (lr {lo:g}); lower lr_range[0]"
                 )
-            ranged.append(_read_range(ratio, pts, range_lrs, beta, safety))
+            start = _start([p.loss for p in pts if not p.diverged][:n_head])
+            ranged.append((_read_range(ratio, pts, range_lrs, beta, safety, start, n_head), start))
         # steps the range tests left unused (they stop at divergence) fund confirmation retries
-        spare = int(max_steps) - sum(r.steps for r in ranged) - n * n_confirm
-        for summary in ranged:
+        spare = int(max_steps) - sum(r.steps for r, _ in ranged) - n * n_confirm
+        for summary, start in ranged:
             ratio, lr = summary.ratio, summary.suggested_lr
             taken = halvings = 0
             while True:
-                snapshot.restore()
-                snapshot.clear_grads()
+                _fresh(snapshot, model, train)
                 bar.set_description(f"find_lr ratio {ratio:g}: confirmation")
                 built = _build(optimizer_cls, model, ratio, lr, optimizer_kwargs)
-                pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, "confirm", beta, False, bar.update)
+                # from the same start on the same first batches as the range test: its start is this run's too
+                pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, "confirm", beta, False,
+                           bar.update, start, n_head)
                 del built  # the optimizer and its state go with each probe
                 table += pts
                 used = sum(1 for p in pts if not p.diverged)
@@ -388,32 +481,44 @@ def find_lr(
                         tuple(notes), _lag(beta))
 
 
+def _fresh(snapshot: Snapshot, model: nn.Module, train: bool) -> None:
+    """Put the model back as it was found, grads detached, then in train mode when ``train``."""
+    snapshot.restore()
+    snapshot.clear_grads()
+    if train:
+        model.train()
+
+
+def _head(n_range: int) -> int:
+    """How many of the range test's first steps make its start."""
+    return max(1, math.ceil(START_FRACTION * n_range))
+
+
 def _lag(beta: float) -> int:
     """The mean lag of a bias-corrected EMA with factor ``beta``, in steps."""
     return round(beta / (1 - beta))
 
 
-def _read_range(ratio: float, pts: list[ProbePoint], lrs: Sequence[float], beta: float, safety: float) -> RatioSummary:
-    """One ratio's range test read: its lag-corrected minimum and edge, and the suggestion."""
+def _read_range(ratio: float, pts: list[ProbePoint], lrs: Sequence[float], beta: float, safety: float,
+                start: _Start, n_head: int) -> RatioSummary:
+    """One ratio's range test read: its lag-corrected minimum and edge, and the suggestion. Every
+    comparison is between losses (no multiple of a loss), so a shifted loss reads the same."""
     delay = _lag(beta)
 
     def lr_of(p: ProbePoint) -> float:  # the lr the smoothed value at p reflects
         return lrs[max(0, p.step - 1 - delay)]
 
     ok = [p for p in pts if not p.diverged]
-    n_head = max(1, math.ceil(START_FRACTION * len(lrs)))
-    head = ok[:n_head]
-    start = sum(p.loss for p in head) / len(head)
     # the minimum is looked for after the start window: there the lr is too small to have changed
     # anything, and the smoothed loss of the first few steps is one or two batches' loss
     at = min(ok[n_head:] or ok, key=lambda p: p.smoothed)
-    edge = next((p for p in pts[at.step - 1 :] if p.diverged or p.smoothed > start), None)
+    edge = next((p for p in pts[at.step - 1 :] if p.diverged or p.smoothed > start.level), None)
     diverged = next((p.lr for p in pts if p.diverged), None)
     edge_lr = None if edge is None else lr_of(edge)
     # without an edge the range test gives no stability bound; its minimum, always below the edge,
     # stands in for it
     suggested = (lr_of(at) if edge_lr is None else edge_lr) / safety
-    return RatioSummary(ratio, suggested, at.smoothed, lr_of(at), start, edge_lr, diverged, 0, math.nan, len(ok))
+    return RatioSummary(ratio, suggested, at.smoothed, lr_of(at), start.level, edge_lr, diverged, 0, math.nan, len(ok))
 
 
 def _check_ratios(ratios: Any) -> list[float]:
