@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=RESULTS / "demo_timing.json")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # the demo's own default (--threads 1), so the record names the threads it runs with
     made_by = provenance(argv, script="benchmarks/time_demo.py")  # at the start: the code that runs
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
