@@ -323,8 +323,10 @@ def test_a_count_is_tied_to_the_key_its_words_mean():
     text, table = _page_and_table("README.md")
     sentence = "ended lower on 3 of 3 seeds"
     assert sentence in text
-    problems = figures.check(text.replace(sentence, "ended higher on 3 of 3 seeds", 1), table)
-    assert any("a losses count" in p for p in problems), problems
+    # the words changed, and the table's quote with them (the old check then passed: it saw only the digits)
+    edited = {**table, "figure": [{**e, "quote": e["quote"].replace("lower on «", "higher on «")} for e in table["figure"]]}
+    problems = figures.check(text.replace(sentence, "ended higher on 3 of 3 seeds", 1), edited)
+    assert problems and all("a losses count" in p for p in problems), problems
     page = "LoHa was worse on 3 of 3 seeds.\n"
     n = "adapters_summary.json#/families/loha/4.0/diff/n"
     seeds = {"quote": "worse on 3 of «3» seeds", "source": n, "format": "d"}
