@@ -16,6 +16,7 @@ from typing import Any
 
 import _v2_stats as S
 import study_v2 as V
+from _provenance import provenance
 
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 TOLS = {"2pct": 0.02, "5pct": 0.05}
@@ -366,6 +367,7 @@ def report(out: Path, img_dir: Path | None = None, write_plan: bool = True) -> d
                                           "versions": mm.get("versions"), "machine": mm.get("machine")}
     width = width_summary(tasks)
     summary: dict[str, Any] = {"command": "python benchmarks/study_v2.py report", "method": V.__doc__,
+                               "provenance": provenance(["report"], script="benchmarks/study_v2.py"),
                                "files": files, "tasks": {k: _public(v) for k, v in tasks.items()}, "width": width,
                                "totals": {"files": len(files), "runs": sum(f["runs"] for f in files.values()),
                                           "wall_seconds": sum(f["wall_seconds"] for f in files.values())}}

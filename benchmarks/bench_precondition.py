@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "precondition.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    made_by = provenance(argv, script="benchmarks/bench_precondition.py")  # at the start: the code that runs
     runs = []
     for d, n in ((d, n) for d in args.d for n in args.sizes):
         repeat = args.repeat or (30 if n <= 100 else 15 if n <= 1000 else 6)
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{res['peft_over_bare']['median']:.2f}, PEFT adds {res['peft_added_over_loraplus_added']:.1f}x more",
               flush=True)
     meta = {
-        **provenance(argv, script="benchmarks/bench_precondition.py"),
+        **made_by,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),

@@ -52,6 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this clone's loraplus, installed or not
 import _v2_stats as S
+from _provenance import provenance
 
 OUT = Path(__file__).resolve().parent / "results" / "v2"
 MINILM_TASKS = ("order_B0", "order_A0", "source_B0", "source_A0")
@@ -285,6 +286,9 @@ def run_cell(task: str, method: str, out: Path, command: str, seeds: int | None 
     if meta.get("settings") and meta["settings"] != json.loads(json.dumps(asdict(st))):
         raise SystemExit(f"{path.name} was made with other settings:\n{meta['settings']}\nnot\n{asdict(st)}")
     meta.update(task=task, method=method, settings=asdict(st), versions=versions(), machine=machine())
+    # commit, libraries and machine of the command now adding runs (a resumable cell keeps the last one;
+    # ``commands`` lists every command that added to it)
+    meta["provenance"] = provenance(shlex.split(command)[2:], script="benchmarks/study_v2.py")
     cmds = meta.setdefault("commands", [])
     if command not in cmds:
         cmds.append(command)

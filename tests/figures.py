@@ -52,7 +52,9 @@ NUMBER = re.compile(
 #: citations, arXiv ids, ICML/ICLR years, numbered list items and headings.
 NOT_FIGURES = [
     re.compile(r"\b\d+\.\d+\.\d+\b"),  # version numbers: peft 0.21.2, Python 3.11.7
-    re.compile(r"(?:torch|Python|pytorch-optimizer|PEFT|peft|transformers|Linux) ?[≥>=]* ?\d+(?:\.\d+)*"),
+    # a library's version: at least major.minor (``PEFT 0.21.2``, ``torch 2.13``), so a result after a
+    # library's name (``PEFT 70.0×``, ``PEFT 3``) is still a figure
+    re.compile(r"(?:torch|Python|pytorch-optimizer|PEFT|peft|transformers|TRL|Linux) ?[≥>=]* ?\d+\.\d+(?:\.\d+)*(?![\d×%]|\.\d)"),
     re.compile(r"\b(?:ICML|ICLR|NeurIPS|arXiv) ?\d{4}(?:\.\d{4,5})?"),
     re.compile(r"(?m)^ *(?:#+ )?\d+\. "),  # numbered lists and headings
     re.compile(r"95 %"),  # the confidence level of every interval, a setting
@@ -69,6 +71,14 @@ TRANSFORMS: dict[str, Callable[[float], float]] = {
     "ms": lambda v: 1000 * v,  # seconds printed in milliseconds
     "us": lambda v: 1e6 * v,  # seconds printed in microseconds
     "mib": lambda v: v / 2**20,  # bytes printed in MiB
+}
+
+#: Transforms of a stored list: its length, or how many per-seed differences (method − plain
+#: LoRA, in loss) are below or above zero — "lower on 3 of 5 seeds", "higher on 2 of 5".
+LIST_TRANSFORMS: dict[str, Callable[[list[Any]], int]] = {
+    "len": len,
+    "lower": lambda xs: sum(1 for x in xs if x < 0),
+    "higher": lambda xs: sum(1 for x in xs if x > 0),
 }
 
 
@@ -179,8 +189,10 @@ def resolve(source: str) -> Any:
 def render(value: Any, fmt: str, transform: str | None = None) -> str:
     """The stored value as the page must print it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if transform == "len" and isinstance(value, (list, dict)):
+        if transform == "len" and isinstance(value, dict):
             value = len(value)
+        elif transform in LIST_TRANSFORMS and isinstance(value, list):
+            value = LIST_TRANSFORMS[transform](value)
         else:
             raise TypeError(f"not a number: {value!r}")
     elif transform:
@@ -245,6 +257,183 @@ def check(text: str, table: dict[str, list[dict[str, Any]]]) -> list[str]:
             line = text.count("\n", 0, tok.start) + 1
             ctx = text[max(0, tok.start - 30) : tok.end + 30].replace("\n", " ")
             problems.append(f"line {line}: {tok.text!r} has no entry (…{ctx}…)")
+    located = []
+    for e in table["figure"]:
+        try:
+            where = locate(text, e["quote"], e.get("nth"))
+        except ValueError:
+            continue
+        if not isinstance(where, str):
+            located.append((where[0], where[1], e))
+    located.sort(key=lambda x: x[0])
+    problems += _wrong_labels(text, located) + _wrong_counts(text, located) + _wrong_ranges(text, located)
+    return problems
+
+
+# --------------------------------------------------------------------------- what a figure means
+
+#: How a page names LoRA+ ratios: ``λ=4``, ``λ = 16``, ``ratio 4``, a list ``λ = 4, 16 and 32`` or a
+#: span ``λ=2 to 8``.
+LABEL = re.compile(r"(?:λ\s?=\s?|\bratio\s)(?P<list>\d+(?:(?:,\s?|\s(?:and|or|to)\s|–)\d+(?![\d.,]\d))*)(?![\d.,]\d)")
+#: Words that make the label after them the comparison, not the figure's method: "than λ=1", "vs λ=1".
+COMPARATOR = re.compile(r"(?:than|vs\.?|against|ties|over|to|with)\s$")
+#: A label right after a figure names it: "+0.17 at λ=4", "0.0014 for λ=16".
+LABEL_AFTER = re.compile(r"\s?[%×]?\s(?:at|for|with)\s(?=λ|ratio\s)")
+
+
+def label_ratios(label: re.Match) -> set[float] | tuple[float, float]:
+    """The ratios a label names: a set, or an inclusive span for ``λ=2 to 8``."""
+    text = label["list"]
+    nums = [float(n) for n in re.findall(r"\d+", text)]
+    if len(nums) == 2 and re.search(r"\sto\s|–", text):
+        return (nums[0], nums[1])
+    return set(nums)
+
+
+def _names(ratios: set[float] | tuple[float, float], ratio: float) -> bool:
+    return ratios[0] <= ratio <= ratios[1] if isinstance(ratios, tuple) else ratio in ratios
+
+
+#: Where a sentence, list item or table cell begins: a label before it names another clause's figure
+#: (a table's label cell is not read: a row compares ratios across its cells).
+CLAUSE_START = re.compile(r"[.!?;](?=\s)|\n\s*\n|\||\n\s*[-*] ")
+#: A JSON pointer segment that names a LoRA+ ratio: ``loraplus16``, ``riemannian4_reg1e-06``,
+#: ``riemannian_loraplus4`` (study keys) or ``4.0`` (a ratio as a key, as the sweeps store them).
+RATIO_SEGMENT = re.compile(r"(?:loraplus|riemannian_loraplus|riemannian)(?P<a>\d+)(?:_.*)?|(?P<b>\d+)\.0")
+
+
+def method_ratio(source: str) -> float | None:
+    """The LoRA+ ratio the figure at ``source`` belongs to, when the source says: a segment of its
+    pointer, or the ``ratio`` field of the deepest object on its path (the demo's summaries)."""
+    name, _, pointer = source.partition("#")
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+    for part in reversed(parts):
+        m = RATIO_SEGMENT.fullmatch(part)
+        if m:
+            return float(m["a"] or m["b"])
+    ratio, value = None, _load(name)
+    for part in parts:
+        try:
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            break
+        if isinstance(value, dict) and isinstance(value.get("ratio"), (int, float)):
+            ratio = float(value["ratio"])
+    return ratio
+
+
+def _clause_start(text: str, at: int) -> int:
+    starts = [m.end() for m in CLAUSE_START.finditer(text, 0, at)]
+    return starts[-1] if starts else 0
+
+
+def _wrong_labels(text: str, located: list[tuple[int, int, dict[str, Any]]]) -> list[str]:
+    """A figure of one ratio's run quoted next to a label naming another ratio, in the same clause.
+
+    The label is the one right after the figure ("+0.17 at λ=4"), else the nearest one before it in
+    its sentence, list item or table row, skipping comparisons ("than λ=1"). Figures of plain LoRA's
+    own runs (ratio 1) are quoted as the comparison inside other ratios' sentences, and a figure that
+    is itself a ratio is the label: neither is checked here."""
+    problems = []
+    for start, end, e in located:
+        ratio = method_ratio(e["source"])
+        if ratio is None or ratio == 1 or e["source"].endswith("/ratio"):
+            continue
+        after = LABEL_AFTER.match(text, end)
+        label = LABEL.match(text, after.end()) if after else None
+        if label is None:
+            before = [m for m in LABEL.finditer(text, _clause_start(text, start), start)
+                      if not COMPARATOR.search(text[max(0, m.start() - 10) : m.start()])]
+            label = before[-1] if before else None
+        if label is not None and not _names(label_ratios(label), ratio):
+            problems.append(f"{e['quote']!r}: {e['source']} is ratio {ratio:g}'s, but the text names "
+                            f"{label.group(0)!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class CountRule:
+    """What a count means by the words around it, and which sources can hold that count."""
+
+    before: re.Pattern
+    after: re.Pattern
+    meaning: str
+    sources: tuple[str, ...]  # pointer endings that hold it
+    transforms: tuple[str, ...]  # or list transforms that compute it
+
+
+COUNT_RULES = (
+    CountRule(re.compile(r"(?:lower|better|ahead|won|wins?)\s+on\s+(?:all\s+)?$"), re.compile(r""),
+              "seeds on which the method ended lower (a wins count)", ("/wins", "/wins_vs_lora"), ("lower",)),
+    CountRule(re.compile(r"(?:^|[\s|(\[])$"), re.compile(r"^/\d+ wins"),
+              "seeds on which the method ended lower (a wins count)", ("/wins", "/wins_vs_lora"), ("lower",)),
+    CountRule(re.compile(r"(?:worse|higher|lost|behind|trailed)\s+on\s+(?:all\s+)?$"), re.compile(r""),
+              "seeds on which the method ended higher (a losses count)", ("/losses",), ("higher",)),
+    CountRule(re.compile(r"\d+\s?(?:of|/)\s?$"), re.compile(r"^\s?(?:paired\s)?seeds\b"),
+              "the number of seeds compared", ("/n", "/seeds", "/seed_ids", "/per_seed"), ("len",)),
+)
+
+
+def _wrong_counts(text: str, located: list[tuple[int, int, dict[str, Any]]]) -> list[str]:
+    """A count tied to a key that does not hold what its words say (``worse on 3`` tied to the seed count)."""
+    problems = []
+    for start, end, e in located:
+        before, after = text[max(0, start - 40) : start], text[end : end + 40]
+        for rule in COUNT_RULES:
+            if rule.before.search(before) and rule.after.search(after):
+                src, tf = e["source"], e.get("transform")
+                fits = tf in rule.transforms if tf else src.endswith(rule.sources)
+                if not fits:
+                    problems.append(f"{e['quote']!r} counts {rule.meaning}, but {src}"
+                                    f"{'|' + tf if tf else ''} does not hold that")
+                break
+    return problems
+
+
+#: The text between the two ends of a quoted range (``+0.2 % to +1.2 %``, ``1.5–3×``).
+RANGE_JOIN = re.compile(r"\s?[%×]?\s?(?:–|to)\s?")
+
+
+def range_members(low: str, high: str) -> list[str]:
+    """The sources a range quoted as ``low``–``high`` stands for, when its ends are the same key in
+    sibling files (``find_lr/width256.json`` and ``find_lr/width64.json``: every ``find_lr/width*.json``).
+    Ends in one file (an interval's bounds, a min and a max) stand only for themselves."""
+    (fa, _, pa), (fb, _, pb) = low.partition("#"), high.partition("#")
+    if fa == fb or pa != pb:
+        return [low, high]
+    a, b = Path(fa), Path(fb)
+    if a.parent != b.parent:
+        return [low, high]
+    stem_a, stem_b = a.stem, b.stem
+    k = 0
+    while k < min(len(stem_a), len(stem_b)) and stem_a[k] == stem_b[k]:
+        k += 1
+    j = 0
+    while j < min(len(stem_a), len(stem_b)) - k and stem_a[-1 - j] == stem_b[-1 - j]:
+        j += 1
+    pattern = stem_a[:k] + "*" + (stem_a[len(stem_a) - j :] if j else "") + a.suffix
+    return [f"{p.relative_to(RESULTS).as_posix()}#{pa}" for p in sorted((RESULTS / a.parent).glob(pattern))]
+
+
+def _wrong_ranges(text: str, located: list[tuple[int, int, dict[str, Any]]]) -> list[str]:
+    """Every member of a quoted range lies inside it, at the precision printed."""
+    problems = []
+    for (s1, e1, lo), (s2, e2, hi) in zip(located, located[1:]):
+        if not RANGE_JOIN.fullmatch(text[e1:s2]):
+            continue
+        if lo.get("transform") != hi.get("transform") or lo["format"] != hi["format"]:
+            continue
+        members = range_members(lo["source"], hi["source"])
+        if len(members) <= 2:
+            continue
+        bounds = sorted((parse(text[s1:e1]), parse(text[s2:e2])))
+        for src in members:
+            try:
+                shown = parse(render(resolve(src), lo["format"], lo.get("transform")))
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue
+            if not bounds[0] <= shown <= bounds[1]:
+                problems.append(f"{text[s1:e2]!r}: {src} prints {shown:g}, outside the range")
     return problems
 
 

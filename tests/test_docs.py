@@ -47,3 +47,29 @@ def test_roles_page_lists_every_convention():
     for conv, row in zip(CONVENTIONS, rows):
         pattern = ".".join("<adapter>" if s == "*" else s for s in conv.pattern)
         assert f"`…{pattern}`" in row and f"`{conv.role.value}`" in row and conv.library in row, row
+
+
+def _heading_at(readme: str, heading: str) -> int:
+    at = readme.find(f"\n## {heading}\n")
+    assert at >= 0, f"README.md has no '## {heading}' section"
+    return at
+
+
+def test_the_readme_says_how_to_install_and_use_before_what_was_measured():
+    """A newcomer reads what it is, how to install it, a runnable example (PEFT, ``apply``, the
+    Trainer) and which ratio and rate to use before the set-up commands, the measurements and the caveats."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    order = ["Install", "Use it on a PEFT model", "Already have an optimizer? `apply`", "Hugging Face Trainer",
+             "Which ratio and rate", "Set-up commands", "What we measured", "Caveats"]
+    at = [_heading_at(readme, h) for h in order]
+    assert at == sorted(at), f"README sections out of order: {sorted(zip(at, order))}"
+    first_python = readme.find("```python")
+    assert at[1] < first_python < at[2], "the first runnable example sits in the PEFT section"
+    assert "get_peft_model" in readme[at[1]:at[2]] and "loraplus.apply(" in readme[at[2]:at[3]]
+    assert "LoraPlusTrainer(" in readme[at[3]:at[4]]
+    assert "pip install" in readme[at[0]:at[1]]
+    intro = readme[: at[0]]
+    assert len([line for line in intro.splitlines() if line.strip()]) <= 1 + 3, "what it is: a title and three lines"
+    assert not any(ch.isdigit() for ch in intro.replace("ICML 2024", "")), "no results before the install"
+    caveats = readme[at[-1]:]
+    assert "docs/compatibility.md" in caveats and "docs/guard.md" in caveats

@@ -69,10 +69,10 @@ def test_the_checker_reads_numbers_as_printed():
     assert figures.same_printed("−0.083", "-0.083", ".3f") and not figures.same_printed("0.083", "-0.083", ".3f")
 
 
-def test_the_demo_output_in_the_readme_is_the_committed_runs():
-    """The demo's printed table in README.md shows what ``benchmarks/results/demo_mlp.json`` holds."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## What we measured", 1)[1].split("\n## ", 1)[0]
+def test_the_demo_output_on_the_measured_page_is_the_committed_runs():
+    """The demo's printed table on docs/measured.md shows what ``benchmarks/results/demo_mlp.json`` holds."""
+    text = (ROOT / "docs" / "measured.md").read_text(encoding="utf-8")
+    section = text.split("## The demo's output", 1)[1].split("\n## ", 1)[0]
     block = section.split("```text", 1)[1].split("```", 1)[0]
     demo = json.loads((ROOT / "benchmarks" / "results" / "demo_mlp.json").read_text())
     table = block.split("\n\n", 1)[0]  # the table, before the verdict lines
@@ -89,9 +89,9 @@ def _text_block(page: str, after: str) -> str:
     return text.split(after, 1)[1].split("```text", 1)[1].split("```", 1)[0]
 
 
-def test_the_demo_output_on_the_docs_pages_is_the_readme_one():
-    """The same printed demo table on docs/index.md and docs/benchmarks.md (checked above on the README)."""
-    readme = _text_block("README.md", "## What we measured")
+def test_the_demo_output_on_the_docs_pages_is_the_measured_one():
+    """The same printed demo table on docs/index.md and docs/benchmarks.md (checked above on docs/measured.md)."""
+    readme = _text_block("docs/measured.md", "## The demo's output")
     def strip(b):
         return [line for line in b.splitlines() if not line.startswith(("plot written", "results written"))]
 
@@ -206,7 +206,7 @@ def test_a_templated_page_and_its_table_are_what_the_template_renders(name):
 
 
 def test_the_templated_pages_include_the_ones_that_follow_the_studies():
-    assert {"README", "convergence", "find_lr"} <= set(TEMPLATED)
+    assert {"README", "convergence", "find_lr", "measured"} <= set(TEMPLATED)
 
 
 def test_a_template_figure_is_rendered_from_its_json_and_tied_to_it():
@@ -231,3 +231,128 @@ def test_a_written_out_figure_must_match_its_source():
         render_page.render("{{=4|}}")
     with pytest.raises(render_page.TemplateError, match="no_such_key"):
         render_page.render("{{v2/summary.json#/no_such_key|d}}")
+
+
+# --------------------------------------------------------------------------- results name their commit
+
+#: Written before results recorded their commit: the one list of exceptions (issue #26).
+RETROFITTED = ROOT / "benchmarks" / "results" / "RETROFITTED.toml"
+#: What ``benchmarks/_provenance.py`` records about the machine, and every new result must carry.
+MACHINE_FIELDS = ("cpu_model", "cpus", "torch_threads", "device")
+
+
+def names_its_code_and_machine(record: dict) -> bool:
+    """A provenance record as ``provenance()`` writes it at run time: the commit (40 hex digits) and
+    whether tracked files were dirty, every library's version, and the machine's CPU, threads and device."""
+    commit = record.get("commit")
+    machine = record.get("machine")
+    return (isinstance(commit, str) and len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
+            and isinstance(record.get("dirty"), bool)
+            and isinstance(record.get("versions"), dict) and all(record["versions"].get(lib) for lib in LIBRARIES)
+            and isinstance(machine, dict) and all(machine.get(k) not in (None, "") for k in MACHINE_FIELDS))
+
+
+def _retrofitted() -> list[str]:
+    return tomllib.loads(RETROFITTED.read_text(encoding="utf-8"))["files"]
+
+
+def test_every_result_names_the_commit_and_machine_that_made_it_or_is_listed_as_older():
+    listed = set(_retrofitted())
+    results = {p.relative_to(RETROFITTED.parent).as_posix(): p for p in RETROFITTED.parent.rglob("*.json")}
+    assert listed <= set(results), f"RETROFITTED.toml lists files that do not exist: {sorted(listed - set(results))}"
+    unnamed, complete_but_listed = [], []
+    for name, path in sorted(results.items()):
+        complete = any(names_its_code_and_machine(r) for r in provenance_records(json.loads(path.read_text())))
+        if name in listed and complete:
+            complete_but_listed.append(name)
+        elif name not in listed and not complete:
+            unnamed.append(name)
+    assert not unnamed, f"results without commit, dirty flag, versions and machine (benchmarks/_provenance.py): {unnamed}"
+    assert not complete_but_listed, f"re-measured, so take them off RETROFITTED.toml: {complete_but_listed}"
+
+
+def test_the_provenance_check_refuses_what_it_must():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _provenance import provenance
+
+    record = provenance(["--json", "x.json"], script="benchmarks/time_demo.py")
+    assert names_its_code_and_machine(record)  # this checkout is a git repository
+    for broken in ({"commit": None}, {"commit": "HEAD"}, {"dirty": None},
+                   {"versions": {**record["versions"], "peft": None}},
+                   {"machine": {**record["machine"], "cpu_model": None}},
+                   {"machine": {k: v for k, v in record["machine"].items() if k != "device"}},
+                   {"machine": "x86_64"}):
+        assert not names_its_code_and_machine({**record, **broken}), broken
+
+
+# --------------------------------------------------------------------------- labels, counts and ranges (issue #26)
+
+
+def _page_and_table(page: str) -> tuple[str, dict]:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    table = figures.load_table(page)
+    assert not figures.check(text, table)
+    return text, table
+
+
+@pytest.mark.parametrize(("page", "sentence", "relabelled"), [
+    ("docs/head_to_head.md", "LoRA+ λ = 4 ended lower than plain LoRA: −0.083", "LoRA+ λ = 16 ended lower than plain LoRA: −0.083"),
+    ("README.md", "tuned rate (λ=4 +0.009", "tuned rate (λ=16 +0.009"),
+    ("docs/measured.md", "| ratio 16: test loss 1.1160", "| ratio 4: test loss 1.1160"),
+])
+def test_a_method_label_changed_next_to_its_figure_is_reported(page, sentence, relabelled):
+    """The figure is λ=4's (its JSON key names the method); a sentence now naming λ=16 is refused."""
+    text, table = _page_and_table(page)
+    assert text.count(sentence) == 1
+    problems = figures.check(text.replace(sentence, relabelled), table)
+    assert any("but the text names" in p for p in problems), problems
+
+
+def test_a_result_after_a_library_name_is_still_a_figure():
+    text, table = _page_and_table("README.md")
+    for added, token in (("PEFT 12.5× slower.", "12.5"), ("PEFT 3 times slower.", "3")):
+        changed = text.replace("## What we measured\n", f"## What we measured\n\n{added}\n", 1)
+        assert any(f"{token!r} has no entry" in p for p in figures.check(changed, table)), added
+    assert not figures.tokens("checked with PEFT 0.21.2 and torch 2.13, on Linux 6.18")
+
+
+def test_a_count_is_tied_to_the_key_its_words_mean():
+    """'lower on N' is a wins count, 'worse on N' a losses count, 'of M seeds' the number of seeds."""
+    text, table = _page_and_table("README.md")
+    sentence = "ended lower on 3 of 3 seeds"
+    assert sentence in text
+    # the words changed, and the table's quote with them (the old check then passed: it saw only the digits)
+    edited = {**table, "figure": [{**e, "quote": e["quote"].replace("lower on «", "higher on «")} for e in table["figure"]]}
+    problems = figures.check(text.replace(sentence, "ended higher on 3 of 3 seeds", 1), edited)
+    assert problems and all("a losses count" in p for p in problems), problems
+    page = "LoHa was worse on 3 of 3 seeds.\n"
+    n = "adapters_summary.json#/families/loha/4.0/diff/n"
+    seeds = {"quote": "worse on 3 of «3» seeds", "source": n, "format": "d"}
+    as_n = {"figure": [{"quote": "worse on «3» of 3", "source": n, "format": "d"}, seeds], "allow": []}
+    assert any("a losses count" in p for p in figures.check(page, as_n))  # the audit's "worse on 3 of 3"
+    losses = {"figure": [{"quote": "worse on «3» of 3", "source": n.replace("/n", "/per_seed"), "format": "d",
+                          "transform": "higher"}, seeds], "allow": []}
+    assert not figures.check(page, losses)
+    wins_as_seeds = {"figure": [losses["figure"][0], {**seeds, "source": n.replace("/n", "/wins")}], "allow": []}
+    assert any("the number of seeds compared" in p for p in figures.check(page, wins_as_seeds))
+
+
+def test_every_value_in_a_quoted_range_is_checked():
+    """'+0.2 % to +1.2 % at the four widths': each width's value lies in the range, not only its ends."""
+    text, table = _page_and_table("docs/measured.md")
+    high = "find_lr/width64.json#/summary/vs_best_lora/rel_diff_mean"
+    (entry,) = [e for e in table["figure"] if e["source"] == high]
+    start, end, printed = figures.locate(text, entry["quote"], entry.get("nth"))
+    assert printed == "+1.2"
+    assert figures.range_members("find_lr/width256.json#/x", "find_lr/width64.json#/x") == [
+        f"find_lr/width{w}.json#/x" for w in (128, 256, 32, 64)]
+    # the range's top end moved to width 128 (+1.1): width 64 (+1.2) now lies outside it
+    other = high.replace("width64", "width128")
+    moved = {"figure": [e if e is not entry else {**e, "source": other} for e in table["figure"]],
+             "allow": table["allow"]}
+    changed = text[:start] + "+1.1" + text[end:]
+    problems = figures.check(changed, {**moved, "figure": [
+        {**e, "quote": e["quote"].replace("+1.2", "+1.1")} for e in moved["figure"]]})
+    assert any("width64.json" in p and "outside the range" in p for p in problems), problems

@@ -149,6 +149,9 @@ def test_quick_runs_every_method_reports_and_resumes(tmp_path):
     assert meta["commands"] == ["quick"] and meta["complete"]
     assert {"torch", "peft", "transformers", "pytorch-optimizer", "lora-pro-adamw"} <= set(meta["versions"])
     assert meta["machine"]["cpu_count"] >= 1
+    for record in (meta["provenance"], summary["provenance"]):  # the code and machine that ran (issue #26)
+        assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool), record
+        assert record["machine"]["cpu_model"] and record["machine"]["torch_threads"] >= 1
     for f in ("v2_order_B0.png", "v2_width64.png", "v2_best_lambda_vs_width.png"):
         assert (tmp_path / "img" / f).stat().st_size > 0
     assert (tmp_path / "results" / "PLAN.md").read_text().count("study_v2.py run") > 0
