@@ -10,7 +10,9 @@ as given) and the environment it ran in::
     >>> sorted(p) == ["command", "machine", "versions"] and "torch" in p["versions"]
     True
 
-A library that is not installed is recorded as ``None``, not left out.
+A library that is not installed is recorded as ``None``, not left out. ``git_state()`` gives the
+commit and whether the working tree differs from it (``None`` for both where there is no git
+checkout, e.g. a copy of the tree sent to another machine).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -57,6 +60,18 @@ def machine() -> dict[str, Any]:
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "architecture": platform.machine(), "processor": platform.processor(),
             "cpus": os.cpu_count(), "loadavg": load}
+
+
+def git_state() -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the repository holding this file."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        return {"commit": None, "dirty": None}
+    if sha.returncode != 0 or status.returncode != 0:  # not a checkout
+        return {"commit": None, "dirty": None}
+    return {"commit": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def provenance(argv: Sequence[str] | None = None, script: str | None = None) -> dict[str, Any]:
