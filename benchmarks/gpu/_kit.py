@@ -45,7 +45,7 @@ def _parts() -> tuple[Part, ...]:
         Part("step", 45.0, 15.0, _step.run),
         Part("precondition", 70.0, 15.0, _precondition.run),
         Part("lorafa_memory", 25.0, 15.0, _memory.run),
-        Part("width", 230.0, 40.0, _width.run),
+        Part("width", 300.0, 40.0, _width.run),  # last: it gets what the global deadline leaves, up to 300 s
     )
 
 
@@ -81,6 +81,20 @@ def environment(device: torch.device, commit: str | None) -> dict[str, Any]:
     return env
 
 
+def command(argv: Sequence[str]) -> str:
+    """The command line, ``--out`` left out: run from the repository root it writes to
+    benchmarks/results/gpu/, where the JSONs are committed (the folder it wrote to is kept as ``out``)."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            args.append(a)
+    return shlex.join(["python", "-m", "benchmarks.gpu", *args])
+
+
 def _write(out: Path, index: int, name: str, record: dict[str, Any]) -> Path:
     path = out / f"{index}_{name}.json"
     tmp = path.with_suffix(".tmp")
@@ -102,8 +116,9 @@ def run_parts(parts: Sequence[Part], out: Path, smoke: bool, deadline_s: float, 
         index = PART_NAMES.index(part.name) + 1
         budget = budgets.get(part.name, part.smoke_budget_s if smoke else part.budget_s)
         ctx = Context(device, smoke, min(time.monotonic() + budget, end_all), log_file)
-        record: dict[str, Any] = {"part": part.name, "command": shlex.join(["python", "-m", "benchmarks.gpu", *argv]),
-                                  "smoke": smoke, "budget_s": budget, "environment": env}
+        record: dict[str, Any] = {"part": part.name, "command": command(argv), "out": str(out), "smoke": smoke,
+                                  "budget_s": budget, "versions": env["versions"], "machine": env["machine"],
+                                  "environment": env}
         t0 = time.monotonic()
         if ctx.left() <= 0:
             record.update(status="not_run", reason="the global deadline (--deadline-s) had passed")

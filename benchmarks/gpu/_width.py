@@ -58,6 +58,50 @@ def cell_settings(width: int, ratio: float, cfg: dict[str, Any]) -> V.Settings:
     return st
 
 
+def probe(ctx: Context, width: int, steps: int = 5, batch: int = 16) -> dict[str, float]:
+    """Seconds per pretraining step (every weight, AdamW) and per fine-tuning step (LoRA r = 8 on
+    ``_widthfamily.TARGETS``, LoraPlus AdamW) of the width family's model at ``width`` on the context's
+    device, random weights (the cost does not depend on them), after two warm-up steps."""
+    import peft
+    import torch
+
+    import loraplus
+
+    torch.manual_seed(0)
+    x = torch.randint(0, W.VOCAB, (batch, W.CTX + 1)).to(ctx.device)
+
+    def per_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+        def one() -> None:
+            loss = W.lm_loss(model, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(2):
+            one()
+
+        def many() -> None:
+            for _ in range(steps):
+                one()
+
+        return ctx.seconds(many) / steps
+
+    full = W.GPT(width).to(ctx.device)
+    pre = per_step(full, torch.optim.AdamW(full.parameters(), lr=1e-4))
+    base = W.GPT(width).requires_grad_(False)
+    cfg = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=W.TARGETS)
+    lora = peft.inject_adapter_in_model(cfg, base).to(ctx.device)
+    fine = per_step(lora, loraplus.LoraPlus(torch.optim.AdamW, lora, ratio=4, lr=1e-4))
+    return {"pretrain_step_s": pre, "finetune_step_s": fine}
+
+
+def estimate(costs: dict[str, float], cfg: dict[str, Any]) -> float:
+    """Seconds for one width at the least the protocol needs: pretraining, and each λ's start grid
+    (3 rates) × seeds fine-tuning runs (evaluation and set-up counted as 10 % more)."""
+    runs = len(cfg["ratios"]) * (1 if cfg["one_lr"] else 3) * cfg["seeds"]
+    return 1.1 * (cfg["pretrain_steps"] * costs["pretrain_step_s"] + runs * cfg["steps"] * costs["finetune_step_s"])
+
+
 class OutOfTime(Exception):
     """The part's budget does not cover the next run."""
 
@@ -195,11 +239,22 @@ def run(ctx: Context) -> dict[str, Any]:
     widths: dict[str, Any] = {}
     gpu_cells: dict[str, dict[str, dict[str, Any]]] = {}
     stopped = None
+    probes: dict[str, Any] = {}
     old = os.environ.get("LORAPLUS_CACHE")
     with tempfile.TemporaryDirectory() as cache:  # pretrained models stay out of the repository and $OUT
         os.environ["LORAPLUS_CACHE"] = cache
         try:
             for width in cfg["widths"]:
+                costs = probe(ctx, width)
+                need = estimate(costs, cfg)
+                probes[str(width)] = {**costs, "least_seconds_estimate": need}
+                ctx.log(f"width {width}: {1e3 * costs['pretrain_step_s']:.1f} ms per pretraining step, "
+                        f"{1e3 * costs['finetune_step_s']:.1f} ms per fine-tuning step; at least {need:.0f} s")
+                if need > ctx.left():
+                    stopped = f"width {width} needs at least {need:.0f} s, {ctx.left():.0f} s left: not started"
+                    ctx.log(f"width: {stopped}")
+                    widths[str(width)] = {"complete": False, "stopped": stopped}
+                    break
                 try:
                     cells, status = run_width(runner, width)
                 except OutOfTime as err:
@@ -226,4 +281,4 @@ def run(ctx: Context) -> dict[str, Any]:
                                                 "the largest) instead of study v2's ×2 grid; the rest as in the study",
                          "device": str(ctx.device), "tf32": False,
                          "run_seconds_by_width": runner.run_seconds, "pretrain_seconds_by_width": runner.pretrain_seconds},
-            "results": {"stopped_at_budget": stopped, "widths": widths, "summary": summary}}
+            "results": {"stopped_at_budget": stopped, "cost_probe": probes, "widths": widths, "summary": summary}}
