@@ -135,10 +135,10 @@ def test_a_part_gets_its_budget_or_what_the_global_deadline_leaves(tmp_path):
 def test_the_width_runner_refuses_a_run_the_budget_does_not_cover():
     ctx = Context(torch.device("cpu"), smoke=True, deadline=time.monotonic() + 30.0)
     runner = _width.Runner(ctx, _width.SMOKE)
-    runner.run_seconds[512] = 4.0
-    # no run at 1024 yet: the estimate is 512's run × (1024 / 512)² = 16 s (fits); at 2048, 64 s (does not)
-    assert runner._estimate(1024, runner.run_seconds) == 16.0
-    st = _width.cell_settings(2048, 1.0, _width.SMOKE)
+    runner.run_seconds[16] = 4.0
+    # no run at width 32 yet: the estimate is width 16's run × (32 / 16)² = 16 s (fits); at 64, 64 s (does not)
+    assert runner._estimate(32, runner.run_seconds) == 16.0
+    st = _width.cell_settings(64, 1.0, _width.SMOKE)
     with pytest.raises(_width.OutOfTime):
         runner.finetune(st, 1.0, st.start[0], seed=0)
 

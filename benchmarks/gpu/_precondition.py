@@ -18,7 +18,7 @@ import loraplus
 
 from ._context import Context
 
-SETTINGS: dict[str, Any] = {"widths": [1024, 2048, 4096, 8192], "pairs": 224, "rank": 16, "repeat": 20, "warmup": 3,
+SETTINGS: dict[str, Any] = {"widths": [1024, 2048, 4096, 8192], "pairs": 224, "rank": 16, "repeat": 10, "warmup": 2,
             "optimizer": "torch.optim.AdamW(foreach=True)", "dtype": "float32", "reg": P.REG}
 SMOKE: dict[str, Any] = {**SETTINGS, "widths": [16, 32], "pairs": 12, "rank": 4, "repeat": 3, "warmup": 1}
 KINDS = ("bare", "riemannian", "lorafa", "peft_riemannian")
