@@ -70,7 +70,7 @@ def measure(ctx: Context, d: int, st: dict[str, Any]) -> dict[str, Any]:
             one(kind)
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     for i in range(st["repeat"]):
-        if i >= 3 and ctx.left() < 2 * sum(statistics.median(v) for v in times.values()) + 1:
+        if i >= 1 and ctx.left() < 1.5 * sum(v[-1] for v in times.values()) + 1:  # one repetition at least
             break
         for kind in KINDS[i % len(KINDS):] + KINDS[: i % len(KINDS)]:
             times[kind].append(one(kind))

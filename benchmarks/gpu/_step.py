@@ -5,6 +5,7 @@ with and without its ratio guard, timed in interleaved repetitions (CUDA events 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,8 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.log(f"step: {st['layers']} layers of width {st['d']}, {st['trainable_tensors']} trainable tensors")
     results: dict[str, Any] = {}
     stopped = False
-    for impl in ("foreach", "fused"):
+    for n, impl in enumerate(("foreach", "fused")):
+        share = time.monotonic() + ctx.left() / (2 - n)  # foreach gets half the time left, fused the rest
         opts = {k: f() for k, f in _factories(model, {impl: True}).items()}
         lp = {g["role"]: g["lr"] for g in opts["loraplus"].param_groups}
         hand = opts["hand"].param_groups
@@ -69,11 +71,12 @@ def run(ctx: Context) -> dict[str, Any]:
                     opt.step()
             times: dict[str, list[float]] = {k: [] for k in opts}
             keys = list(opts)
+            last = 0.0
             for rep in range(st["repeat"]):
-                per_rep = sum(statistics.median(v) for v in times.values() if v) * st["steps"] if rep else 0.0
-                if rep >= 2 and ctx.left() < 2 * per_rep + 5:  # keep time for the fused half
+                if rep >= 1 and time.monotonic() + 1.5 * last > share:  # one repetition at least
                     stopped = True
                     break
+                t0 = time.monotonic()
                 for key in keys[rep % len(keys):] + keys[: rep % len(keys)]:  # who goes first rotates
                     opt = opts[key]
 
@@ -82,6 +85,7 @@ def run(ctx: Context) -> dict[str, Any]:
                             opt.step()
 
                     times[key].append(ctx.seconds(steps) / st["steps"])
+                last = time.monotonic() - t0
         med = {k: statistics.median(v) for k, v in times.items()}
         results[impl] = {
             "repetitions": len(times["loraplus"]), "step_seconds": times, "median_step_s": med,
