@@ -107,6 +107,12 @@ def machine() -> dict[str, Any]:
             "loadavg": load}
 
 
+def git_state() -> dict[str, Any]:
+    """:func:`commit` as ``{"commit": sha or None, "dirty": bool or None}`` (the GPU kit's record)."""
+    sha, dirty = commit()
+    return {"commit": sha, "dirty": dirty}
+
+
 def provenance(argv: Sequence[str] | None = None, script: str | None = None) -> dict[str, Any]:
     """``{"command", "commit", "dirty", "versions", "machine"}`` for the JSON a harness writes.
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,12 @@ def task_summary(task: str, cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def width_summary(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Best λ per width (on validation; λ band on test), and the log–log slope of best λ on width."""
+def width_summary(tasks: dict[str, dict[str, Any]], task_names: Sequence[str] = V.WIDTH_TASKS) -> dict[str, Any]:
+    """Best λ per width (on validation; λ band on test), and the log–log slope of best λ on width.
+
+    ``task_names``: the width tasks to read, in order (the GPU kit adds widths beyond the study's)."""
     per: dict[str, Any] = {}
-    for task in V.WIDTH_TASKS:
+    for task in task_names:
         t = tasks.get(task)
         if not t:
             continue

@@ -162,7 +162,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
         for blk in self.blocks:
             h = blk(h)
         return self.ln(h) @ self.tok.weight.T
@@ -182,14 +182,16 @@ def pretrain_path(width: int, steps: int) -> Path:
     return cache_dir() / f"gpt_w{width}_d{DEPTH}_s{steps}.pt"
 
 
-def pretrain(width: int, steps: int | None = None, log: Any = print) -> dict[str, Any]:
-    """Pretrain (seeded) or load from the cache; returns {'state': state_dict, 'meta': {...}}."""
+def pretrain(width: int, steps: int | None = None, log: Any = print, device: str = "cpu") -> dict[str, Any]:
+    """Pretrain (seeded) or load from the cache; returns {'state': state_dict (on the CPU), 'meta': {...}}.
+
+    ``device`` is where it trains (batches are drawn on the CPU, as on a CPU run, and moved there)."""
     steps = steps or PRETRAIN["steps"]
     path = pretrain_path(width, steps)
     if path.exists():
         return torch.load(path, weights_only=False)
     torch.manual_seed(PRETRAIN["seed"])
-    model = GPT(width)
+    model = GPT(width).to(device)
     data = pretrain_corpus()
     n_val = 200_000
     train, val = data[:-n_val], data[-n_val:]
@@ -202,7 +204,7 @@ def pretrain(width: int, steps: int | None = None, log: Any = print) -> dict[str
     t0 = time.perf_counter()
     losses = []
     for s in range(steps):
-        loss = lm_loss(model, stream_batch(train, PRETRAIN["batch"], gen))
+        loss = lm_loss(model, stream_batch(train, PRETRAIN["batch"], gen).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -214,15 +216,15 @@ def pretrain(width: int, steps: int | None = None, log: Any = print) -> dict[str
     model.eval()
     with torch.no_grad():
         vg = torch.Generator().manual_seed(7)
-        val_loss = sum(float(lm_loss(model, stream_batch(val, 64, vg))) for _ in range(4)) / 4
+        val_loss = sum(float(lm_loss(model, stream_batch(val, 64, vg).to(device))) for _ in range(4)) / 4
         p = prose()
-        prose_loss = float(lm_loss(model, p.test))
+        prose_loss = float(lm_loss(model, p.test.to(device)))
     meta = dict(PRETRAIN, width=width, depth=DEPTH, heads=HEADS, ctx=CTX, steps=steps,
                 seconds=time.perf_counter() - t0, final_train_loss=statistics_mean(losses[-50:]),
                 code_val_loss=val_loss, prose_test_loss_before_finetune=prose_loss,
-                corpus_bytes=len(data), corpus_sha256=hashlib.sha256(bytes(data[:1_000_000].tolist())).hexdigest(),
+                device=str(device), corpus_bytes=len(data), corpus_sha256=hashlib.sha256(bytes(data[:1_000_000].tolist())).hexdigest(),
                 params=sum(p.numel() for p in model.parameters()))
-    out = {"state": model.state_dict(), "meta": meta}
+    out = {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
@@ -249,35 +251,38 @@ class FinetuneConfig:
     rank: int = 8
     pretrain_steps: int = PRETRAIN["steps"]
     n_eval: int = 256
+    device: str = "cpu"  # where the adapter trains (the batches and their order do not depend on it)
 
 
 @functools.lru_cache(maxsize=4)
-def _base(width: int, pretrain_steps: int) -> dict[str, Any]:
-    return pretrain(width, pretrain_steps)
+def _base(width: int, pretrain_steps: int, device: str = "cpu") -> dict[str, Any]:
+    return pretrain(width, pretrain_steps, device=device)
 
 
-def adapted(width: int, seed: int, rank: int = 8, pretrain_steps: int = PRETRAIN["steps"]) -> nn.Module:
+def adapted(width: int, seed: int, rank: int = 8, pretrain_steps: int = PRETRAIN["steps"],
+            device: str = "cpu") -> nn.Module:
     import peft
 
     model = GPT(width)
-    model.load_state_dict(_base(width, pretrain_steps)["state"])
+    model.load_state_dict(_base(width, pretrain_steps, device)["state"])
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
     cfg = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS)
-    return peft.inject_adapter_in_model(cfg, model)
+    return peft.inject_adapter_in_model(cfg, model).to(device)  # initialised on the CPU, as on a CPU run
 
 
 def _eval(model: nn.Module, w: torch.Tensor) -> float:
     with torch.no_grad():
-        return sum(float(lm_loss(model, w[i : i + 64])) * len(w[i : i + 64]) for i in range(0, len(w), 64)) / len(w)
+        dev = next(model.parameters()).device
+        return sum(float(lm_loss(model, w[i : i + 64].to(dev))) * len(w[i : i + 64]) for i in range(0, len(w), 64)) / len(w)
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """One LoRA fine-tuning run on the prose; returns the config, the curve and the held-out losses."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    model = adapted(cfg.width, cfg.seed, cfg.rank, cfg.pretrain_steps)
+    model = adapted(cfg.width, cfg.seed, cfg.rank, cfg.pretrain_steps, cfg.device)
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=cfg.ratio, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8,
                             weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg.steps))
@@ -286,7 +291,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     curve: list[float] = []
     model.train()
     for _ in range(cfg.steps):
-        loss = lm_loss(model, stream_batch(p.train, cfg.batch, gen))
+        loss = lm_loss(model, stream_batch(p.train, cfg.batch, gen).to(cfg.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
