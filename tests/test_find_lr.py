@@ -629,6 +629,7 @@ def test_a_one_shot_iterator_is_read_at_most_one_range_test_long():
     assert read <= 20 and n_range <= 20  # 30 steps per ratio: 20 range-test, 10 confirmation
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_models_are_restored_in_place():
     net = _net().cuda()

@@ -939,6 +939,7 @@ def test_capture_from_concurrent_replica_threads_keeps_exactly_max_rows():
     mon.close()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_layer_inputs_on_another_device_are_moved_to_the_factors():
     model = tiny_lora_model(layers=1)
