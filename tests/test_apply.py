@@ -532,6 +532,92 @@ def test_scheduler_state_dict_round_trips_after_apply():
     assert fresh_sched.base_lrs == sched.base_lrs and fresh_sched.last_epoch == 3
 
 
+# --------------------------------------------------------------------------- groups at different rates (layer-wise decay)
+# Every example above gives all groups one rate, so a sibling scaled by the first group's rate or by a
+# global lr would pass them. Here the three groups hold one LoRA layer each at 1e-3, 3e-4 and 5e-5
+# (top layer first, as layer-wise decay lists them) and the optimizer's own lr (2e-3) is none of them.
+# Every expected number below is ratio (4) × the parent's number, multiplied out by hand.
+
+_LAYERWISE = {"top": 1e-3, "mid": 3e-4, "bottom": 5e-5}  # group -> lr; top holds layers.2, norm, head
+_DEFAULT_LR = 2e-3
+
+
+def _layerwise_groups(model, **keys_per_group):
+    p = dict(model.named_parameters())
+    members = {
+        "top": ["layers.2.lora_A.default.weight", "layers.2.lora_B.default.weight", "norm.weight", "norm.bias",
+                "head.weight", "head.bias"],
+        "mid": ["layers.1.lora_A.default.weight", "layers.1.lora_B.default.weight"],
+        "bottom": ["layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight"],
+    }  # fmt: skip
+    return [
+        {"params": [p[n] for n in names], "name": g, "lr": _LAYERWISE[g], **keys_per_group.get(g, {})}
+        for g, names in members.items()
+    ]
+
+
+def _rates(groups, *keys):
+    return {g["name"]: tuple(g[k] for k in keys) for g in groups}
+
+
+def test_refine_scales_each_sibling_by_its_own_parents_rates():
+    model = tiny_lora_model(layers=3)
+    bounds = {  # initial_lr = lr, max_lr = 10 × lr, as a scheduler-bounded layer-wise recipe would set them
+        "top": {"initial_lr": 1e-3, "max_lr": 1e-2},
+        "mid": {"initial_lr": 3e-4, "max_lr": 3e-3},
+        "bottom": {"initial_lr": 5e-5, "max_lr": 5e-4},
+    }
+    out = loraplus.refine(_layerwise_groups(model, **bounds), model, 4, lr=_DEFAULT_LR)
+    assert [g["name"] for g in out] == ["top", "top.B", "mid", "mid.B", "bottom", "bottom.B"]
+    got = _rates(out, "lr", "initial_lr", "max_lr")
+    want = {
+        "top": (1e-3, 1e-3, 1e-2), "top.B": (4e-3, 4e-3, 4e-2),
+        "mid": (3e-4, 3e-4, 3e-3), "mid.B": (1.2e-3, 1.2e-3, 1.2e-2),
+        "bottom": (5e-5, 5e-5, 5e-4), "bottom.B": (2e-4, 2e-4, 2e-3),
+    }  # fmt: skip
+    assert got.keys() == want.keys()
+    for name, rates in want.items():
+        assert got[name] == pytest.approx(rates, rel=1e-12), name
+    assert [g["loraplus"]["parent"] for g in out] == ["top", "top", "mid", "mid", "bottom", "bottom"]
+
+
+def test_apply_scales_each_sibling_and_its_scheduler_entry_by_its_own_parent():
+    """LinearLR(start_factor=0.5) attached before apply: each group starts at half its rate and reaches it after
+    4 steps; a sibling must follow ratio × its parent at every step, in the groups and in the scheduler."""
+    model = tiny_lora_model(layers=3)
+    opt = torch.optim.AdamW(_layerwise_groups(model), lr=_DEFAULT_LR)
+    sched = S.LinearLR(opt, start_factor=0.5, total_iters=4)
+    loraplus.apply(opt, model, 4, schedulers=[sched])
+    names = ["top", "top.B", "mid", "mid.B", "bottom", "bottom.B"]
+    assert [g["name"] for g in opt.param_groups] == names
+    full = [1e-3, 4e-3, 3e-4, 1.2e-3, 5e-5, 2e-4]  # each group's rate once warmed up: initial_lr and base_lrs
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx(full, rel=1e-12)
+    assert sched.base_lrs == pytest.approx(full, rel=1e-12)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 2e-3, 1.5e-4, 6e-4, 2.5e-5, 1e-4], rel=1e-12)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(full, rel=1e-12)
+
+
+def test_apply_scales_one_cycle_bounds_per_parent():
+    """OneCycleLR with a max_lr per group writes max_lr, initial_lr (max / 25) and min_lr (initial / 1e4) into
+    each group; each sibling gets 4 × its own parent's three."""
+    model = tiny_lora_model(layers=3)
+    opt = torch.optim.AdamW(_layerwise_groups(model), lr=_DEFAULT_LR)
+    sched = S.OneCycleLR(opt, max_lr=[1e-2, 3e-3, 5e-4], total_steps=10)
+    loraplus.apply(opt, model, 4, schedulers=[sched])
+    got = _rates(opt.param_groups, "max_lr", "initial_lr", "min_lr", "lr")
+    want = {
+        "top": (1e-2, 4e-4, 4e-8, 4e-4), "top.B": (4e-2, 1.6e-3, 1.6e-7, 1.6e-3),
+        "mid": (3e-3, 1.2e-4, 1.2e-8, 1.2e-4), "mid.B": (1.2e-2, 4.8e-4, 4.8e-8, 4.8e-4),
+        "bottom": (5e-4, 2e-5, 2e-9, 2e-5), "bottom.B": (2e-3, 8e-5, 8e-9, 8e-5),
+    }  # fmt: skip
+    assert got.keys() == want.keys()
+    for name, rates in want.items():
+        assert got[name] == pytest.approx(rates, rel=1e-12), name
+
+
 # --------------------------------------------------------------------------- wrappers and checkpoints
 
 

@@ -6,11 +6,7 @@ docs/integrations.md ("Your own groups: recipes"). One spawn runs every case.
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -20,6 +16,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _ranks import Rendezvous, join, leave, run_ranks  # noqa: E402
 
 import loraplus  # noqa: E402
 from loraplus.testing import tiny_lora_model  # noqa: E402
@@ -100,13 +97,10 @@ def _fsdp2_case(rank: int) -> dict[str, Any]:
             "b_names": opt.param_groups[1]["param_names"]}  # fmt: skip
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
+def _worker(rank: int, rendezvous: Rendezvous, outdir: str) -> None:
     warnings.simplefilter("ignore")
-    os.environ.update({"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+    os.environ.update({"DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                        "LOCAL_WORLD_SIZE": str(WORLD)})  # fmt: skip
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import logging
 
     import deepspeed
@@ -114,43 +108,33 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.ops.__compatible_ops__ = {}  # no compiler probe / JIT build (see test_deepspeed.py)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=60))
-    out: dict[str, Any] = {}
-    for key, run in (("fsdp2", lambda: _fsdp2_case(rank)), ("zero2", lambda: _deepspeed_case(2, rank)),
-                     ("zero3", lambda: _deepspeed_case(3, rank))):  # fmt: skip
-        try:
-            out[key] = run()
-        except Exception as err:
-            out[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    torch.save(out, Path(outdir) / f"rank{rank}.pt")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    join(rank, rendezvous)  # DeepSpeed then adopts the torch process group instead of creating its own
+    ok = True
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=rendezvous.timeout)
+        out: dict[str, Any] = {}
+        for key, run in (("fsdp2", lambda: _fsdp2_case(rank)), ("zero2", lambda: _deepspeed_case(2, rank)),
+                         ("zero3", lambda: _deepspeed_case(3, rank))):  # fmt: skip
+            try:
+                out[key] = run()
+            except Exception as err:
+                ok = False
+                out[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        torch.save(out, Path(outdir) / f"rank{rank}.pt")
+    except BaseException:
+        ok = False
+        raise
+    finally:
+        leave(rank, rendezvous, ok=ok)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
-    import torch.multiprocessing as mp
 
     outdir = tmp_path_factory.mktemp("apply_dist")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    rendezvous = Rendezvous.fresh(outdir, world_size=WORLD, timeout_s=60)
+    run_ranks(_worker, (rendezvous, str(outdir)), world_size=WORLD, deadline_s=DEADLINE_S)
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

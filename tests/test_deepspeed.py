@@ -4,17 +4,13 @@
 AdamW (``"torch_adam": true``) and its ``WarmupLR`` / ``WarmupDecayLR`` schedulers: each stage must keep one
 optimizer group per LoRA+ group (same order, ``role``/``name`` keys intact), give B
 ``ratio`` × A's lr at every step of the schedule, and train exactly like a single-process
-torch AdamW driven by the same schedule. One spawn (127.0.0.1, a free port, a deadline) runs
+torch AdamW driven by the same schedule. One spawn (2 gloo ranks, tests/_ranks.py: a file store, a deadline) runs
 all six cases; the scheduler traps are pinned in-process on a plain optimizer.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -24,6 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _ranks import Rendezvous, join, leave, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 
 import loraplus  # noqa: E402
@@ -152,14 +149,10 @@ def _empty_group_case(stage: int) -> list[Any]:
     return [g.get("name") for g in opt.param_groups]
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
+def _worker(rank: int, rendezvous: Rendezvous, outdir: str) -> None:
     warnings.simplefilter("ignore")
-    os.environ.update(
-        {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank)}
-    )
-    os.environ.update({"LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD)})
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on 127.0.0.1
+    os.environ.update({"DS_ACCELERATOR": "cpu", "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    os.environ.update({"WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD)})
     import logging
 
     import deepspeed
@@ -170,10 +163,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     # shared-memory comm kernel (a C++ build: tens of seconds, needs a compiler); gloo carries
     # every collective instead, which is what this test is about.
     deepspeed.ops.__compatible_ops__ = {}
-    deepspeed.init_distributed(
-        dist_backend="gloo", auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
-    )
+    join(rank, rendezvous)  # DeepSpeed then adopts the torch process group instead of creating its own
+    ok = True
     try:
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=rendezvous.timeout)
         for stage, kind in CASES:
             try:
                 result: dict[str, Any] = _run_case(stage, kind, rank)
@@ -181,41 +174,27 @@ def _worker(rank: int, port: int, outdir: str) -> None:
                 result = {"error": traceback.format_exc()}
             torch.save(result, Path(outdir) / f"zero{stage}.{kind}.rank{rank}.pt")
             if "error" in result:
+                ok = False
                 break
         else:
             try:
                 kept: Any = {stage: _empty_group_case(stage) for stage in STAGES}
             except Exception:
+                ok = False
                 kept = {"error": traceback.format_exc()}
             torch.save(kept, Path(outdir) / f"empty.rank{rank}.pt")
+    except BaseException:
+        ok = False
+        raise
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        leave(rank, rendezvous, ok=ok)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[Any, list[Any]]:
-    import torch.multiprocessing as mp
-
     outdir = tmp_path_factory.mktemp("deepspeed")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DeepSpeed workers did not finish within {SPAWN_DEADLINE_S} s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    rendezvous = Rendezvous.fresh(outdir, world_size=WORLD, timeout_s=PG_TIMEOUT_S)
+    run_ranks(_worker, (rendezvous, str(outdir)), world_size=WORLD, deadline_s=SPAWN_DEADLINE_S)
     out = {}
     for stage, kind in CASES:
         files = [outdir / f"zero{stage}.{kind}.rank{r}.pt" for r in range(WORLD)]

@@ -1,6 +1,6 @@
 """LoRA+ under DDP, FSDP2 (``fully_shard``) and FSDP1 (``use_orig_params=True``), CPU + gloo, 2 ranks.
 
-One ``torch.multiprocessing`` spawn (2 processes on 127.0.0.1, a free port) runs every wrapper
+One ``torch.multiprocessing`` spawn (2 gloo ranks meeting in a file store, see tests/_ranks.py) runs every wrapper
 in turn; each rank saves what it saw (its groups, the local parameter shapes and types, the
 groups of the other rank, the full parameters after a few steps) and the tests below compare
 that with a single-process reference run in the test process. Hangs fail: the process group
@@ -9,11 +9,6 @@ has a timeout and the spawn a deadline.
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -22,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import Rendezvous, join, leave, run_ranks
 from torch import nn
 
 import loraplus
@@ -163,18 +158,11 @@ def _run_wrapper(kind: str, rank: int) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
+def _worker(rank: int, rendezvous: Rendezvous, outdir: str) -> None:
     warnings.simplefilter("ignore")
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on 127.0.0.1
     torch.manual_seed(0)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-    )
+    join(rank, rendezvous)
+    ok = True
     try:
         for kind in WRAPPERS:
             try:
@@ -183,31 +171,21 @@ def _worker(rank: int, port: int, outdir: str) -> None:
                 result = {"error": traceback.format_exc()}
             torch.save(result, Path(outdir) / f"{kind}.rank{rank}.pt")
             if "error" in result:
+                ok = False
                 break  # the other rank may now be stuck in a collective; stop here
             dist.barrier()
+    except BaseException:
+        ok = False
+        raise
     finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        leave(rank, rendezvous, ok=ok)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     outdir = tmp_path_factory.mktemp("dist")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {SPAWN_DEADLINE_S} s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    rendezvous = Rendezvous.fresh(outdir, world_size=WORLD, timeout_s=PG_TIMEOUT_S)
+    run_ranks(_worker, (rendezvous, str(outdir)), world_size=WORLD, deadline_s=SPAWN_DEADLINE_S)
     out: dict[str, list[dict[str, Any]]] = {}
     for kind in WRAPPERS:
         files = [outdir / f"{kind}.rank{r}.pt" for r in range(WORLD)]

@@ -169,6 +169,27 @@ def test_a_keyboard_interrupt_restores_the_model_too():
     _assert_unchanged(net, snap)
 
 
+def test_numpy_global_rng_is_restored_after_a_loss_that_draws_from_it():
+    """A loss that adds NumPy noise moves NumPy's global RNG on every probe step; afterwards the
+    next draw must be the one a run without find_lr gets from the same seed."""
+    np = pytest.importorskip("numpy")
+    np.random.seed(11)
+    expected = np.random.random_sample(8)  # ground truth: the draw right after seeding, no find_lr
+    draws = 0
+
+    def noisy(model, batch):
+        nonlocal draws
+        draws += 1
+        noise = torch.from_numpy(np.random.normal(0.0, 1e-3, size=batch[0].shape).astype("float32"))
+        return _ce(model, (batch[0] + noise, batch[1]))
+
+    net = _net()
+    np.random.seed(11)
+    find_lr(net, noisy, _data(), ratios=(1, 4), max_steps=60, progress=False)
+    assert draws > 0  # the probe really consumed NumPy randomness
+    np.testing.assert_array_equal(np.random.random_sample(8), expected)
+
+
 def test_a_one_shot_iterator_is_cached_and_cycled():
     net = _net()
     snap = _snapshot(net)

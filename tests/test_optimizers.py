@@ -10,10 +10,6 @@ hand-written param groups for several steps (the reference implementation).
 from __future__ import annotations
 
 import functools
-import os
-import socket
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +24,7 @@ import schedulefree
 import torch
 import torch.distributed as dist
 import torchao.optim
+from _ranks import Rendezvous, join, leave, run_script
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from transformers.optimization import Adafactor as HFAdafactor
@@ -79,19 +76,17 @@ def loss_fn(model: nn.Module, step: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    """A single-process gloo group on 127.0.0.1 for ZeroRedundancyOptimizer."""
+def process_group(tmp_path_factory: pytest.TempPathFactory):
+    """A single-process gloo group for ZeroRedundancyOptimizer (a ``file://`` store: no port to take)."""
     if dist.is_initialized():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    rendezvous = Rendezvous.fresh(tmp_path_factory.mktemp("zero_single"), world_size=1)
+    join(0, rendezvous)
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        leave(0, rendezvous, ok=True)
 
 
 def _train_mode(opt: Any) -> None:
@@ -254,28 +249,41 @@ import sys, torch, torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 import loraplus
 from loraplus.testing import tiny_lora_model
+from _ranks import Rendezvous, join, leave
 
-rank, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+rank, folder = int(sys.argv[1]), sys.argv[2]
+rendezvous = Rendezvous(sys.argv[3], world_size=2, timeout_s=60)
 torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-inputs = torch.load(f"{folder}/inputs.pt", weights_only=True)
-model = tiny_lora_model(d=64, r=64, layers=2, n_out=3)
-model.load_state_dict(inputs["model"])
-opt = loraplus.LoraPlus(
-    ZeroRedundancyOptimizer, model, ratio=4.0, lr=1e-3, weight_decay=0.01, optimizer_class=torch.optim.AdamW
-)
-local = [len(g["params"]) for g in opt.optim.param_groups]
-local_names = [len(g["param_names"]) for g in opt.optim.param_groups]
-for x, y in inputs["batches"]:  # same batch on both ranks: no gradient averaging needed
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
-opt.consolidate_state_dict(to=0)
-full = opt.state_dict() if rank == 0 else None
-torch.save(
-    {"model": model.state_dict(), "local": local, "local_names": local_names, "full": full}, f"{folder}/rank{rank}.pt"
-)
-dist.destroy_process_group()
+
+
+def work():  # a function, so the optimizer (which holds the process group) is freed before leave()
+    inputs = torch.load(f"{folder}/inputs.pt", weights_only=True)
+    model = tiny_lora_model(d=64, r=64, layers=2, n_out=3)
+    model.load_state_dict(inputs["model"])
+    opt = loraplus.LoraPlus(
+        ZeroRedundancyOptimizer, model, ratio=4.0, lr=1e-3, weight_decay=0.01, optimizer_class=torch.optim.AdamW
+    )
+    local = [len(g["params"]) for g in opt.optim.param_groups]
+    local_names = [len(g["param_names"]) for g in opt.optim.param_groups]
+    for x, y in inputs["batches"]:  # same batch on both ranks: no gradient averaging needed
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    opt.consolidate_state_dict(to=0)
+    full = opt.state_dict() if rank == 0 else None
+    torch.save(
+        {"model": model.state_dict(), "local": local, "local_names": local_names, "full": full},
+        f"{folder}/rank{rank}.pt",
+    )
+
+
+join(rank, rendezvous)
+ok = False
+try:
+    work()
+    ok = True
+finally:
+    leave(rank, rendezvous, ok=ok)
 """
 
 
@@ -287,24 +295,8 @@ def test_zero_redundancy_optimizer_on_two_ranks_matches_single_process(tmp_path:
         gen = torch.Generator().manual_seed(100 + step)
         batches.append((torch.randn(8, D, generator=gen), torch.randn(8, 3, generator=gen)))
     torch.save({"model": model.state_dict(), "batches": batches}, tmp_path / "inputs.pt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _ZERO_RANK, str(rank), str(port), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, out[-3000:]
+    rendezvous = Rendezvous.fresh(tmp_path)  # a file store in tmp_path: no port to take
+    run_script(_ZERO_RANK, (str(tmp_path), rendezvous.folder), world_size=2, deadline_s=240)
 
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=RATIO, lr=LR, weight_decay=WD)
     for x, y in batches:

@@ -328,20 +328,16 @@ def test_what_the_trainer_does_after_building_still_happens(tmp_path, shared_mod
 
 
 _DTENSOR_SCRIPT = """
-import json, os, socket, sys
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
-                   "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-if sys.platform.startswith("linux"):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+import json, os, sys
+os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+sys.path.insert(0, sys.argv[1])
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-dist.init_process_group("gloo", rank=0, world_size=1)
-sys.path.insert(0, sys.argv[1])
+from _ranks import Rendezvous, join, leave
+rendezvous = Rendezvous.fresh(sys.argv[2], world_size=1)
+join(0, rendezvous)  # a file store: no port to take
 import transformers
 import test_trainer as T
 from loraplus.integrations.transformers import LoraPlusTrainer
@@ -366,6 +362,7 @@ for ratio in (1.0, 4.0):
     names = [g["name"] for g in lp.param_groups]
     out[str(ratio)] = {"plain_meshes": meshes(plain), "meshes": meshes(lp), "names": names}
 print("RESULT" + json.dumps(out))
+leave(0, rendezvous, ok=True)
 """
 
 
@@ -565,17 +562,14 @@ def test_resume_with_a_renamed_adapter_says_only_names_differ(tmp_path):
 
 
 _DEEPSPEED_SCRIPT = """
-import json, os, socket, sys
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update({"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                   "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-if sys.platform.startswith("linux"):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+import json, os, sys
+os.environ.update({"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
 import deepspeed.ops
 deepspeed.ops.__compatible_ops__ = {}  # no compiler probe, no JIT build of the shm comm kernel
 sys.path.insert(0, sys.argv[1])
+from _ranks import Rendezvous, join, leave
+rendezvous = Rendezvous.fresh(sys.argv[2], world_size=1)
+join(0, rendezvous)  # the Trainer adopts this group (a file store: no port to take)
 import test_trainer as T
 from loraplus import LoraPlusError
 
@@ -598,6 +592,7 @@ out["wrappers"] = type(trainer.optimizer).__name__
 out["groups"] = [g.get("name") for g in inner.param_groups]
 out["lrs"] = record.steps
 print("RESULT" + json.dumps(out))
+leave(0, rendezvous, ok=True)
 """
 
 
