@@ -48,6 +48,13 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _provenance(argv: list[str]) -> dict[str, object]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _provenance import provenance
+
+    return provenance(argv, script="tests/_soak_distributed.py")
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -107,6 +114,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "burners": args.burn,
         "started": _now(),
+        # the shared record every result carries (commit, dirty flag, versions, machine), taken at the start
+        "provenance": _provenance(["--runs", str(args.runs), "--burn", str(args.burn)]),
         "runs": [],
     }
     runs: list[dict[str, object]] = []

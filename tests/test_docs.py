@@ -73,3 +73,36 @@ def test_the_readme_says_how_to_install_and_use_before_what_was_measured():
     assert not any(ch.isdigit() for ch in intro.replace("ICML 2024", "")), "no results before the install"
     caveats = readme[at[-1]:]
     assert "docs/compatibility.md" in caveats and "docs/guard.md" in caveats
+
+
+def test_the_readme_caveats_name_what_the_records_say_breaks_the_ratio():
+    """The caveats follow the scheduler catalogue and the learning-rate-free records: every scheduler
+    argument that collapses the ratio when given as one number, and every optimizer family LoRA+ refuses,
+    is named there, with the fix each record gives. A record added without a caveat fails here."""
+    from loraplus._groups._lr_free import LR_FREE_OPTIMIZERS
+    from loraplus.schedulers import SCHEDULERS, Fix
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    caveats = readme[_heading_at(readme, "Caveats"):]
+    missing = []
+    for rec in SCHEDULERS:
+        for bound in rec.bounds:
+            if bound.fix is Fix.PER_GROUP:
+                said = f"{bound.argument}="
+            elif bound.fix is Fix.LAMBDA_FLOOR:
+                said = f"{bound.argument} > 0"
+            else:
+                said = f"{bound.argument}={bound.harmless:g}"
+            if f"`{rec.name}" not in caveats or said not in caveats:
+                missing.append(f"{rec.name}: {said}")
+        if any(b.fix is Fix.PER_GROUP for b in rec.bounds) and "loraplus.per_group(opt, value)" not in caveats:
+            missing.append("the per_group fix")
+        if any(b.fix is Fix.LAMBDA_FLOOR for b in rec.bounds) and "`LambdaLR`" not in caveats:
+            missing.append("the LambdaLR floor")
+    for opt in LR_FREE_OPTIMIZERS:
+        family = "D-Adaptation" if opt.qualname.startswith("DAdapt") else f"`{opt.qualname}"
+        if opt.per_group_lr.refused and (family not in caveats or opt.distribution not in caveats):
+            missing.append(f"refused {opt.distribution} {opt.qualname}")
+        if not opt.per_group_lr.refused and f"`{opt.qualname}" not in caveats:
+            missing.append(f"warned {opt.qualname}")
+    assert not missing, f"README caveats do not name: {missing}"
