@@ -114,7 +114,9 @@ class _Freeze:
 
 def frozen_by_lorafa(model: nn.Module) -> list[tuple[str, _Freeze]]:
     """``(name, freeze)`` for each parameter of ``model`` that a live LoRA-FA preconditioner froze."""
-    found = []
+    found: list[tuple[str, _Freeze]] = []
+    if not isinstance(model, nn.Module):
+        return found  # not a model: the caller's own check says so
     for name, p in model.named_parameters():
         freeze = vars(p).get(_FROZEN_BY)
         if isinstance(freeze, _Freeze):
