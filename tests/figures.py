@@ -426,7 +426,8 @@ _ALTERNATIVES = re.compile(r"\[(?P<keys>[^\[\]]+)\]")
 def expand(pattern: str | list[str]) -> list[str]:
     """The sources a set pattern stands for, in order: the file part may hold a glob
     (``find_lr/width*.json``); a pointer segment ``*`` is every key (index) at that level that has
-    the rest of the path, ``[2.0,16.0]`` exactly those keys (which must exist). A list is a union."""
+    the rest of the path with a non-null value, ``[2.0,16.0]`` exactly those keys (which must
+    exist). A list is a union."""
     if isinstance(pattern, list):
         return [src for p in pattern for src in expand(p)]
     name, _, pointer = pattern.partition("#")
@@ -439,11 +440,13 @@ def expand(pattern: str | list[str]) -> list[str]:
             done, rest, optional = todo.pop(0)
             if not rest:
                 try:
-                    resolve(f"{f}#{done}")
+                    leaf = resolve(f"{f}#{done}")
                 except (KeyError, IndexError, TypeError, ValueError):
                     if optional:
                         continue  # a key under ``*`` without the rest of the path: not a member
                     raise
+                if leaf is None and optional:
+                    continue  # nor one whose value is null (not measured: a probe that found no edge)
                 out.append(f"{f}#{done}")
                 continue
             head, tail = rest[0], rest[1:]
@@ -507,10 +510,9 @@ def _wrong_set(quoted: str, low: float, high: float, lo: dict[str, Any], hi: dic
         members = list(dict.fromkeys(src for over in named for src in expand(over)))
     except (KeyError, IndexError, TypeError, ValueError, FileNotFoundError) as err:
         return [f"{quoted!r}: its set {named}: {type(err).__name__}: {err}"]
-    problems = [f"{quoted!r}: {e['source']} is an end of the range but not in its set {named}"
-                for e in (lo, hi) if e["source"] not in members]
-    if len(members) < 2:
-        return [*problems, f"{quoted!r}: its set {named} has {len(members)} member(s), not a range"]
+    if len(members) < 2:  # the ends' own sources may lie outside the set (a stored min and max of it)
+        return [f"{quoted!r}: its set {named} has {len(members)} member(s), not a range"]
+    problems: list[str] = []
     shown: dict[str, float] = {}
     for src in members:
         try:

@@ -438,3 +438,18 @@ def test_a_template_marker_names_the_set_of_its_range():
     tab = tomllib.loads(render_page.table(text, markers, "docs/x.md"))
     assert tab["figure"][0]["over"] == over and "over" not in tab["figure"][1]
     assert not figures.check(text, {"figure": tab["figure"], "allow": []})
+
+
+def test_a_stored_min_and_max_are_checked_against_the_values_they_summarise(monkeypatch):
+    """find_lr's '0.72–1.65×' prints the summary's min and max keys; its set is every (seed, ratio)
+    point's edge, so a point moved outside them is reported although both ends still match."""
+    text, table = _page_and_table("docs/find_lr.md")
+    over = "find_lr/width32.json#/summary/landmarks_vs_swept/points/*/edge_over_best"
+    assert sum(e.get("over") == over for e in table["figure"]) == 2  # the prose and the table row
+    points = figures.resolve("find_lr/width32.json#/summary/landmarks_vs_swept/points")
+    assert len(figures.expand(over)) == sum(p["edge_over_best"] is not None for p in points) == 8  # 4 ratios × 2 seeds
+    # a probe that found no edge (null) is no member: 3 of order_B0's 15 points
+    assert len(figures.expand(over.replace("width32", "order_B0"))) == 12
+    _with_value(monkeypatch, "find_lr/width32.json#/summary/landmarks_vs_swept/points/0/edge_over_best", 1.9)
+    problems = figures.check(text, table)
+    assert sum("points/0/edge_over_best prints 1.9, outside the range" in p for p in problems) == 2, problems
