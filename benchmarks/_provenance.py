@@ -17,25 +17,28 @@ A library that is not installed is recorded as ``None``, not left out; so are th
 ``dirty`` outside a git checkout (a run from an unpacked archive names no commit, and says so).
 ``tests/test_readme_numbers.py`` refuses a committed result without these fields, except the
 files listed in ``benchmarks/results/RETROFITTED.toml`` (written before results recorded them).
+The record itself lives in the package (``loraplus/_demo/_provenance.py``, which the demo's JSON
+uses too): one implementation, wrapped here with the harness's command line.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Distributions whose versions can change a result (as pip names them).
-LIBRARIES = ("torch", "peft", "transformers", "pytorch-optimizer", "lora-pro-adamw", "loraplus")
-#: What :func:`machine` records.
-MACHINE_KEYS = ("platform", "architecture", "processor", "cpu_model", "cpus", "torch_threads", "device", "loadavg")
+if str(ROOT) not in sys.path:  # ``python benchmarks/x.py`` puts benchmarks/ first, not the checkout
+    sys.path.insert(1, str(ROOT))
+
+# One record, kept in the package (the demo writes it too); this module names the harness's command.
+from loraplus._demo._provenance import LIBRARIES, MACHINE_KEYS, machine, versions  # noqa: E402
+from loraplus._demo._provenance import commit as _commit_at  # noqa: E402
+from loraplus._demo._provenance import record as _record  # noqa: E402
+
+__all__ = ["LIBRARIES", "MACHINE_KEYS", "ROOT", "command", "commit", "git_state", "machine", "provenance", "versions"]
 
 
 def command(argv: Sequence[str] | None = None, script: str | None = None) -> str:
@@ -47,64 +50,10 @@ def command(argv: Sequence[str] | None = None, script: str | None = None) -> str
     return "python " + shlex.join([script, *args])
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout
-
-
 def commit() -> tuple[str | None, bool | None]:
-    """The checked-out commit, and whether tracked files differ from it (``None, None``: not a checkout)."""
-    head = _git("rev-parse", "HEAD")
-    if head is None:
-        return None, None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return head.strip(), None if status is None else bool(status.strip())
-
-
-def versions() -> dict[str, str | None]:
-    """Installed versions of :data:`LIBRARIES` and of Python."""
-    out: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    if "torch" in sys.modules:  # the build tag (+cpu, +cu124) is in torch's own version string
-        out["torch"] = sys.modules["torch"].__version__
-    out["python"] = platform.python_version()
-    return out
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _device() -> str:
-    """The accelerator torch would use (its name), or ``"cpu"``."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        return f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
-    return "cpu"
-
-
-def machine() -> dict[str, Any]:
-    """The machine: OS and kernel, architecture, CPU model, logical CPUs, torch's intra-op threads,
-    the device, and the load when recorded (the 1-, 5- and 15-minute load averages)."""
-    torch = sys.modules.get("torch")
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "architecture": platform.machine(), "processor": platform.processor(),
-            "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
-            "torch_threads": None if torch is None else torch.get_num_threads(), "device": _device(),
-            "loadavg": load}
+    """The checked-out commit of this repository, and whether tracked files differ from it
+    (``None, None``: not a checkout)."""
+    return _commit_at(ROOT)
 
 
 def git_state() -> dict[str, Any]:
@@ -118,6 +67,4 @@ def provenance(argv: Sequence[str] | None = None, script: str | None = None) -> 
 
     Call it when the run's settings are in place (after ``torch.set_num_threads``), so the
     machine record holds the threads the run used."""
-    sha, dirty = commit()
-    return {"command": command(argv, script), "commit": sha, "dirty": dirty, "versions": versions(),
-            "machine": machine()}
+    return _record(command(argv, script), ROOT)

@@ -8,6 +8,10 @@ Each page has a table, ``docs/_numbers/<page>.toml``, with two lists:
     ``format`` is the Python format spec the page prints it with (``.3f``, ``+.3f``, ``d``, ``g``,
     ``,d``; ``sci`` for ``3.0·10⁻³``), and ``transform`` (optional) one of :data:`TRANSFORMS`,
     applied to the stored value before formatting.
+    A range whose ends summarise a set (``λ=2, 16, 32 trail by 0.03–0.04``, ``2.3–2.8× at every
+    size``) names that set with ``over`` on either end's entry: a source pattern (see :func:`expand`:
+    ``*`` for every key at one level, ``[a,b]`` for the keys named) or a list of sources. The printed
+    ends must then be the smallest and the largest member as printed, so every member lies inside.
 ``allow``
     numbers on the page that are not results (a setting, a size, a paper's year): ``quote`` as
     above and ``why``.
@@ -415,13 +419,72 @@ def range_members(low: str, high: str) -> list[str]:
     return [f"{p.relative_to(RESULTS).as_posix()}#{pa}" for p in sorted((RESULTS / a.parent).glob(pattern))]
 
 
+#: A pointer segment that stands for several keys: ``*`` (every key or index there) or ``[a,b,c]``.
+_ALTERNATIVES = re.compile(r"\[(?P<keys>[^\[\]]+)\]")
+
+
+def expand(pattern: str | list[str]) -> list[str]:
+    """The sources a set pattern stands for, in order: the file part may hold a glob
+    (``find_lr/width*.json``); a pointer segment ``*`` is every key (index) at that level that has
+    the rest of the path with a non-null value, ``[2.0,16.0]`` exactly those keys (which must
+    exist). A list is a union."""
+    if isinstance(pattern, list):
+        return [src for p in pattern for src in expand(p)]
+    name, _, pointer = pattern.partition("#")
+    files = ([p.relative_to(RESULTS).as_posix() for p in sorted(RESULTS.glob(name))] if "*" in name else [name])
+    out: list[str] = []
+    for f in files:
+        # (pointer so far, segments left, whether a ``*`` above may drop this path when it lacks the rest)
+        todo: list[tuple[str, list[str], bool]] = [("", pointer.split("/")[1:], False)]
+        while todo:
+            done, rest, optional = todo.pop(0)
+            if not rest:
+                try:
+                    leaf = resolve(f"{f}#{done}")
+                except (KeyError, IndexError, TypeError, ValueError):
+                    if optional:
+                        continue  # a key under ``*`` without the rest of the path: not a member
+                    raise
+                if leaf is None and optional:
+                    continue  # nor one whose value is null (not measured: a probe that found no edge)
+                out.append(f"{f}#{done}")
+                continue
+            head, tail = rest[0], rest[1:]
+            alt = _ALTERNATIVES.fullmatch(head)
+            if head == "*":
+                try:
+                    value = resolve(f"{f}#{done}")
+                except (KeyError, IndexError, TypeError, ValueError):
+                    if optional:
+                        continue
+                    raise
+                if not isinstance(value, (list, dict)):
+                    if optional:
+                        continue
+                    raise TypeError(f"{f}#{done} is neither an object nor a list: no * below it")
+                keys = [str(i) for i in range(len(value))] if isinstance(value, list) else list(value)
+                todo += [(f"{done}/{k.replace('~', '~0').replace('/', '~1')}", tail, True) for k in keys]
+            elif alt:
+                todo += [(f"{done}/{k.strip()}", tail, optional) for k in alt["keys"].split(",")]
+            else:
+                todo.append((f"{done}/{head}", tail, optional))
+    return out
+
+
 def _wrong_ranges(text: str, located: list[tuple[int, int, dict[str, Any]]]) -> list[str]:
-    """Every member of a quoted range lies inside it, at the precision printed."""
+    """Every member of a quoted range lies inside it, at the precision printed; a range that names
+    its set (``over``) prints that set's smallest and largest member as its ends."""
     problems = []
-    for (s1, e1, lo), (s2, e2, hi) in zip(located, located[1:]):
+    ends: set[int] = set()
+    for i, ((s1, e1, lo), (s2, e2, hi)) in enumerate(zip(located, located[1:])):
         if not RANGE_JOIN.fullmatch(text[e1:s2]):
             continue
         if lo.get("transform") != hi.get("transform") or lo["format"] != hi["format"]:
+            continue
+        named = [e["over"] for e in (lo, hi) if e.get("over")]
+        if named:
+            ends |= {i, i + 1}
+            problems += _wrong_set(text[s1:e2], parse(text[s1:e1]), parse(text[s2:e2]), lo, hi, named)
             continue
         members = range_members(lo["source"], hi["source"])
         if len(members) <= 2:
@@ -434,6 +497,36 @@ def _wrong_ranges(text: str, located: list[tuple[int, int, dict[str, Any]]]) -> 
                 continue
             if not bounds[0] <= shown <= bounds[1]:
                 problems.append(f"{text[s1:e2]!r}: {src} prints {shown:g}, outside the range")
+    for i, (_, _, e) in enumerate(located):
+        if e.get("over") and i not in ends:
+            problems.append(f"{e['quote']!r} names a set ({e['over']}) but is not an end of a quoted range")
+    return problems
+
+
+def _wrong_set(quoted: str, low: float, high: float, lo: dict[str, Any], hi: dict[str, Any],
+               named: list[Any]) -> list[str]:
+    """The problems of a range ``low``–``high`` that summarises the set ``named``."""
+    try:
+        members = list(dict.fromkeys(src for over in named for src in expand(over)))
+    except (KeyError, IndexError, TypeError, ValueError, FileNotFoundError) as err:
+        return [f"{quoted!r}: its set {named}: {type(err).__name__}: {err}"]
+    if len(members) < 2:  # the ends' own sources may lie outside the set (a stored min and max of it)
+        return [f"{quoted!r}: its set {named} has {len(members)} member(s), not a range"]
+    problems: list[str] = []
+    shown: dict[str, float] = {}
+    for src in members:
+        try:
+            shown[src] = parse(render(resolve(src), lo["format"], lo.get("transform")))
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            problems.append(f"{quoted!r}: {src}: {type(err).__name__}: {err}")
+    if not shown:
+        return problems
+    bounds = sorted((low, high))
+    problems += [f"{quoted!r}: {src} prints {v:g}, outside the range" for src, v in shown.items()
+                 if not bounds[0] <= v <= bounds[1]]
+    smallest, largest = min(shown.values()), max(shown.values())
+    if (smallest, largest) != tuple(bounds) and not problems:
+        problems.append(f"{quoted!r}: its set's members print {smallest:g} to {largest:g}, not the range's ends")
     return problems
 
 

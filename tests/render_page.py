@@ -6,6 +6,10 @@ A template (``docs/_src/<page>.md``) is the page with each quoted number written
 ``{{file.json#/json/pointer|format}}`` or ``{{file.json#/pointer|format|transform}}``
     a figure: the stored value, formatted (``tests/figures.py``'s formats and transforms;
     negative numbers print with a true minus sign, ``−``);
+``{{file.json#/pointer|format|over=set}}`` (also after a transform)
+    one end of a range that summarises a set (``tests/figures.py``'s ``over``: a pattern with ``*``
+    or ``[a,b]`` segments, :func:`figures.expand`): the printed ends must be the set's smallest and
+    largest member;
 ``{{printed@file.json#/pointer|format}}``
     a figure printed as written, checked against its source at its precision (for ``sci``);
 ``{{=printed|why}}``
@@ -50,28 +54,31 @@ class Marker:
     fmt: str | None
     transform: str | None
     why: str | None
+    over: str | None = None  # the set a range's end summarises (figures.expand)
 
 
 def _minus(text: str) -> str:
     return "−" + text[1:] if text.startswith("-") else text
 
 
-def _parse(body: str) -> tuple[str | None, str | None, str | None, str | None, str | None]:
-    """(printed or None, source, format, transform, why) of one marker's body."""
+def _parse(body: str) -> tuple[str | None, str | None, str | None, str | None, str | None, str | None]:
+    """(printed or None, source, format, transform, why, over) of one marker's body."""
     if body.startswith("="):
         printed, sep, why = body[1:].partition("|")
         if not sep or not why.strip():
             raise TemplateError(f"an allowed number needs a reason: {{{{{body}}}}}")
-        return printed, None, None, None, why.strip()
+        return printed, None, None, None, why.strip(), None
     printed = None
     if "@" in body:
         printed, _, body = body.partition("@")
     parts = body.split("|")
-    if len(parts) not in (2, 3):
-        raise TemplateError(f"a figure is {{{{source|format}}}} or {{{{source|format|transform}}}}: {{{{{body}}}}}")
+    over = parts.pop()[len("over="):] if len(parts) > 2 and parts[-1].startswith("over=") else None
+    if len(parts) not in (2, 3) or over == "":
+        raise TemplateError(f"a figure is {{{{source|format}}}} or {{{{source|format|transform}}}}, "
+                            f"optionally then |over=set: {{{{{body}}}}}")
     source, fmt = parts[0], parts[1]
     transform = parts[2] if len(parts) == 3 else None
-    return printed, source, fmt, transform, None
+    return printed, source, fmt, transform, None, over
 
 
 def render(template: str) -> tuple[str, list[Marker]]:
@@ -82,7 +89,7 @@ def render(template: str) -> tuple[str, list[Marker]]:
     for m in MARKER.finditer(template):
         out.append(template[pos : m.start()])
         length += m.start() - pos
-        printed, source, fmt, transform, why = _parse(m["body"])
+        printed, source, fmt, transform, why, over = _parse(m["body"])
         if source is not None:
             assert fmt is not None
             try:
@@ -98,7 +105,7 @@ def render(template: str) -> tuple[str, list[Marker]]:
         assert printed is not None
         if not figures.NUMBER.fullmatch(printed):
             raise TemplateError(f"not a number as the pages print them: {printed!r}")
-        markers.append(Marker(length, length + len(printed), printed, source, fmt, transform, why))
+        markers.append(Marker(length, length + len(printed), printed, source, fmt, transform, why, over))
         out.append(printed)
         length += len(printed)
         pos = m.end()
@@ -143,6 +150,8 @@ def table(text: str, markers: list[Marker], page: str) -> str:
             fields += [f"source = {_toml_str(mk.source)}", f"format = {_toml_str(mk.fmt or '')}"]
             if mk.transform:
                 fields.append(f"transform = {_toml_str(mk.transform)}")
+            if mk.over:
+                fields.append(f"over = {_toml_str(mk.over)}")
         if nth is not None:
             fields.append(f"nth = {nth}")
         (allow if mk.source is None else lines).append("  { " + ", ".join(fields) + " },")
@@ -164,6 +173,7 @@ def from_page(page: str) -> str:
                 body = f"={printed}|{e['why']}"
             else:
                 src = f"{e['source']}|{e['format']}" + (f"|{e['transform']}" if e.get("transform") else "")
+                src += f"|over={e['over']}" if isinstance(e.get("over"), str) else ""
                 expected = figures.render(figures.resolve(e["source"]), e["format"], e.get("transform"))
                 body = src if printed == _minus(expected) and not e["format"].startswith("sci") else f"{printed}@{src}"
             spans.setdefault((start, end), body)

@@ -216,3 +216,49 @@ def test_quick_demo_with_find_lr_prints_the_suggestion_next_to_the_sweeps_best(t
 def test_find_lr_flag_is_refused_for_minilm(capsys):
     assert main(["demo", "--model", "minilm", "--find-lr", "--no-plot", "--no-json"]) == 2
     assert "--find-lr runs on the built-in mlp task only" in capsys.readouterr().err
+
+
+def _git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_demo_json_names_its_commit_versions_and_machine(monkeypatch, tmp_path):
+    """Issue #26: the demo's result records, at run time, the record every benchmark records."""
+    tiny = replace(_demo.MLP_PRESETS["quick"], steps=4, lrs=(1e-3,), eval_every=2, pretrain_steps=2, width=8, batch=8)
+    monkeypatch.setitem(_demo.MLP_PRESETS, "quick", tiny)
+    import torch
+
+    outside = torch.get_num_threads()
+    path = tmp_path / "d.json"
+    _demo.run_demo(quick=True, progress=False, ratios=(4,), json_path=path, command="python -m loraplus demo x",
+                   threads=2 if outside != 2 else 3)
+    data = json.loads(path.read_text())
+    # ground truth read here, not by the code under test: git, /proc/cpuinfo, the installed torch
+    assert data["command"] == "python -m loraplus demo x"
+    assert data["commit"] == _git("rev-parse", "HEAD")
+    assert data["dirty"] is bool(_git("status", "--porcelain", "--untracked-files=no"))
+    assert data["versions"]["torch"] == torch.__version__
+    assert all(data["versions"][lib] for lib in ("peft", "transformers", "pytorch-optimizer", "lora-pro-adamw"))
+    machine = data["machine"]
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert f"model name\t: {machine['cpu_model']}" in cpuinfo
+    assert machine["cpus"] == os.cpu_count() and machine["device"] == "cpu"
+    assert machine["torch_threads"] == (2 if outside != 2 else 3)  # the run's threads, not the caller's
+    assert torch.get_num_threads() == outside
+
+
+def test_outside_its_own_checkout_the_record_names_no_commit(tmp_path):
+    """A package installed inside some other git repository (a venv in a project) names no commit."""
+    from loraplus._demo import _provenance
+
+    outer = tmp_path / "project"
+    (outer / "venv" / "site-packages").mkdir(parents=True)
+    _git("init", "-q", cwd=outer)
+    (outer / "f").write_text("x")
+    _git("add", "f", cwd=outer)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", cwd=outer)
+    assert _provenance.commit(outer / "venv" / "site-packages") == (None, None)
+    assert _provenance.commit(tmp_path) == (None, None)  # not a checkout at all
+    assert _provenance.commit(outer) == (_git("rev-parse", "HEAD", cwd=outer), False)
+    (outer / "f").write_text("y")
+    assert _provenance.commit(outer)[1] is True

@@ -356,3 +356,100 @@ def test_every_value_in_a_quoted_range_is_checked():
     problems = figures.check(changed, {**moved, "figure": [
         {**e, "quote": e["quote"].replace("+1.2", "+1.1")} for e in moved["figure"]]})
     assert any("width64.json" in p and "outside the range" in p for p in problems), problems
+
+
+def _with_value(monkeypatch, source: str, value: float) -> None:
+    """figures reads ``source`` as ``value`` (a copy of its JSON with one value moved)."""
+    import copy
+
+    name, _, pointer = source.partition("#")
+    real = figures._load
+
+    def load(n: str):
+        data = real(n)
+        if n != name:
+            return data
+        data = copy.deepcopy(data)
+        *path, last = pointer.split("/")[1:]
+        node = data
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = value
+        return data
+
+    monkeypatch.setattr(figures, "_load", load)
+
+
+def test_a_member_inside_a_range_of_one_file_is_checked(monkeypatch):
+    """'λ=2, 16, 32 trail by 0.03–0.04': the ends are λ=2's and λ=16's, λ=32's lies between; moved
+    outside the printed range (its own JSON value changed), it is reported, not only a changed end."""
+    text, table = _page_and_table("docs/convergence.md")
+    (entry,) = [e for e in table["figure"] if e.get("over", "").startswith("minilm_summary.json#/main/best/[")]
+    assert figures.expand(entry["over"]) == [f"minilm_summary.json#/main/best/{r}/diff/mean" for r in ("2.0", "16.0", "32.0")]
+    middle = "minilm_summary.json#/main/best/32.0/diff/mean"
+    assert 0.03 <= figures.resolve(middle) < 0.035  # by hand: +0.032 prints 0.03, inside 0.03–0.04
+    _with_value(monkeypatch, middle, 0.061)
+    problems = figures.check(text, table)
+    assert any("32.0/diff/mean prints 0.06, outside the range" in p for p in problems), problems
+    _with_value(monkeypatch, middle, 0.0324)  # moved, but printed the same everywhere: no problem
+    assert not figures.check(text, table)
+
+
+def test_a_range_over_a_set_must_print_the_sets_ends():
+    """'2.3–2.8× a bare AdamW' over every size: re-tied and reprinted as 2.3–2.5× (each end still its
+    own key's value), the sizes outside it are reported."""
+    text, table = _page_and_table("docs/benchmarks.md")
+    (entry,) = [e for e in table["figure"] if e.get("over") == "construction.json#/sizes/*/loraplus_over_bare/median"]
+    (high,) = [e for e in table["figure"] if e["source"] == "construction.json#/sizes/0/loraplus_over_bare/median"
+               and e["format"] == ".1f"]
+    start, end, printed = figures.locate(text, high["quote"])
+    assert printed == "2.8"  # size 0: 2.76 by the JSON, the largest of the four
+    moved = {**high, "source": high["source"].replace("/sizes/0/", "/sizes/1/"),
+             "quote": high["quote"].replace("«2.8»", "«2.5»")}
+    changed = text[:start] + "2.5" + text[end:]
+    edited = {**table, "figure": [moved if e is high else e for e in table["figure"]]}
+    problems = figures.check(changed, edited)
+    assert any("sizes/0/loraplus_over_bare/median prints 2.8, outside the range" in p for p in problems), problems
+    # without the set named, the old check saw two ends in one file and passed
+    bare = {**edited, "figure": [{k: v for k, v in e.items() if k != "over"} for e in edited["figure"]]}
+    assert not figures.check(changed, bare)
+
+
+def test_a_set_pattern_names_its_members():
+    assert figures.expand("v2/summary.json#/width/per_width/*/gain_vs_lora") == [
+        f"v2/summary.json#/width/per_width/{w}/gain_vs_lora" for w in ("32", "64", "128", "256")]
+    # '*' keeps only the keys that have the rest of the path (LoRA-FA did not run on the A = 0 slice)
+    assert figures.expand("h2h/summary.json#/slices/*/lorafa/steps_to_target") == [
+        f"h2h/summary.json#/slices/{s}/lorafa/steps_to_target" for s in ("order_qv_B0", "source_qv_B0", "order_all_B0")]
+    with pytest.raises(KeyError):  # a key named in [..] must exist
+        figures.expand("minilm_summary.json#/a0/best/[4.0,5.0]/diff/mean")
+    page = "A set of one: 0.43 here.\n"
+    lone = {"figure": [{"quote": "one: «0.43» here", "source": "minilm_summary.json#/main/best/1.0/mean",
+                        "format": ".2f", "over": "minilm_summary.json#/main/best/*/mean"}], "allow": []}
+    assert any("not an end of a quoted range" in p for p in figures.check(page, lone))
+
+
+def test_a_template_marker_names_the_set_of_its_range():
+    key = "v2/summary.json#/width/per_width/128/gain_vs_lora"
+    over = "v2/summary.json#/width/per_width/*/gain_vs_lora"
+    text, markers = render_page.render(
+        f"gained {{{{{key}|.1f|percent|over={over}}}}}–{{{{v2/summary.json#/width/per_width/32/gain_vs_lora|.1f|percent}}}} %.\n")
+    assert text == "gained 0.1–0.4 %.\n" and markers[0].over == over and markers[0].transform == "percent"
+    tab = tomllib.loads(render_page.table(text, markers, "docs/x.md"))
+    assert tab["figure"][0]["over"] == over and "over" not in tab["figure"][1]
+    assert not figures.check(text, {"figure": tab["figure"], "allow": []})
+
+
+def test_a_stored_min_and_max_are_checked_against_the_values_they_summarise(monkeypatch):
+    """find_lr's '0.72–1.65×' prints the summary's min and max keys; its set is every (seed, ratio)
+    point's edge, so a point moved outside them is reported although both ends still match."""
+    text, table = _page_and_table("docs/find_lr.md")
+    over = "find_lr/width32.json#/summary/landmarks_vs_swept/points/*/edge_over_best"
+    assert sum(e.get("over") == over for e in table["figure"]) == 2  # the prose and the table row
+    points = figures.resolve("find_lr/width32.json#/summary/landmarks_vs_swept/points")
+    assert len(figures.expand(over)) == sum(p["edge_over_best"] is not None for p in points) == 8  # 4 ratios × 2 seeds
+    # a probe that found no edge (null) is no member: 3 of order_B0's 15 points
+    assert len(figures.expand(over.replace("width32", "order_B0"))) == 12
+    _with_value(monkeypatch, "find_lr/width32.json#/summary/landmarks_vs_swept/points/0/edge_over_best", 1.9)
+    problems = figures.check(text, table)
+    assert sum("points/0/edge_over_best prints 1.9, outside the range" in p for p in problems) == 2, problems

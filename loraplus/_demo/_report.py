@@ -6,8 +6,6 @@ Pure functions of the runs :mod:`loraplus._demo` produced; nothing here trains.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,27 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._table import render_table
+from ._provenance import record
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._config import DemoConfig
 
 __all__ = ["DemoResult", "MethodResult", "Paired", "format_table", "paired", "plot", "report", "verdict"]
-
-
-#: Libraries whose versions a result records (None: not installed).
-_LIBRARIES = ("torch", "peft", "transformers", "pytorch-optimizer", "lora-pro-adamw")
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for lib in _LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = None
-    return out
 
 
 @dataclass
@@ -130,6 +113,8 @@ class DemoResult:
     config: DemoConfig | None = None
     notes: list[str] = field(default_factory=list)
     find_lr: dict[str, Any] | None = None  # ``--find-lr``: the suggestion and the sweep's best
+    #: commit, versions and machine, taken while the run's threads were set (:func:`._provenance.record`)
+    provenance: dict[str, Any] | None = None
 
     @property
     def methods(self) -> list[MethodResult]:
@@ -177,7 +162,8 @@ class DemoResult:
         return paired(res.seed_finals, self.lora.seed_finals)
 
     def to_json(self, command: str | None = None) -> dict[str, Any]:
-        """Everything the run produced: config, per-method per-lr per-seed curves, the summary."""
+        """Everything the run produced: config, per-method per-lr per-seed curves, the summary, and
+        the provenance record (command, commit, dirty, versions, machine) at the top level."""
         summary = []
         for res in self.methods:
             p = self.paired_final(res)
@@ -191,10 +177,10 @@ class DemoResult:
                 **_median_range("speedup_per_seed", self.seed_speedups(res)),
                 "val_final_by_lr": {f"{lr:g}": v for lr, v in sorted(res.sweep.items())},
             })
+        made = self.provenance if self.provenance is not None else record(command)
         return {
+            **made,
             "command": command,
-            "versions": _versions(),
-            "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()},
             "model": self.model,
             "task": self.task,
             **({} if self.find_lr is None else {"find_lr": self.find_lr}),

@@ -30,6 +30,7 @@ from .._groups._build import DEFAULT_RATIO
 from ._config import MINILM_PRESETS, MLP_PRESETS, DemoConfig
 from ._minilm import _MiniLMTask
 from ._mlp import _MlpTask
+from ._provenance import record
 from ._report import DemoResult, MethodResult, plot
 from ._train import _progress, _threads
 
@@ -115,7 +116,10 @@ def run_demo(
             library's default and the paper's 16, each at its own best learning rate.
         out: where to write a PNG of the loss curves (needs matplotlib; skipped with a note if absent).
         json_path: where to write everything the run produced (:meth:`DemoResult.to_json`).
-        command: the command line recorded in the JSON.
+        command: the command line recorded in the JSON, next to the commit (and whether tracked files
+            were dirty), the library versions and the machine (CPU model, cores, torch threads,
+            device), all read while the run's threads are set; commit and dirty are ``None`` when
+            the package does not run from a git checkout.
         progress: show a progress bar on stderr (tqdm when installed).
         threads: torch CPU threads during the run (default 1: the matrices are small, and one
             thread is fastest on a shared machine).
@@ -156,8 +160,9 @@ def run_demo(
             bar.set_description("find_lr")
             best = min([lora, *plus], key=lambda res: res.sweep[res.lr])  # selected on validation, as each lr
             probe = _find_lr_lines(task, cfg, ratios, best, quick, lambda k: None)
+        made = record(command)  # inside the threads block: the machine record holds the run's threads
     bar.close()
-    result = DemoResult(model, task.description, lora, plus, time.perf_counter() - t0, cfg)
+    result = DemoResult(model, task.description, lora, plus, time.perf_counter() - t0, cfg, provenance=made)
     if probe is not None:
         result.notes.extend(probe[0])
         result.find_lr = probe[1]
