@@ -304,14 +304,20 @@ def guard(optimizer: Any) -> Guard | None:
         >>> loraplus.guard(opt) is None
         True
     """
-    seen: set[int] = set()
-    while optimizer is not None and id(optimizer) not in seen:  # accelerate, DeepSpeed: look through .optimizer
-        seen.add(id(optimizer))
-        found = vars(optimizer).get(_LINK) if hasattr(optimizer, "__dict__") else None
+    for obj in _chain(optimizer):
+        found = vars(obj).get(_LINK) if hasattr(obj, "__dict__") else None
         if isinstance(found, Guard):
             return found if found.active else None
-        optimizer = getattr(optimizer, "optimizer", None)
     return None
+
+
+def _chain(optimizer: Any) -> list[Any]:
+    """``optimizer`` and what it wraps as ``.optimizer`` (accelerate, DeepSpeed), outermost first."""
+    out: list[Any] = []
+    while optimizer is not None and all(optimizer is not o for o in out):
+        out.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return out
 
 
 def coerce_mode(value: Any) -> GuardMode | None:
@@ -380,15 +386,12 @@ def attach_guard(optimizer: Any, mode: GuardMode | None) -> Guard | None:
     """Attach a guard over ``optimizer``'s current groups (none for ``mode=None``), replacing an older one."""
     if mode is None:
         return None
-    target = optimizer
-    if not hasattr(target, "register_step_pre_hook"):
-        inner = getattr(target, "optimizer", None)  # accelerate's AcceleratedOptimizer and similar wrappers
-        if inner is None or not hasattr(inner, "register_step_pre_hook"):
-            raise LoraPlusError(
-                f"{type(optimizer).__name__} has no register_step_pre_hook, so the ratio guard cannot check its "
-                "rates at each step; pass guard=None to build it without the guard"
-            )
-        target = inner
+    target = next((o for o in _chain(optimizer) if hasattr(o, "register_step_pre_hook")), None)
+    if target is None:
+        raise LoraPlusError(
+            f"{type(optimizer).__name__} has no register_step_pre_hook, so the ratio guard cannot check its "
+            "rates at each step; pass guard=None to build it without the guard"
+        )
     old = guard(target)
     if old is not None:
         old.remove()
