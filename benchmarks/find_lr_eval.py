@@ -140,7 +140,7 @@ def run_task(task: str, out: Path, seeds: int, st: V.Settings | None = None, max
         run = _full_run(task, st, seed, s.lr, s.ratio)
         data["runs"].append({"seed": seed, "lr": s.lr, "ratio": s.ratio, "steps_used": s.steps_used,
                              "probe_seconds": probe_s, "explain": s.explain(),
-                             "per_ratio": [r._asdict() for r in s.per_ratio],
+                             "per_ratio": [r.to_dict() for r in s.per_ratio],
                              "test_loss": run["test_loss"], "val_loss": run["val_loss"], "diverged": run["diverged"],
                              "run_seconds": run["seconds"]})
         _save(path, data)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loraplus
 from loraplus import LoraPlusError, Role, find_lr
+from loraplus._find_lr import Phase
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -315,14 +316,14 @@ def _assert_divergence_as_documented(s, n_head: int) -> None:
     min) are those of the range test's first n_head losses, for its confirmation runs too; each
     probe (a confirmation retry too) tracks its own minimum, and stops at the first divergence."""
     for r in {p.ratio for p in s.table}:
-        head = [p.loss for p in s.table if p.ratio == r and p.phase == "range"][:n_head]
+        head = [p.loss for p in s.table if p.ratio == r and p.phase is Phase.RANGE][:n_head]
         start, spread = sum(head) / len(head), max(head) - min(head)
-        for phase in ("range", "confirm"):
+        for phase in (Phase.RANGE, Phase.CONFIRM):
             low = math.inf
             for p in (p for p in s.table if p.ratio == r and p.phase == phase):
                 if p.step == 1:
                     low = math.inf
-                ruled = phase == "confirm" or p.step > n_head
+                ruled = phase is Phase.CONFIRM or p.step > n_head
                 blown = not math.isfinite(p.loss) or (ruled and _rises_too_far(p.smoothed, low, start, spread))
                 assert p.diverged == blown, p
                 low = min(low, p.smoothed)
@@ -457,7 +458,7 @@ def _cliff(d: float) -> float:
 
 
 def _confirm_attempts(s) -> list:
-    return [p for p in s.table if p.phase == "confirm" and p.step == 1]
+    return [p for p in s.table if p.phase is Phase.CONFIRM and p.step == 1]
 
 
 def test_a_confirmation_that_diverges_is_retried_at_half_the_lr():
@@ -484,7 +485,7 @@ def test_retries_stop_when_the_budget_is_spent_and_the_reason_says_so():
     assert 49 * row.edge_lr / 2 > 0.05
     attempts = _confirm_attempts(s)
     assert len(attempts) == 2 and row.halvings == 1 and row.confirm_loss == math.inf
-    assert all(any(p.diverged for p in s.table if p.phase == "confirm" and p.lr == a.lr) for a in attempts)
+    assert all(any(p.diverged for p in s.table if p.phase is Phase.CONFIRM and p.lr == a.lr) for a in attempts)
     assert "every confirmation run diverged" in s.reason and s.steps_used <= 150
 
 
@@ -511,7 +512,7 @@ def test_the_table_is_consistent_and_explain_and_plot_work(tmp_path):
         if not math.isfinite(p.loss) or not math.isfinite(p.smoothed):
             assert p.diverged
     _assert_divergence_as_documented(s, 3)  # the first tenth of 30 range-test steps
-    ranges = [p for p in s.table if p.phase == "range"]
+    ranges = [p for p in s.table if p.phase is Phase.RANGE]
     assert any(p.diverged for p in ranges)  # lr up to 1e3 must blow up
     for r in (1.0, 4.0):
         pts = [p for p in ranges if p.ratio == r]
@@ -641,7 +642,7 @@ def test_a_one_shot_iterator_is_read_at_most_one_range_test_long():
             yield torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
 
     s = find_lr(_net(), _ce, endless(), ratios=(1, 4), max_steps=60, progress=False)
-    n_range = max(p.step for p in s.table if p.phase == "range")
+    n_range = max(p.step for p in s.table if p.phase is Phase.RANGE)
     assert read <= 20 and n_range <= 20  # 30 steps per ratio: 20 range-test, 10 confirmation
 
 
@@ -728,7 +729,7 @@ def test_a_shifted_real_loss_gets_the_same_suggestion():
     kwargs = {"ratios": (1, 4), "max_steps": 90, "lr_range": (1e-4, 1e3), "progress": False}
     plain = find_lr(_net(), _ce, _data(), **kwargs)
     low = find_lr(_net(), lambda m, b: _ce(m, b) - 3.0, _data(), **kwargs)
-    assert all(p.loss < 0 for p in low.table if p.phase == "range" and p.step <= 10)
+    assert all(p.loss < 0 for p in low.table if p.phase is Phase.RANGE and p.step <= 10)
     assert any(p.diverged for p in plain.table)  # lr up to 1e3: the rule is exercised
     assert (low.lr, low.ratio) == (plain.lr, plain.ratio)
     assert _points(low) == _points(plain)
@@ -779,7 +780,7 @@ def test_a_confirmation_run_measures_its_rise_from_its_range_tests_start():
     """safety 1: the confirmation runs fall, turn and rise; they diverge by the rule (not at a NaN),
     measured from the range test's start (a run's own first tenth has fallen already)."""
     s = find_lr(_Scripted(), _scripted_loss(_vee), [None], **{**_SCRIPTED, "safety": 1.0})
-    blown = [p for p in s.table if p.phase == "confirm" and p.diverged]
+    blown = [p for p in s.table if p.phase is Phase.CONFIRM and p.diverged]
     assert blown and all(math.isfinite(p.loss) for p in blown) and s.per_ratio[0].halvings >= 1
     _assert_divergence_as_documented(s, 10)
 

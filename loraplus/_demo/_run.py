@@ -72,7 +72,7 @@ def _find_lr_lines(task: Any, cfg: DemoConfig, ratios: Sequence[float], best: Me
         f"({(1 + len(ratios)) * len(cfg.lrs) * len(cfg.seeds)} runs of {cfg.steps} steps)",
     ]
     record = {"lr": s.lr, "ratio": s.ratio, "steps_used": s.steps_used, "test_final_mean": final,
-              "per_ratio": [r._asdict() for r in s.per_ratio], "notes": list(s.notes),
+              "per_ratio": [r.to_dict() for r in s.per_ratio], "notes": list(s.notes),
               "sweep_best": {"lr": best.lr, "ratio": best.ratio, "test_final_mean": best.final}}
     return lines, record
 

@@ -8,6 +8,6 @@
 from __future__ import annotations
 
 from ._probe import find_lr
-from ._suggestion import LrSuggestion, ProbePoint, RatioSummary
+from ._suggestion import LrSuggestion, Phase, ProbePoint, RatioSummary
 
-__all__ = ["LrSuggestion", "ProbePoint", "RatioSummary", "find_lr"]
+__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary", "find_lr"]

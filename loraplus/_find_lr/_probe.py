@@ -27,6 +27,7 @@ Design (also in ``docs/find_lr.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import numbers
@@ -46,7 +47,7 @@ from .._numbers import check_number
 from .._progress import _progress
 from .._role import Role
 from ._restore import Snapshot
-from ._suggestion import LrSuggestion, ProbePoint, RatioSummary
+from ._suggestion import LrSuggestion, Phase, ProbePoint, RatioSummary
 
 __all__ = ["DEFAULT_SAFETY", "DEFAULT_STEPS_PER_RATIO", "MIN_STEPS_PER_RATIO", "find_lr"]
 
@@ -175,9 +176,16 @@ def _check_swept(groups: Sequence[dict[str, Any]], follows: Sequence[bool], role
     )
 
 
-def _build(
-    optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs: dict[str, Any]
-) -> tuple[Any, list[float], list[bool]]:
+class _Built(NamedTuple):
+    """One probe's optimizer, each group's rate at the lr it was built with, and whether that rate
+    follows A's (B at ``ratio ×``, every role at A's rate) or is a rate of its own."""
+
+    optimizer: Any
+    base: list[float]
+    follows: list[bool]
+
+
+def _build(optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs: dict[str, Any]) -> _Built:
     """The probe's optimizer, each group's rate at ``lr`` and whether that rate follows A's.
 
     Which groups follow A's rate is read before the optimizer is built: building it may change the
@@ -201,7 +209,7 @@ def _build(
             "'lr' and 'role'), so B cannot get ratio x A's rate; use an optimizer that takes per-group lr "
             "(e.g. torch.optim.AdamW)"
         )
-    return opt, [float(g["lr"]) for g in groups], follows
+    return _Built(opt, [float(g["lr"]) for g in groups], follows)
 
 
 class _Start(NamedTuple):
@@ -247,15 +255,15 @@ def _loss(loss_fn: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module, b
 
 def _run(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], batches: _Batches,
-    built: tuple[Any, list[float], list[bool]], lrs: Sequence[float],
-    lr0: float, ratio: float, phase: str, beta: float, check_first: bool, tick: Callable[[int], None],
+    built: _Built, lrs: Sequence[float],
+    lr0: float, ratio: float, phase: Phase, beta: float, check_first: bool, tick: Callable[[int], None],
     start: _Start | None, n_head: int,
 ) -> list[ProbePoint]:
     """Train one probe from the current state: step k at A's lr ``lrs[k]``; stops at divergence.
 
     ``start`` is what a rise is measured against; ``None`` (the range test): the first ``n_head``
     losses, from which step on the rise rule applies (before it, only a non-finite loss diverges)."""
-    opt, base, follows = built
+    opt, base, follows = built.optimizer, built.base, built.follows
     points: list[ProbePoint] = []
     avg, best = 0.0, math.inf
     stream = batches.probe()
@@ -265,15 +273,15 @@ def _run(
         loss = _loss(loss_fn, model, next(stream), check_first and k == 1)
         value = float(loss.item())
         if not math.isfinite(value):
-            points.append(ProbePoint(ratio, phase, lr, k, value, math.inf, True))
+            points.append(_point(ratio, phase, lr, k, value, math.inf, True))
             break
         avg = beta * avg + (1 - beta) * value
         smoothed = avg / (1 - beta**k)
         if start is not None and _diverged(smoothed, best, start):
-            points.append(ProbePoint(ratio, phase, lr, k, value, smoothed, True))
+            points.append(_point(ratio, phase, lr, k, value, smoothed, True))
             break
         best = min(best, smoothed)
-        points.append(ProbePoint(ratio, phase, lr, k, value, smoothed, False))
+        points.append(_point(ratio, phase, lr, k, value, smoothed, False))
         if start is None and k == n_head:
             start = _start([p.loss for p in points])
         opt.zero_grad(set_to_none=True)
@@ -419,7 +427,7 @@ def find_lr(
             _fresh(snapshot, model, train)
             bar.set_description(f"find_lr ratio {ratio:g}: range test")
             built = _build(optimizer_cls, model, ratio, lo, optimizer_kwargs)
-            pts = _run(model, loss_fn, stream, built, range_lrs, lo, ratio, "range", beta, i == 0, bar.update,
+            pts = _run(model, loss_fn, stream, built, range_lrs, lo, ratio, Phase.RANGE, beta, i == 0, bar.update,
                        None, n_head)
             del built  # the optimizer and its state go with each probe
             table += pts
@@ -439,7 +447,7 @@ def find_lr(
                 bar.set_description(f"find_lr ratio {ratio:g}: confirmation")
                 built = _build(optimizer_cls, model, ratio, lr, optimizer_kwargs)
                 # from the same start on the same first batches as the range test: its start is this run's too
-                pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, "confirm", beta, False,
+                pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, Phase.CONFIRM, beta, False,
                            bar.update, start, n_head)
                 del built  # the optimizer and its state go with each probe
                 table += pts
@@ -452,7 +460,7 @@ def find_lr(
                 lr, halvings = lr / 2, halvings + 1
             tail = [p.loss for p in pts[-max(1, n_confirm // 4):]]
             loss = math.inf if diverged else sum(tail) / len(tail)
-            per_ratio.append(summary._replace(suggested_lr=lr, halvings=halvings, confirm_loss=loss,
+            per_ratio.append(dataclasses.replace(summary, suggested_lr=lr, halvings=halvings, confirm_loss=loss,
                                               steps=summary.steps + taken))
     finally:
         snapshot.restore()
@@ -477,8 +485,8 @@ def find_lr(
                 "suggestion is the lr at the minimum divided by safety; raise lr_range[1] to find the edge"
             )
     steps_used = sum(1 for p in table if not p.diverged)
-    return LrSuggestion(chosen.suggested_lr, chosen.ratio, tuple(table), tuple(per_ratio), steps_used, reason,
-                        tuple(notes), _lag(beta))
+    return LrSuggestion(lr=chosen.suggested_lr, ratio=chosen.ratio, table=tuple(table), per_ratio=tuple(per_ratio),
+                        steps_used=steps_used, reason=reason, notes=tuple(notes), lag=_lag(beta))
 
 
 def _fresh(snapshot: Snapshot, model: nn.Module, train: bool) -> None:
@@ -487,6 +495,10 @@ def _fresh(snapshot: Snapshot, model: nn.Module, train: bool) -> None:
     snapshot.clear_grads()
     if train:
         model.train()
+
+
+def _point(ratio: float, phase: Phase, lr: float, step: int, loss: float, smoothed: float, diverged: bool) -> ProbePoint:
+    return ProbePoint(ratio=ratio, phase=phase, lr=lr, step=step, loss=loss, smoothed=smoothed, diverged=diverged)
 
 
 def _head(n_range: int) -> int:
@@ -518,7 +530,9 @@ def _read_range(ratio: float, pts: list[ProbePoint], lrs: Sequence[float], beta:
     # without an edge the range test gives no stability bound; its minimum, always below the edge,
     # stands in for it
     suggested = (lr_of(at) if edge_lr is None else edge_lr) / safety
-    return RatioSummary(ratio, suggested, at.smoothed, lr_of(at), start.level, edge_lr, diverged, 0, math.nan, len(ok))
+    return RatioSummary(ratio=ratio, suggested_lr=suggested, best_smoothed=at.smoothed, lr_at_best=lr_of(at),
+                        start_loss=start.level, edge_lr=edge_lr, diverged_at=diverged, halvings=0,
+                        confirm_loss=math.nan, steps=len(ok))
 
 
 def _check_ratios(ratios: Any) -> list[float]:

@@ -2,37 +2,51 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 from .._errors import LoraPlusError
 from .._table import render_table
 
-__all__ = ["LrSuggestion", "ProbePoint", "RatioSummary"]
+__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary"]
 
 
-class ProbePoint(NamedTuple):
+class Phase(enum.Enum):
+    """Which part of a ratio's probe a :class:`ProbePoint` belongs to."""
+
+    RANGE = "range"  #: the lr range test
+    CONFIRM = "confirm"  #: the confirmation run at the ratio's suggested lr
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbePoint:
     """One step of one probe.
 
-    ``phase`` is ``"range"`` (the lr range test) or ``"confirm"`` (the confirmation run at the
-    ratio's suggested lr); ``lr`` is A's rate at that step (B's is ``lr * ratio``); ``step``
+    ``phase`` is :attr:`Phase.RANGE` (the lr range test) or :attr:`Phase.CONFIRM` (the
+    confirmation run at the ratio's suggested lr); ``lr`` is A's rate at that step (B's is ``lr * ratio``); ``step``
     counts from 1 within the probe; ``loss`` is the loss ``loss_fn`` returned before the step's
     update, ``smoothed`` its bias-corrected moving average. A ``diverged`` point took no step.
     """
 
     ratio: float
-    phase: str
+    phase: Phase
     lr: float
     step: int
     loss: float
     smoothed: float
     diverged: bool
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (``phase`` as its value), for JSON."""
+        return {**asdict(self), "phase": self.phase.value}
 
-class RatioSummary(NamedTuple):
+
+@dataclass(frozen=True, kw_only=True)
+class RatioSummary:
     """The probe of one ratio (every lr is A's).
 
     ``suggested_lr`` is ``edge_lr / safety`` (``lr_at_best / safety`` without an edge), halved
@@ -58,12 +72,16 @@ class RatioSummary(NamedTuple):
     confirm_loss: float
     steps: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only, for JSON."""
+        return asdict(self)
+
 
 def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LrSuggestion:
     """The learning rate (A's; B's is ``lr * ratio``) and ratio :func:`loraplus.find_lr` suggests.
 
@@ -130,7 +148,7 @@ class LrSuggestion:
             raise LoraPlusError("LrSuggestion.plot needs matplotlib: pip install matplotlib") from err
         fig, ax = plt.subplots(figsize=(6, 4))
         for s in self.per_ratio:
-            pts = [p for p in self.table if p.ratio == s.ratio and p.phase == "range"]
+            pts = [p for p in self.table if p.ratio == s.ratio and p.phase is Phase.RANGE]
             lrs = [p.lr for p in pts]
             shown = [(lrs[max(0, i - self.lag)], p.smoothed) for i, p in enumerate(pts) if math.isfinite(p.smoothed)]
             (line,) = ax.plot([x for x, _ in shown], [y for _, y in shown], label=f"ratio {s.ratio:g}")
