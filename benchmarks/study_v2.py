@@ -96,6 +96,9 @@ def ratio_of(method: str) -> float:
         return float(m.group(1))
     if method == "lorapro":
         return 1.0
+    m = re.fullmatch(r"prodigysf(\d+)", method)
+    if m:
+        return float(m.group(1))
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -107,6 +110,8 @@ def label(method: str) -> str:
         return f"LoRA+ λ={lam:g}"
     if method == "lorapro":
         return "LoRA-Pro"
+    if method.startswith("prodigysf"):
+        return f"Prodigy+ScheduleFree, LoRA+ λ={lam:g}"
     return f"Riemannian + λ={lam:g}, δ={float(method.split('_reg')[1]):g}"
 
 
@@ -153,6 +158,12 @@ def build(method: str, model: Any, lr: float) -> list[Any]:
         for g in opt.param_groups[:-1]:  # its inner AdamW holds the head; the last group is the adapter
             g["lr"] = H.HEAD_LR
         return [opt]
+    if method.startswith("prodigysf"):
+        from prodigyplus import ProdigyPlusScheduleFree
+
+        # learning-rate free, untuned: every group's lr is a multiplier on one shared estimate d
+        # (split_groups=False), so B steps ratio x A's step and the head A's; its own defaults otherwise
+        return [loraplus.LoraPlus(ProdigyPlusScheduleFree, model, ratio=ratio_of(method), lr=1.0, split_groups=False)]
     extra: dict[str, Any] = {}
     if method.startswith("riemannian"):
         extra = {"precondition": "riemannian", "precondition_reg": float(method.split("_reg")[1])}
@@ -173,7 +184,11 @@ def train_minilm(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = H.adapted_model("lora", init, H.QV, job["seed"])
     opts = build(job["method"], model, job["lr"])
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, S.schedule(st.steps)) for o in opts]
+    # a schedule-free optimizer takes no schedule; it trains in train() mode and is read in eval() mode
+    schedule_free = job["method"].startswith("prodigysf")
+    scheds = [] if schedule_free else [torch.optim.lr_scheduler.LambdaLR(o, S.schedule(st.steps)) for o in opts]
+    for o in opts if schedule_free else ():
+        o.train()
     train_idx, val_idx, test_idx = H.split_v2(task)
     val_idx, test_idx = val_idx[: st.n_eval], test_idx[: st.n_eval]
     gen = torch.Generator().manual_seed(job["seed"])
@@ -191,6 +206,8 @@ def train_minilm(job: dict[str, Any]) -> dict[str, Any]:
         if not math.isfinite(v):
             break
     model.eval()
+    for o in opts if schedule_free else ():
+        o.eval()
     val_loss, val_acc = _evaluate(model, task, val_idx, 98)
     test_loss, test_acc = _evaluate(model, task, test_idx, 99)
     diverged = len(curve) < st.steps or not (math.isfinite(val_loss) and math.isfinite(test_loss))

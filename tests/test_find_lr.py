@@ -924,3 +924,119 @@ def test_lorafa_leaves_requires_grad_as_it_was(loss_fn, error, match):
         with pytest.raises(error, match=match):
             find_lr(net, loss_fn, _data(), **kwargs)
     _assert_unchanged(net, snap)
+
+
+# --------------------------------------------------------------------------- no edge: a loss far above where it ends
+
+
+def _far_task():
+    """The built-in demo's task, made small: a pre-trained MLP whose LoRA adapters must learn a
+    rotated teacher, so the loss starts several times above where training takes it and no rate in
+    the range makes it climb back above its start (the full demo: ~25 at first, ~1.1 trained)."""
+    from loraplus._demo._config import MLP_PRESETS
+    from loraplus._demo._mlp import _MlpTask
+
+    cfg = dataclasses.replace(MLP_PRESETS["quick"], width=64, depth=2, pretrain_steps=300, batch=64)
+    task = _MlpTask(cfg, lambda k: None)
+    g = torch.Generator().manual_seed(100)
+    batches = []
+    for _ in range(150):
+        idx = torch.randint(0, len(task.x), (cfg.batch,), generator=g)
+        batches.append((task.x[idx], task.y[idx]))
+    return task, batches, (task.x_val, task.y_val)
+
+
+def _train_far(task, lr: float, batches: list, held: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The test's own loop: constant-lr AdamW on every adapter factor (ratio 1), then the held-out loss."""
+    model = task.model(0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    for batch in batches:
+        loss = _ce(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = _ce(model, held).item()
+    return out if math.isfinite(out) else math.inf
+
+
+def test_without_an_edge_a_loss_far_above_its_end_gets_the_steepest_fall_near_a_sweeps_best():
+    """The demo's failure: no edge, the loss falls over most of the range, its minimum sits near
+    the top, and minimum / 3 landed far above the best rate (the suggestion before this rule)."""
+    task, batches, held = _far_task()
+    grid = [2.0**k for k in range(-13, -1)]
+    finals = {lr: _train_far(task, lr, batches, held) for lr in grid}
+    best = min(grid, key=finals.__getitem__)
+    model = task.model(0)
+    start = _ce(model, held).item()
+    assert start > 3 * finals[best]  # the setting: a loss far above where it ends
+    s = find_lr(model, _ce, batches, ratios=(1,), max_steps=150, lr_range=(1e-5, 1.0), weight_decay=0.0,
+                progress=False)
+    (row,) = s.per_ratio
+    assert row.edge_lr is None and row.rule is loraplus._find_lr.Rule.STEEPEST
+    assert abs(math.log2(s.lr / best)) <= 1, (s.lr, best, finals)  # within one x2 step of the sweep's best
+    assert row.lr_at_best / 3 > 4 * best  # the minimum / safety it replaces misses by more than x4 here
+    assert finals[best] <= min(finals.values())
+
+
+# --------------------------------------------------------------------------- lora_lr: the λ^-1/2 law
+
+
+def _never_called(model: nn.Module, batch: object) -> torch.Tensor:
+    raise AssertionError("find_lr(lora_lr=..., one ratio) must not compute a loss")
+
+
+@pytest.mark.parametrize("ratio, lora_lr, expected", [(1, 1e-3, 1e-3), (4, 1e-3, 5e-4), (16, 2e-4, 5e-5)])
+def test_lora_lr_with_one_ratio_is_the_law_and_touches_nothing(ratio, lora_lr, expected):
+    model = _net()
+    snap = _snapshot(model)
+    s = find_lr(model, _never_called, [], ratios=(ratio,), lora_lr=lora_lr, progress=False)
+    assert s.lr == pytest.approx(expected, rel=1e-12) and s.ratio == ratio  # A at lora_lr / sqrt(ratio)
+    assert s.lr * s.ratio == pytest.approx(lora_lr * ratio**0.5, rel=1e-12)  # B at lora_lr * sqrt(ratio)
+    assert s.steps_used == 0 and s.table == ()
+    assert s.per_ratio[0].rule is loraplus._find_lr.Rule.LAW and s.per_ratio[0].edge_lr is None
+    _assert_unchanged(model, snap)
+    assert "lora_lr" in s.explain() or "x ratio^-0.5" in s.explain()
+
+
+def test_lora_lr_with_several_ratios_confirms_each_law_rate_with_the_whole_budget():
+    model = _net()
+    snap = _snapshot(model)
+    s = find_lr(model, _ce, _data(), ratios=(1, 4, 16), lora_lr=4e-3, max_steps=90, progress=False)
+    _assert_unchanged(model, snap)
+    assert [r.ratio for r in s.per_ratio] == [1, 4, 16]
+    assert [r.suggested_lr for r in s.per_ratio] == pytest.approx([4e-3, 2e-3, 1e-3], rel=1e-12)
+    assert all(p.phase is Phase.CONFIRM for p in s.table)
+    for r in (1, 4, 16):  # each ratio: one 30-step confirmation run at its law rate, from the same start
+        pts = [p for p in s.table if p.ratio == r]
+        assert [p.step for p in pts] == list(range(1, 31)) and {p.lr for p in pts} == {4e-3 / r**0.5}
+    assert s.steps_used == 90
+    first = {r: [p.loss for p in s.table if p.ratio == r][0] for r in (1, 4, 16)}
+    assert first[1] == first[4] == first[16]  # the same start and the same first batch
+    tails = {r.ratio: r.confirm_loss for r in s.per_ratio}
+    expect = {r: sum(p.loss for p in s.table if p.ratio == r and p.step > 30 - 7) / 7 for r in (1, 4, 16)}
+    assert tails == pytest.approx(expect, rel=1e-12)
+    assert s.ratio == min(expect, key=lambda r: (expect[r], r)) and s.lr == pytest.approx(4e-3 / s.ratio**0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"lora_lr": 0}, "lora_lr must be positive"),
+        ({"lora_lr": -1e-3}, "lora_lr must be positive"),
+        ({"lora_lr": float("nan")}, "lora_lr must be finite"),
+        ({"lora_lr": 1e-3, "lr_range": (1e-6, 1.0)}, "lr_range=(1e-06, 1.0) read the range test, which lora_lr= skips"),
+        ({"lora_lr": 1e-3, "safety": 3}, "safety=3 read the range test"),
+    ],
+)
+def test_lora_lr_refusals_say_why(kwargs, needle):
+    msg = _refused(".", **kwargs)
+    assert needle in msg, msg
+
+
+def test_lora_lr_whose_every_confirmation_diverges_is_refused_and_the_model_restored():
+    model = _net()
+    snap = _snapshot(model)
+    with pytest.raises(LoraPlusError, match="every confirmation run diverged at its rate lora_lr"):
+        find_lr(model, _ce, _data(), ratios=(1, 4), lora_lr=1e12, max_steps=60, progress=False)
+    _assert_unchanged(model, snap)

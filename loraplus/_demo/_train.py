@@ -55,14 +55,18 @@ def _loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _train(
     m: nn.Module, task: Any, lr: float, ratio: float, seed: int, tick: Callable[[int], None],
-    role_lr: dict[str, float] | None = None,
+    role_lr: dict[str, float] | None = None, optimizer_cls: Any = torch.optim.AdamW,
+    options: dict[str, Any] | None = None, schedule_free: bool = False,
 ) -> tuple[list[float], float]:
-    """AdamW through LoraPlus on ``task``'s data (``x``, ``y``, ``x_val``, ``y_val``, ``x_test``,
-    ``y_test``, ``cfg``); returns the test loss every ``cfg.eval_every`` steps and the final
-    validation loss (``inf`` once it diverges)."""
+    """AdamW (or ``optimizer_cls`` with ``options``) through LoraPlus on ``task``'s data (``x``,
+    ``y``, ``x_val``, ``y_val``, ``x_test``, ``y_test``, ``cfg``); returns the test loss every
+    ``cfg.eval_every`` steps and the final validation loss (``inf`` once it diverges). A
+    ``schedule_free`` optimizer is switched to its ``eval()`` weights for every evaluation."""
     cfg = task.cfg
     m.train()
-    opt = LoraPlus(torch.optim.AdamW, m, ratio=ratio, lr=lr, weight_decay=0.0, role_lr=role_lr)
+    opt = LoraPlus(optimizer_cls, m, ratio=ratio, lr=lr, weight_decay=0.0, role_lr=role_lr, **(options or {}))
+    if schedule_free:
+        opt.train()
     gen = torch.Generator().manual_seed(100 + seed)
     curve = []
     for step in range(1, cfg.steps + 1):
@@ -73,5 +77,11 @@ def _train(
         opt.step()
         tick(1)
         if step % cfg.eval_every == 0:
+            if schedule_free:
+                opt.eval()
             curve.append(_loss(m, task.x_test, task.y_test))
+            if schedule_free:
+                opt.train()
+    if schedule_free:
+        opt.eval()
     return curve, _loss(m, task.x_val, task.y_val)

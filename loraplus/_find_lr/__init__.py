@@ -8,6 +8,6 @@
 from __future__ import annotations
 
 from ._probe import find_lr
-from ._suggestion import LrSuggestion, Phase, ProbePoint, RatioSummary
+from ._suggestion import LrSuggestion, Phase, ProbePoint, RatioSummary, Rule
 
-__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary", "find_lr"]
+__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary", "Rule", "find_lr"]

@@ -47,9 +47,9 @@ from .._numbers import check_number
 from .._progress import _progress
 from .._role import Role
 from ._restore import Snapshot
-from ._suggestion import LrSuggestion, Phase, ProbePoint, RatioSummary
+from ._suggestion import LrSuggestion, Phase, ProbePoint, RatioSummary, Rule
 
-__all__ = ["DEFAULT_SAFETY", "DEFAULT_STEPS_PER_RATIO", "MIN_STEPS_PER_RATIO", "find_lr"]
+__all__ = ["DEFAULT_LR_RANGE", "DEFAULT_SAFETY", "DEFAULT_STEPS_PER_RATIO", "LAW_EXPONENT", "MIN_STEPS_PER_RATIO", "find_lr"]
 
 #: Steps per ratio when ``max_steps`` is None: two thirds range test, one third confirmation.
 DEFAULT_STEPS_PER_RATIO = 150
@@ -69,6 +69,13 @@ START_FRACTION = 0.1
 #: a warm-up + cosine run; on the paper's toy (full-batch GD, 200 steps) rates above about a third
 #: of the edge diverge late in the run. 3 serves both (docs/find_lr.md).
 DEFAULT_SAFETY = 3.0
+#: ``lr_range``'s default: A's lr at the range test's first and last step.
+DEFAULT_LR_RANGE = (1e-6, 1.0)
+#: Given plain LoRA's rate (``lora_lr``), ratio λ's A rate is ``lora_lr × λ^-LAW_EXPONENT`` (B's then
+#: grows as ``λ^(1 - LAW_EXPONENT)``). Fitted to study v2's best swept rate per ratio
+#: (benchmarks/results/v2): 0.38 and 0.25 on MiniLM with B=0 and A=0, 0.80, 0.55, 0.66 and 0.38 on
+#: the width family's widths 32-256; their median, 0.47, rounded to the grid's half step.
+LAW_EXPONENT = 0.5
 
 
 class _Batches:
@@ -299,8 +306,9 @@ def find_lr(
     optimizer_cls: Callable[..., Any] = torch.optim.AdamW,
     ratios: Sequence[float] = (1, 4, 16),
     max_steps: int | None = None,
-    lr_range: tuple[float, float] = (1e-6, 1.0),
-    safety: float = DEFAULT_SAFETY,
+    lr_range: tuple[float, float] | None = None,
+    safety: float | None = None,
+    lora_lr: float | None = None,
     beta: float = 0.9,
     train: bool = True,
     offload: bool = False,
@@ -310,8 +318,12 @@ def find_lr(
     """Suggest A's learning rate and the B/A ratio for ``model`` with a short probe per ratio.
 
     For each ratio: an exponential lr range test, whose edge (where the loss climbs back above
-    its start) divided by ``safety`` is the ratio's suggestion, then a confirmation run at that
-    lr; the ratio with the lowest confirmation loss wins (see ``docs/find_lr.md``). The rules
+    its start) divided by ``safety`` is the ratio's suggestion (without an edge: the lower of the
+    minimum's lr divided by ``safety`` and the lr where the loss fell fastest), then a confirmation
+    run at that lr; the ratio with the lowest confirmation loss wins (see ``docs/find_lr.md``).
+    Given plain LoRA's rate (``lora_lr``), there is no range test: ratio λ's rate is
+    ``lora_lr × λ^-1/2``; one ratio then takes no step at all, several are compared by
+    confirmation runs that take each ratio's whole budget. The rules
     compare losses by their differences only, so a loss that can be negative (a shifted loss, a
     Gaussian NLL, an ELBO) gets the suggestion of the same loss shifted up.
     Every probe starts from the model as given, restored in place from one snapshot; the
@@ -340,9 +352,13 @@ def find_lr(
         max_steps: total optimizer steps over all probes (default ``150 × len(ratios)``); each
             ratio gets ``max_steps // len(ratios)``, at least 30: two thirds range test, one
             third confirmation.
-        lr_range: A's lr at the first and last range-test step.
+        lr_range: A's lr at the first and last range-test step (default ``(1e-6, 1.0)``).
         safety: the suggested lr is the range test's edge divided by this (default 3; how it was
             set is in docs/find_lr.md).
+        lora_lr: the rate plain LoRA (ratio 1) trains well at, when you have one: ratio λ's A rate
+            is then ``lora_lr × λ^-1/2`` (``LAW_EXPONENT``, fitted to study v2's swept rates; B's is
+            ``lora_lr × λ^1/2``), with no range test, so ``lr_range`` and ``safety`` are refused
+            beside it. With one ratio the probe takes no step and does not touch the model.
         beta: the loss smoothing factor (bias-corrected EMA).
         train: put the model in train mode (``model.train()``) for every probe, as a training loop
             does, so dropout is on (default); a model from ``from_pretrained`` is in eval mode, and
@@ -361,8 +377,9 @@ def find_lr(
     Raises:
         LoraPlusError: on a model without adapters, empty batches, a non-scalar loss or one that is
             not finite before any update, an optimizer without per-group lr, a ``role_lr`` that
-            fixes A's or B's rate, bad ``ratios``, ``max_steps``, ``lr_range``, ``safety``, ``beta``
-            or ``train``.
+            fixes A's or B's rate, bad ``ratios``, ``max_steps``, ``lr_range``, ``safety``, ``lora_lr``,
+            ``beta`` or ``train``, ``lr_range`` or ``safety`` beside ``lora_lr``, and when every
+            confirmation run at ``lora_lr``'s rates diverges.
 
     Warns:
         UserWarning: for a learning-rate-free optimizer that keeps per-group rates (its record in
@@ -390,11 +407,20 @@ def find_lr(
             f"({MIN_STEPS_PER_RATIO * n} for {n} ratios), got {max_steps!r}; pass None for the default "
             f"({DEFAULT_STEPS_PER_RATIO} per ratio)"
         )
-    lo = check_number("lr_range[0]", lr_range[0])
-    hi = check_number("lr_range[1]", lr_range[1])
+    if lora_lr is not None:
+        lora_lr = check_number("lora_lr", lora_lr)
+        unused = [f"{k}={v!r}" for k, v in (("lr_range", lr_range), ("safety", safety)) if v is not None]
+        if unused:
+            raise LoraPlusError(
+                f"{' and '.join(unused)} read the range test, which lora_lr= skips (each ratio's rate comes from "
+                "lora_lr); drop them, or drop lora_lr to run the range test"
+            )
+    lo, hi = DEFAULT_LR_RANGE if lr_range is None else lr_range
+    lo = check_number("lr_range[0]", lo)
+    hi = check_number("lr_range[1]", hi)
     if not lo < hi:
-        raise LoraPlusError(f"lr_range must be (low, high) with low < high, got {tuple(lr_range)!r}")
-    safety = check_number("safety", safety)
+        raise LoraPlusError(f"lr_range must be (low, high) with low < high, got {tuple(lr_range or ())!r}")
+    safety = DEFAULT_SAFETY if safety is None else check_number("safety", safety)
     beta = check_number("beta", beta, allow_zero=True)
     if beta >= 1:
         raise LoraPlusError(f"beta must be in [0, 1), got {beta!r}")
@@ -404,15 +430,24 @@ def find_lr(
     if not isinstance(train, bool):
         raise LoraPlusError(f"train must be True (probe in train mode) or False (in the modes given), got {train!r}")
     _check_optimizer(optimizer_cls, ratio_list)
-    per = int(max_steps) // n
-    n_confirm = per // 3
-    n_range = per - n_confirm
-    n_head = _head(n_range)
-    range_lrs = [lo * (hi / lo) ** (k / (n_range - 1)) for k in range(n_range)]
     # labelling errors (no adapters, ...) and a role_lr that fixes A or B surface here; labelling
     # changes nothing, so this needs no snapshot
     _check_swept(*_follows(model, ratio_list[0], lo, optimizer_kwargs), optimizer_kwargs.get("role_lr"))
-    stream = _Batches(batches, n_range)
+    per = int(max_steps) // n
+    if lora_lr is not None:
+        law = [_law(ratio, lora_lr) for ratio in ratio_list]
+        if n == 1:  # nothing to compare: the law is the answer, and the model is not touched
+            return LrSuggestion(lr=law[0].suggested_lr, ratio=law[0].ratio, table=(), per_ratio=tuple(law),
+                                steps_used=0, reason=f"the only ratio; its lr is lora_lr x ratio^-{LAW_EXPONENT:g}",
+                                lag=_lag(beta))
+        # no range test: each ratio's whole budget confirms its law rate
+        n_range, n_confirm = 0, per
+    else:
+        n_confirm = per // 3
+        n_range = per - n_confirm
+    n_head = _head(n_range or n_confirm)
+    range_lrs = [lo * (hi / lo) ** (k / (n_range - 1)) for k in range(n_range)]
+    stream = _Batches(batches, n_range or n_confirm)
     if progress is None:
         progress = sys.stderr.isatty()
     bar = _progress(n * (n_range + n_confirm), "find_lr", progress)
@@ -420,10 +455,14 @@ def find_lr(
     # (precondition="lorafa" freezes A), train=True does, and so does every step
     snapshot = Snapshot(model, offload=offload)
     table: list[ProbePoint] = []
-    ranged: list[tuple[RatioSummary, _Start]] = []  # each ratio's range test; its confirmation fills in the rest
+    # each ratio's range test (or law rate) and the start its confirmation measures a rise against
+    # (None under the law: the confirmation's own first steps, as a range test's)
+    ranged: list[tuple[RatioSummary, _Start | None]] = []
     per_ratio: list[RatioSummary] = []
     try:
-        for i, ratio in enumerate(ratio_list):
+        if lora_lr is not None:
+            ranged = [(s, None) for s in law]
+        for i, ratio in enumerate(ratio_list if lora_lr is None else ()):
             _fresh(snapshot, model, train)
             bar.set_description(f"find_lr ratio {ratio:g}: range test")
             built = _build(optimizer_cls, model, ratio, lo, optimizer_kwargs)
@@ -439,7 +478,7 @@ def find_lr(
             ranged.append((_read_range(ratio, pts, range_lrs, beta, safety, start, n_head), start))
         # steps the range tests left unused (they stop at divergence) fund confirmation retries
         spare = int(max_steps) - sum(r.steps for r, _ in ranged) - n * n_confirm
-        for summary, start in ranged:
+        for i, (summary, start) in enumerate(ranged):
             ratio, lr = summary.ratio, summary.suggested_lr
             taken = halvings = 0
             while True:
@@ -447,8 +486,8 @@ def find_lr(
                 bar.set_description(f"find_lr ratio {ratio:g}: confirmation")
                 built = _build(optimizer_cls, model, ratio, lr, optimizer_kwargs)
                 # from the same start on the same first batches as the range test: its start is this run's too
-                pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, Phase.CONFIRM, beta, False,
-                           bar.update, start, n_head)
+                pts = _run(model, loss_fn, stream, built, [lr] * n_confirm, lr, ratio, Phase.CONFIRM, beta,
+                           start is None and i == 0, bar.update, start, n_head)
                 del built  # the optimizer and its state go with each probe
                 table += pts
                 used = sum(1 for p in pts if not p.diverged)
@@ -465,29 +504,36 @@ def find_lr(
     finally:
         snapshot.restore()
         bar.close()
+    at = "lora_lr x ratio^-" + f"{LAW_EXPONENT:g}" if lora_lr is not None else "suggested"
     if any(math.isfinite(s.confirm_loss) for s in per_ratio):
         chosen = min(per_ratio, key=lambda s: (s.confirm_loss, s.ratio))
         reason = (
             f"lowest mean loss over the last {max(1, n_confirm // 4)} of {n_confirm} confirmation steps at each "
-            "ratio's suggested lr, all from the same start"
+            f"ratio's {at} lr, all from the same start"
         )
-    else:
-        chosen = min(per_ratio, key=lambda s: (s.best_smoothed, s.ratio))
+    elif lora_lr is None:
+        chosen = min(per_ratio, key=lambda s: (math.inf if s.best_smoothed is None else s.best_smoothed, s.ratio))
         reason = ("every confirmation run diverged, also after halving the lr while the budget allowed; chosen by "
                   "the lowest smoothed loss of the range tests: raise safety or max_steps")
+    else:
+        raise LoraPlusError(
+            f"every confirmation run diverged at its rate lora_lr x ratio^-{LAW_EXPONENT:g} (lora_lr={lora_lr:g}, "
+            f"ratios {', '.join(f'{r:g}' for r in ratio_list)}): lora_lr is too high for this model and data; "
+            "pass the rate plain LoRA trains well at, or drop lora_lr to run the range test"
+        )
     notes = []
-    for s in per_ratio:
+    for s in per_ratio if lora_lr is None else ():
         if s.lr_at_best == range_lrs[0]:
             notes.append(f"ratio {s.ratio:g}: the loss was lowest at the start of the range; lower lr_range[0]")
         if s.edge_lr is None:
             notes.append(
                 f"ratio {s.ratio:g}: the loss did not climb back above its start within lr_range, so the "
-                "suggestion is the lr at the minimum divided by safety; raise lr_range[1] to find the edge"
+                "suggestion is the lower of the lr at the minimum divided by safety and the lr where the loss "
+                "fell fastest; raise lr_range[1] to find the edge"
             )
     steps_used = sum(1 for p in table if not p.diverged)
     return LrSuggestion(lr=chosen.suggested_lr, ratio=chosen.ratio, table=tuple(table), per_ratio=tuple(per_ratio),
                         steps_used=steps_used, reason=reason, notes=tuple(notes), lag=_lag(beta))
-
 
 def _fresh(snapshot: Snapshot, model: nn.Module, train: bool) -> None:
     """Put the model back as it was found, grads detached, then in train mode when ``train``."""
@@ -527,13 +573,31 @@ def _read_range(ratio: float, pts: list[ProbePoint], lrs: Sequence[float], beta:
     edge = next((p for p in pts[at.step - 1 :] if p.diverged or p.smoothed > start.level), None)
     diverged = next((p.lr for p in pts if p.diverged), None)
     edge_lr = None if edge is None else lr_of(edge)
-    # without an edge the range test gives no stability bound; its minimum, always below the edge,
-    # stands in for it
-    suggested = (lr_of(at) if edge_lr is None else edge_lr) / safety
-    return RatioSummary(ratio=ratio, suggested_lr=suggested, best_smoothed=at.smoothed, lr_at_best=lr_of(at),
-                        start_loss=start.level, edge_lr=edge_lr, diverged_at=diverged, halvings=0,
-                        confirm_loss=math.nan, steps=len(ok))
+    # the steepest fall of the smoothed loss from the start window to the minimum; the lrs are
+    # geometric, so a fall per step is a fall per log-lr, read at the step's own lr (as the
+    # steepest-slope finders read it)
+    window = ok[max(0, n_head - 1) : at.step]
+    falls = [(b.smoothed - a.smoothed, b.step) for a, b in zip(window, window[1:])]
+    steepest_lr = lrs[min(falls)[1] - 1] if falls and min(falls)[0] < 0 else None
+    if edge_lr is not None:
+        rule, suggested = Rule.EDGE, edge_lr / safety
+    elif steepest_lr is not None and steepest_lr < lr_of(at) / safety:
+        # no edge: the range test gives no stability bound. A loss that starts far above where it
+        # ends (an untrained head, a large initial error) falls over most of the range and keeps its
+        # minimum near the top, so the minimum alone lands far too high there (docs/find_lr.md)
+        rule, suggested = Rule.STEEPEST, steepest_lr
+    else:
+        rule, suggested = Rule.MINIMUM, lr_of(at) / safety
+    return RatioSummary(ratio=ratio, rule=rule, suggested_lr=suggested, best_smoothed=at.smoothed,
+                        lr_at_best=lr_of(at), steepest_lr=steepest_lr, start_loss=start.level, edge_lr=edge_lr,
+                        diverged_at=diverged, halvings=0, confirm_loss=math.nan, steps=len(ok))
 
+
+def _law(ratio: float, lora_lr: float) -> RatioSummary:
+    """A ratio's rate from plain LoRA's: ``lora_lr × ratio^-LAW_EXPONENT``; no range test."""
+    return RatioSummary(ratio=ratio, rule=Rule.LAW, suggested_lr=lora_lr * ratio**-LAW_EXPONENT, best_smoothed=None,
+                        lr_at_best=None, steepest_lr=None, start_loss=None, edge_lr=None, diverged_at=None,
+                        halvings=0, confirm_loss=math.nan, steps=0)
 
 def _check_ratios(ratios: Any) -> list[float]:
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):

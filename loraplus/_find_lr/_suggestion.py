@@ -12,7 +12,7 @@ from typing import Any
 from .._errors import LoraPlusError
 from .._table import render_table
 
-__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary"]
+__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary", "Rule"]
 
 
 class Phase(enum.Enum):
@@ -20,6 +20,15 @@ class Phase(enum.Enum):
 
     RANGE = "range"  #: the lr range test
     CONFIRM = "confirm"  #: the confirmation run at the ratio's suggested lr
+
+
+class Rule(enum.Enum):
+    """How a ratio's suggested lr was read (:attr:`RatioSummary.rule`)."""
+
+    EDGE = "edge / safety"  #: the range test's edge divided by ``safety``
+    MINIMUM = "minimum / safety"  #: no edge: the lr at the smoothed minimum divided by ``safety``
+    STEEPEST = "steepest fall"  #: no edge, and the smoothed loss fell fastest below minimum / safety
+    LAW = "lora_lr x ratio^-1/2"  #: no range test: from the plain-LoRA rate the user gave (``lora_lr``)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,12 +58,17 @@ class ProbePoint:
 class RatioSummary:
     """The probe of one ratio (every lr is A's).
 
-    ``suggested_lr`` is ``edge_lr / safety`` (``lr_at_best / safety`` without an edge), halved
+    ``rule`` says how ``suggested_lr`` was read: ``edge_lr / safety`` (:attr:`Rule.EDGE`); without
+    an edge the lower of ``lr_at_best / safety`` (:attr:`Rule.MINIMUM`) and ``steepest_lr``
+    (:attr:`Rule.STEEPEST`); or, given ``lora_lr``, ``lora_lr × ratio^-1/2`` with no range test
+    (:attr:`Rule.LAW`; the range-test fields are then ``None``). It is halved
     ``halvings`` times because the confirmation run at it diverged (each retry from the same
     start, while the budget allows). ``start_loss`` is the mean loss of the range test's first
     tenth; ``best_smoothed`` the lowest smoothed loss after that tenth and ``lr_at_best`` the lr it
     reflects (the smoothed value lags its input by ``beta / (1 - beta)`` steps, so this is the lr
-    of that many steps earlier); ``edge_lr`` the lr, read the same way, at which the smoothed loss
+    of that many steps earlier); ``steepest_lr`` the lr at which the smoothed loss fell fastest
+    before its minimum (read at its own step, as the peers' steepest-slope finders read it);
+    ``edge_lr`` the lr, read the same way as ``lr_at_best``, at which the smoothed loss
     first climbed back above ``start_loss`` after its minimum, or the test diverged (``None``:
     neither, within ``lr_range``); ``diverged_at`` the lr of the step that diverged (``None``:
     none did); ``confirm_loss`` the mean loss of the confirmation run's last quarter (``inf``: it
@@ -62,10 +76,12 @@ class RatioSummary:
     """
 
     ratio: float
+    rule: Rule
     suggested_lr: float
-    best_smoothed: float
-    lr_at_best: float
-    start_loss: float
+    best_smoothed: float | None
+    lr_at_best: float | None
+    steepest_lr: float | None
+    start_loss: float | None
     edge_lr: float | None
     diverged_at: float | None
     halvings: int
@@ -73,12 +89,20 @@ class RatioSummary:
     steps: int
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values only, for JSON."""
-        return asdict(self)
+        """Plain values only (``rule`` as its value), for JSON."""
+        return {**asdict(self), "rule": self.rule.value}
 
 
 def _g(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def _confirm(loss: float) -> str:
+    """A confirmation loss as shown: ``nan`` when there was no confirmation run (one ratio under
+    ``lora_lr``), ``inf`` when it diverged."""
+    if math.isnan(loss):
+        return "-"
+    return _g(loss) if math.isfinite(loss) else "diverged"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +136,7 @@ class LrSuggestion:
         rows = [
             [
                 f"{s.ratio:g}",
+                s.rule.value,
                 _g(s.suggested_lr),
                 _g(s.suggested_lr * s.ratio),
                 _g(s.start_loss),
@@ -119,15 +144,15 @@ class LrSuggestion:
                 _g(s.edge_lr),
                 _g(s.diverged_at),
                 str(s.halvings),
-                _g(s.confirm_loss) if math.isfinite(s.confirm_loss) else "diverged",
+                _confirm(s.confirm_loss),
                 str(s.steps),
                 "<- chosen" if s.ratio == self.ratio else "",
             ]
             for s in self.per_ratio
         ]
-        headers = ["ratio", "lr(A)", "lr(B)", "start loss", "best smoothed", "edge lr(A)", "diverged at",
+        headers = ["ratio", "rule", "lr(A)", "lr(B)", "start loss", "best smoothed", "edge lr(A)", "diverged at",
                    "halvings", "confirm loss", "steps", ""]
-        lines = [render_table(headers, rows, right={1, 2, 3, 4, 5, 6, 7, 8, 9}), "", f"chosen: ratio {self.ratio:g}, lr {self.lr:.4g}: {self.reason}"]
+        lines = [render_table(headers, rows, right={2, 3, 4, 5, 6, 7, 8, 9, 10}), "", f"chosen: ratio {self.ratio:g}, lr {self.lr:.4g}: {self.reason}"]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"steps used: {self.steps_used}")
         return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""benchmarks/find_lr_compare.py: the peers' rules on hand-computed curves, and the harness end to
+end in its --quick mode (the demo's task made tiny, one seed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "find_lr_compare.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("find_lr_compare", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_valley_is_halfway_into_the_longest_falling_run(compare):
+    lrs = [10.0 * k for k in range(7)]
+    # longest strictly falling subsequence: 5, 4, 3, 2, 1 at indices 0, 1, 3, 4, 6 (length 5); fastai
+    # records it as ending at 6 and starting 5 before (index 1); a third of its 5 steps is 1.67, so
+    # the pick is 1 + int(1.67) + int(0.83) = 2
+    assert compare.valley(lrs, [5, 4, 6, 3, 2, 7, 1]) == 20.0
+    assert compare.valley(lrs, [1, 2, 3, 4, 5, 6, 7]) == 0.0  # nothing falls: the first lr
+
+
+def test_steepest_is_the_most_negative_gradient_after_the_skipped_points(compare):
+    lrs = [float(k) for k in range(20)]
+    losses = [10.0] * 20
+    losses[0] = 100.0  # the steepest fall of all, but inside the 10 skipped points
+    losses[14], losses[15] = 9.0, 5.0  # central differences: index 14 -> (5 - 10) / 2, 15 -> (10 - 9) / 2
+    assert compare.steepest(lrs, losses) == 14.0
+    assert compare.steepest(lrs, losses, skip_begin=0) == 0.0  # the one-sided first difference: 10 - 100
+
+
+def test_min10_is_the_minimum_over_ten(compare):
+    assert compare.min10([1.0, 2.0, 3.0], [3.0, 1.0, 2.0]) == pytest.approx(0.2)
+
+
+def test_quick_comparison_runs_end_to_end_and_resumes(tmp_path):
+    pytest.importorskip("prodigyplus")
+    cmd = [sys.executable, str(SCRIPT), "--quick", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["meta"]["command"] and data["meta"]["versions"] and data["meta"]["quick"] is True
+    rec = data["seeds"]["0"]
+    probe, methods = rec["probe"], rec["methods"]
+    assert set(methods) == {"find_lr", "law", "valley", "steepest", "min10", "prodigy_sf"}
+    ref = data["meta"]["reference"]
+    # the law: A at the reference plain-LoRA rate / sqrt(4), no probe steps
+    assert methods["law"]["lr"] == pytest.approx(ref["lr"] / 2) and methods["law"]["probe_steps"] == 0
+    assert methods["find_lr"]["lr"] == probe["lr"] and methods["find_lr"]["probe_steps"] == probe["steps_used"] <= 60
+    n_range = len(probe["range"]["4"])
+    assert all(methods[m]["probe_steps"] == n_range and methods[m]["ratio"] == 4 for m in ("valley", "steepest", "min10"))
+    assert methods["prodigy_sf"]["probe_steps"] == 0 and methods["prodigy_sf"]["lr"] == 1.0
+    s = data["summary"]["find_lr"]
+    assert s["rel_diff_mean"] == pytest.approx((methods["find_lr"]["test"] - ref["test"]["0"]) / ref["test"]["0"])
+    # resumable: a second call runs nothing new and keeps every record
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "demo.json").read_text())["seeds"]["0"]["methods"] == methods
