@@ -29,6 +29,7 @@ are skipped)::
 
     python benchmarks/find_lr_compare.py run order_B0 order_A0 source_B0 demo
     python benchmarks/find_lr_compare.py report        # the table, from the committed JSON
+    python benchmarks/find_lr_compare.py law           # the λ^-α fit behind lora_lr, from study v2
     python benchmarks/find_lr_compare.py --quick DIR   # tiny end to end (numbers mean nothing)
 """
 
@@ -314,6 +315,31 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------ the law's fit
+
+
+def law_fits(sweeps: Path = SWEEPS) -> dict[str, Any]:
+    """Per study-v2 task: the best swept A rate of plain LoRA and of each LoRA+ λ (picked on
+    validation), and the least-squares slope of log2(rate) on log2(λ); ``alpha`` is minus the
+    slope, the exponent of ``lora_lr × λ^-alpha``. Then the median over tasks."""
+    out: dict[str, Any] = {"tasks": {}}
+    for task in (*V.MINILM_TASKS, *V.WIDTH_TASKS):
+        best = {}
+        for method in V.tasks_methods(task):
+            runs = _cell(sweeps, task, method)
+            if runs and (method == "lora" or method.startswith("loraplus")):
+                best[V.ratio_of(method)] = S.select(runs).best_lr
+        if len(best) < 3 or 1.0 not in best:
+            continue
+        lams = sorted(best)
+        fit = S.fit_loglog(lams, [best[x] for x in lams])
+        out["tasks"][task] = {"best_lr": {f"{x:g}": best[x] for x in lams}, "alpha": -fit.slope,
+                              "ci95": [-fit.high, -fit.low], "n": fit.n}
+    alphas = sorted(v["alpha"] for v in out["tasks"].values())
+    out["median_alpha"] = statistics.median(alphas) if alphas else None
+    return out
+
+
 # ------------------------------------------------------------------------------------------ report
 
 LABELS = {"find_lr": "`find_lr` (defaults)", "law": "`find_lr(lora_lr=…)`, λ 4", "valley": "valley (fastai), λ 4",
@@ -343,6 +369,12 @@ def report(out: Path = OUT) -> str:
     return table
 
 
+def write_law(out: Path = OUT, command: str = "python benchmarks/find_lr_compare.py law") -> dict[str, Any]:
+    fits = {"meta": {**provenance(), "command": command}, **law_fits()}
+    _save(out / "law.json", fits)
+    return fits
+
+
 def _save(path: Path, data: dict[str, Any]) -> None:
     E._save(path, data)
 
@@ -354,12 +386,15 @@ def quick(tmp: Path) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="?", choices=("run", "report"), default="report")
+    ap.add_argument("what", nargs="?", choices=("run", "report", "law"), default="report")
     ap.add_argument("tasks", nargs="*", help=", ".join(TASKS))
     ap.add_argument("--quick", metavar="DIR", default=None, help="a tiny end-to-end run into DIR")
     a = ap.parse_args(argv)
     if a.quick:
         print(json.dumps(quick(Path(a.quick))["summary"], indent=1))
+        return
+    if a.what == "law":
+        print(json.dumps(write_law(OUT, "python benchmarks/find_lr_compare.py law")["tasks"], indent=1))
         return
     if a.what == "run":
         for name in a.tasks:

@@ -72,9 +72,9 @@ DEFAULT_SAFETY = 3.0
 #: ``lr_range``'s default: A's lr at the range test's first and last step.
 DEFAULT_LR_RANGE = (1e-6, 1.0)
 #: Given plain LoRA's rate (``lora_lr``), ratio λ's A rate is ``lora_lr × λ^-LAW_EXPONENT`` (B's then
-#: grows as ``λ^(1 - LAW_EXPONENT)``). Fitted to study v2's best swept rate per ratio
-#: (benchmarks/results/v2): 0.38 and 0.25 on MiniLM with B=0 and A=0, 0.80, 0.55, 0.66 and 0.38 on
-#: the width family's widths 32-256; their median, 0.47, rounded to the grid's half step.
+#: grows as ``λ^(1 - LAW_EXPONENT)``). Fitted to study v2's best swept rate per ratio: 0.45 and 0.25
+#: on MiniLM with B=0 and A=0, 0.79, 0.61, 0.64 and 0.39 on the width family's widths 32-256; their
+#: median is 0.53 (benchmarks/results/find_lr_compare/law.json, docs/find_lr.md).
 LAW_EXPONENT = 0.5
 
 
