@@ -123,12 +123,15 @@ class MiniLMTask:
         self.name, self.st, self.sweeps = name, st or V.settings(name, "lora"), sweeps
         self.steps, self.seeds = self.st.steps, tuple(range(self.st.seeds))
         self.lr_range = E.LR_RANGE
-        self.probe_options: dict[str, Any] = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0}
+        import _minilm as H
 
-    def probe_inputs(self, seed: int, n: int) -> tuple[Any, Any, list[Any]]:
         import loraplus
 
-        self.probe_options["role_lr"] = {loraplus.Role.OTHER: 1e-3}  # the head's fixed rate, as in the sweep
+        # the sweep's optimizer options, the head at its fixed rate
+        self.probe_options: dict[str, Any] = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0,
+                                              "role_lr": {loraplus.Role.OTHER: H.HEAD_LR}}
+
+    def probe_inputs(self, seed: int, n: int) -> tuple[Any, Any, list[Any]]:
         return E._probe_inputs(self.name, self.st, seed, n)
 
     def train(self, seed: int, lr: float, ratio: float) -> dict[str, Any]:
@@ -262,14 +265,15 @@ def run_task(task: Any, out: Path, command: str, quick: bool = False) -> dict[st
             rec["probe"] = {"lr": s.lr, "ratio": s.ratio, "steps_used": s.steps_used,
                             "seconds": time.perf_counter() - t0, "per_ratio": [r.to_dict() for r in s.per_ratio],
                             "range": rng}
-            _save(path, data)
+            E._save(path, data)
         probe = rec["probe"]
         pts = probe["range"][f"{RATIO:g}"]
         lrs, smoothed = [p[0] for p in pts], [p[2] for p in pts]
         plan: dict[str, tuple[float, float, int]] = {"find_lr": (probe["lr"], probe["ratio"], probe["steps_used"])}
-        law = loraplus.find_lr(*task.probe_inputs(seed, 1)[:2], [], ratios=(RATIO,), lora_lr=ref.lr,
-                               progress=False, **task.probe_options)
-        plan["law"] = (law.lr, RATIO, law.steps_used)
+        if "law" not in done:  # one ratio under lora_lr: no step, but the task's model to label
+            law = loraplus.find_lr(*task.probe_inputs(seed, 1)[:2], [], ratios=(RATIO,), lora_lr=ref.lr,
+                                   progress=False, **task.probe_options)
+            plan["law"] = (law.lr, RATIO, law.steps_used)
         for name, rule in RULES.items():
             plan[name] = (rule(lrs, smoothed), RATIO, len(pts))
         for name in METHODS:
@@ -284,9 +288,9 @@ def run_task(task: Any, out: Path, command: str, quick: bool = False) -> dict[st
             print(f"{task.name} seed={seed} {name}: lr={res['lr']:.3g} ratio={res['ratio']:g} "
                   f"test={res['test']:.4f} (LoRA best {ref.test.get(seed, math.nan):.4f})", flush=True)
             done[name] = res
-            _save(path, data)
+            E._save(path, data)
     data["summary"] = summarize(data)
-    _save(path, data)
+    E._save(path, data)
     return data
 
 
@@ -371,12 +375,8 @@ def report(out: Path = OUT) -> str:
 
 def write_law(out: Path = OUT, command: str = "python benchmarks/find_lr_compare.py law") -> dict[str, Any]:
     fits = {"meta": {**provenance(), "command": command}, **law_fits()}
-    _save(out / "law.json", fits)
+    E._save(out / "law.json", fits)
     return fits
-
-
-def _save(path: Path, data: dict[str, Any]) -> None:
-    E._save(path, data)
 
 
 def quick(tmp: Path) -> dict[str, Any]:
