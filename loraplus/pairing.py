@@ -1,0 +1,12 @@
+"""The records :func:`loraplus.pairs` and :func:`loraplus.precondition` hand back, and the lower-level
+pairing and preconditioner functions: :class:`Pair`, :class:`Pairs`, :class:`Unpaired`,
+:func:`pair_params`, :class:`Preconditioner` and :func:`preconditioner`.
+"""
+
+from __future__ import annotations
+
+from ._pairs._pairs import Pair, Pairs, Unpaired
+from ._pairs._params import pair_params
+from ._pairs._precondition import Preconditioner, preconditioner
+
+__all__ = ["Pair", "Pairs", "Preconditioner", "Unpaired", "pair_params", "preconditioner"]
