@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ),
         }
         opts = {k: f() for k, f in factories.items()}
-        guard = loraplus.guard(opts["loraplus"])
-        assert guard is not None and loraplus.guard(opts["loraplus_no_guard"]) is None
+        guard = loraplus.groups.guard(opts["loraplus"])
+        assert guard is not None and loraplus.groups.guard(opts["loraplus_no_guard"]) is None
         for opt in opts.values():  # initialise state (and warm up kernels)
             for _ in range(2):
                 opt.step()

@@ -18,7 +18,7 @@ or ``A0`` (the paper's). Methods, every one built through ``loraplus``:
 * ``riemannian``: ``precondition(LoraPlus(AdamW, ratio=1), model, method="riemannian")`` (δ = 10⁻²);
 * ``riemannian_loraplus4``: the same on ratio 4;
 * ``lorafa``: ``precondition(..., method="lorafa")`` on ratio 1 (A frozen, δ = 10⁻⁸);
-* ``lorarite``: ``pytorch_optimizer.LoRARite(loraplus.pair_params(model))``, the head on its own AdamW;
+* ``lorarite``: ``pytorch_optimizer.LoRARite(loraplus.pairing.pair_params(model))``, the head on its own AdamW;
 * ``lorapro``: ``lora_pro.LoRAProAdamW(model)`` (it finds PEFT pairs itself; its inner AdamW takes
   the head, whose lr is set to the head's).
 
@@ -136,7 +136,7 @@ def build(method: str, model: nn.Module, lr: float) -> list[torch.optim.Optimize
     if method == "lorarite":
         from pytorch_optimizer import LoRARite
 
-        groups = loraplus.pair_params(model)
+        groups = loraplus.pairing.pair_params(model)
         paired = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in paired]
         for g in groups:

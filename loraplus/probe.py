@@ -5,6 +5,6 @@ with its :class:`Phase`.
 
 from __future__ import annotations
 
-from ._find_lr import LrSuggestion, Phase, ProbePoint, RatioSummary
+from ._find_lr import LrSuggestion, Phase, ProbePoint, RatioSummary, Rule
 
-__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary"]
+__all__ = ["LrSuggestion", "Phase", "ProbePoint", "RatioSummary", "Rule"]

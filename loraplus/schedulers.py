@@ -5,7 +5,7 @@
 keys the scheduler writes into the param groups and which per-group lists it keeps (and whether a
 LoRA+ sibling gets its parent's value times its factor, or a copy), which constructor arguments
 give every group one value, and which attribute holds the schedulers it drives.
-:func:`loraplus.apply` reads them to extend attached schedulers; a type that is none of these
+:func:`loraplus.apply_to_optimizer` reads them to extend attached schedulers; a type that is none of these
 and subclasses none of them is refused until you describe it:
 
     >>> import torch, loraplus
@@ -17,7 +17,7 @@ and subclasses none of them is refused until you describe it:
     >>> opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     >>> sched = Floors(opt, 1e-4)
     >>> record = SchedulerRecord.for_type(Floors, lists=[PerGroup("floors", Carry.SCALED)])
-    >>> _ = loraplus.apply(opt, model, 8, schedulers=[sched], scheduler_records=[record])
+    >>> _ = loraplus.apply_to_optimizer(opt, model, 8, schedulers=[sched], scheduler_records=[record])
     >>> sched.floors
     [0.0001, 0.0008]
 """

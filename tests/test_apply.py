@@ -1,4 +1,4 @@
-"""loraplus.refine and loraplus.apply: LoRA+ on param groups and optimizers the caller built.
+"""loraplus.apply_to_groups and loraplus.apply_to_optimizer: LoRA+ on param groups and optimizers the caller built.
 
 Ground truth comes from how each test built its groups and from the model generator's own
 statement of every parameter's role (``GeneratedModel.expected``), never from loraplus's labeller.
@@ -91,9 +91,9 @@ def test_every_parameter_keeps_its_groups_options_and_b_gets_ratio_times_its_lr(
     has_b = any(gm.expected[n] is Role.B for n, _ in _trainable(gm.model))
     if not has_b:
         with pytest.raises(LoraPlusError, match="holds a LoRA B factor"):
-            loraplus.refine(groups, gm.model, ratio, rules=gm.rules)
+            loraplus.apply_to_groups(groups, gm.model, ratio, rules=gm.rules)
         return
-    out = loraplus.refine(groups, gm.model, ratio, rules=gm.rules)
+    out = loraplus.apply_to_groups(groups, gm.model, ratio, rules=gm.rules)
     assert [dict(g) for g in groups] == before  # the input is not modified
     assert all(g["params"] for g in out)  # no empty groups
     where = _where(out)
@@ -137,23 +137,23 @@ def _decay_split(model, lr=1e-3, **extra):
 
 def test_refine_takes_a_plain_parameter_list_as_one_group():
     model = tiny_lora_model()
-    out = loraplus.refine((p for p in model.parameters() if p.requires_grad), model, 4, lr=1e-3)
+    out = loraplus.apply_to_groups((p for p in model.parameters() if p.requires_grad), model, 4, lr=1e-3)
     assert [(g["name"], g.get("lr")) for g in out] == [("group0", None), ("group0.B", 4e-3)]  # parent: the default
     assert all(_is_b(n) == (g["name"] == "group0.B") for g in out for n in g["param_names"])
 
 
 def test_refine_without_lr_uses_lr_argument_only_for_the_sibling():
     model = tiny_lora_model()
-    out = loraplus.refine([{"params": [p for p in model.parameters() if p.requires_grad]}], model, 4, lr=1e-3)
+    out = loraplus.apply_to_groups([{"params": [p for p in model.parameters() if p.requires_grad]}], model, 4, lr=1e-3)
     assert "lr" not in out[0] and out[1]["lr"] == 4e-3  # the parent keeps the optimizer's default lr
     with pytest.raises(LoraPlusError, match=r"group 0 \('group0'\) has no numeric learning rate"):
-        loraplus.refine([{"params": [p for p in model.parameters() if p.requires_grad]}], model, 4)
+        loraplus.apply_to_groups([{"params": [p for p in model.parameters() if p.requires_grad]}], model, 4)
 
 
 def test_scheduler_bounds_in_the_groups_are_scaled_and_named_keys_kept():
     model = tiny_lora_model()
     groups = _decay_split(model, initial_lr=1e-3, max_lr=1e-2, min_lr=1e-5, base_lr=7.0, layer=3)
-    out = {g["name"]: g for g in loraplus.refine(groups, model, 8)}
+    out = {g["name"]: g for g in loraplus.apply_to_groups(groups, model, 8)}
     b = out["group0.B"]
     assert (b["lr"], b["initial_lr"], b["max_lr"], b["min_lr"]) == pytest.approx((8e-3, 8e-3, 8e-2, 8e-5))
     assert b["base_lr"] == 7.0 and b["layer"] == 3 and b["weight_decay"] == 0.01  # not a scaled key
@@ -165,7 +165,7 @@ def test_foreign_parameters_stay_in_their_group_and_names_are_not_invented():
     model = tiny_lora_model()
     foreign = torch.nn.Parameter(torch.zeros(3))
     groups = [{"params": [foreign, *[p for p in model.parameters() if p.requires_grad]], "lr": 1e-3}]
-    out = loraplus.refine(groups, model, 4)
+    out = loraplus.apply_to_groups(groups, model, 4)
     assert out[0]["params"][0] is foreign and "param_names" not in out[0]
     assert [g["name"] for g in out] == ["group0", "group0.B"]
 
@@ -177,14 +177,14 @@ def test_embedding_factors_keep_their_groups_rate_unless_lr_embedding_is_given()
     base.add_module("proj", torch.nn.Linear(8, 8))
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["emb", "proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
-    plain = loraplus.refine([{"params": params, "lr": 1e-3}], model, 4)
+    plain = loraplus.apply_to_groups([{"params": params, "lr": 1e-3}], model, 4)
     assert [g["name"] for g in plain] == ["group0", "group0.B"]  # as LoraPlus: embeddings at the group's lr
     assert not any("embedding" in n for n in plain[1]["param_names"])
-    emb = loraplus.refine([{"params": params, "lr": 1e-3}], model, 4, lr_embedding=1e-6)
+    emb = loraplus.apply_to_groups([{"params": params, "lr": 1e-3}], model, 4, lr_embedding=1e-6)
     assert [(g["name"], g["lr"]) for g in emb] == [
         ("group0", 1e-3), ("group0.B", 4e-3), ("group0.embedding_A", 1e-6), ("group0.embedding_B", 1e-6),
     ]  # fmt: skip
-    mag = loraplus.refine([{"params": params, "lr": 1e-3}], model, 4, role_lr={Role.A: 2e-3})
+    mag = loraplus.apply_to_groups([{"params": params, "lr": 1e-3}], model, 4, role_lr={Role.A: 2e-3})
     assert [(g["name"], g["lr"]) for g in mag] == [("group0", 1e-3), ("group0.A", 2e-3), ("group0.B", 8e-3)]
 
 
@@ -195,40 +195,40 @@ def test_a_parameter_in_two_groups_is_refused():
     model = tiny_lora_model()
     b = model.layers[0].lora_B["default"].weight
     with pytest.raises(LoraPlusError, match=r"layers\.0\.lora_B\.default\.weight sits in group 0 \('group0'\) and in group 1"):
-        loraplus.refine([{"params": [b], "lr": 1e-3}, {"params": [b], "lr": 1e-3}], model)
+        loraplus.apply_to_groups([{"params": [b], "lr": 1e-3}, {"params": [b], "lr": 1e-3}], model)
     with pytest.raises(LoraPlusError, match="sits in group 0 .* twice"):
-        loraplus.refine([{"params": [b, b], "lr": 1e-3}], model)
+        loraplus.apply_to_groups([{"params": [b, b], "lr": 1e-3}], model)
 
 
 def test_groups_without_any_b_factor_of_the_model_are_refused():
     model = tiny_lora_model()
     a_only = [p for n, p in _trainable(model) if not _is_b(n)]
     with pytest.raises(LoraPlusError, match=r"none of the 1 param group\(s\) holds a LoRA B factor of this model"):
-        loraplus.refine([{"params": a_only, "lr": 1e-3}], model)
+        loraplus.apply_to_groups([{"params": a_only, "lr": 1e-3}], model)
     other = tiny_lora_model()  # the B factors of another model
     with pytest.raises(LoraPlusError, match="holds a LoRA B factor"):
-        loraplus.refine([p for p in other.parameters() if p.requires_grad], model, lr=1e-3)
+        loraplus.apply_to_groups([p for p in other.parameters() if p.requires_grad], model, lr=1e-3)
 
 
 def test_loraplus_groups_and_refined_groups_are_refused():
     model = tiny_lora_model()
     with pytest.raises(LoraPlusError, match="is a LoRA\\+ 'B' group"):
-        loraplus.refine(loraplus.param_groups(model, lr=1e-3), model)
-    once = loraplus.refine(_decay_split(model), model)
+        loraplus.apply_to_groups(loraplus.param_groups(model, lr=1e-3), model)
+    once = loraplus.apply_to_groups(_decay_split(model), model)
     with pytest.raises(LoraPlusError, match="already LoRA\\+-refined"):
-        loraplus.refine(once, model)
+        loraplus.apply_to_groups(once, model)
 
 
 def test_what_is_not_param_groups_is_refused():
     model = tiny_lora_model()
-    with pytest.raises(LoraPlusError, match="refine takes a list of param groups"):
-        loraplus.refine(model, model)
+    with pytest.raises(LoraPlusError, match="apply_to_groups takes a list of param groups"):
+        loraplus.apply_to_groups(model, model)
     with pytest.raises(LoraPlusError, match="empty list"):
-        loraplus.refine([], model)
+        loraplus.apply_to_groups([], model)
     with pytest.raises(LoraPlusError, match="not a mix"):
-        loraplus.refine([{"params": []}, next(model.parameters())], model)
+        loraplus.apply_to_groups([{"params": []}, next(model.parameters())], model)
     with pytest.raises(LoraPlusError, match="ratio must be a number"):
-        loraplus.refine(_decay_split(model), model, "4")
+        loraplus.apply_to_groups(_decay_split(model), model, "4")
 
 
 # --------------------------------------------------------------------------- named parameters (torch >= 2.6)
@@ -250,7 +250,7 @@ def test_refine_takes_named_parameters_as_torch_does():
     keep the names as param_names; refine takes the same input, and the names stay with their parameter."""
     model = tiny_lora_model()
     reference = torch.optim.AdamW(model.named_parameters(), lr=1e-3)  # what torch builds from the same input
-    out = loraplus.refine(model.named_parameters(), model, 4, lr=1e-3)
+    out = loraplus.apply_to_groups(model.named_parameters(), model, 4, lr=1e-3)
     assert [g["name"] for g in out] == ["group0", "group0.B"]
     assert _pairs(out) == _pairs(reference.param_groups)
     assert all(_is_b(n) == (g["name"] == "group0.B") for g in out for n in g["param_names"])
@@ -263,7 +263,7 @@ def test_refine_takes_named_parameters_as_torch_does():
         {"params": [(n, p) for n, p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr": 1e-3},
     ]
     reference = torch.optim.AdamW(copy.deepcopy(split), lr=1e-3).param_groups
-    out = loraplus.refine(split, model, 4)
+    out = loraplus.apply_to_groups(split, model, 4)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in out] == [
         ("group0", 1e-3, 0.01), ("group0.B", 4e-3, 0.01), ("group1", 1e-3, 0.0),
     ]  # fmt: skip
@@ -276,7 +276,7 @@ def test_refine_takes_named_parameters_as_torch_does():
     opt = torch.optim.AdamW(out, lr=1e-3)
 
     built_named = torch.optim.AdamW(model.named_parameters(), lr=1e-3)  # torch turned the pairs into param_names
-    loraplus.apply(built_named, model, 4)
+    loraplus.apply_to_optimizer(built_named, model, 4)
     assert [(g["name"], g["lr"]) for g in built_named.param_groups] == [("group0", 1e-3), ("group0.B", 4e-3)]
     _aligned(built_named.param_groups, model)
     assert [g["param_names"] for g in opt.param_groups] == [g["param_names"] for g in out]
@@ -290,11 +290,11 @@ def test_pairs_and_bare_parameters_in_one_group_are_refused_as_torch_refuses():
             torch.optim.AdamW(copy.deepcopy(mixed), lr=1e-3)  # torch refuses the same input (and edits it)
         with pytest.raises(LoraPlusError, match=r"mixes \(name, parameter\) pairs \(items \[0\]\) with bare "
                            r"parameters \(items \[1\]\)"):  # fmt: skip
-            loraplus.refine(mixed, model, lr=1e-3)
+            loraplus.apply_to_groups(mixed, model, lr=1e-3)
     with pytest.raises(LoraPlusError, match=r"item 0 is a tuple of \('Parameter', 'str'\), not a \(name, parameter\)"):
-        loraplus.refine([(a, na)], model, lr=1e-3)
+        loraplus.apply_to_groups([(a, na)], model, lr=1e-3)
     with pytest.raises(LoraPlusError, match=r"names its parameters twice.*item 0: param_names 'x', pair"):
-        loraplus.refine([{"params": [(na, a)], "param_names": ["x"], "lr": 1e-3}], model)
+        loraplus.apply_to_groups([{"params": [(na, a)], "param_names": ["x"], "lr": 1e-3}], model)
 
 
 def test_named_groups_next_to_unnamed_ones_get_the_models_names():
@@ -308,12 +308,12 @@ def test_named_groups_next_to_unnamed_ones_get_the_models_names():
     ]
     with pytest.raises(ValueError, match="with/without names"):
         torch.optim.AdamW(copy.deepcopy(groups))
-    out = loraplus.refine(groups, model, 4)
+    out = loraplus.apply_to_groups(groups, model, 4)
     _aligned(out, model)
     torch.optim.AdamW(out)
     groups[1]["params"].append(torch.nn.Parameter(torch.zeros(3)))
     with pytest.raises(LoraPlusError, match=r"group 1 \('group1'\) does not, and holds a parameter that is not"):
-        loraplus.refine(groups, model, 4)
+        loraplus.apply_to_groups(groups, model, 4)
 
 
 # --------------------------------------------------------------------------- group names
@@ -335,12 +335,12 @@ def test_a_name_already_taken_is_refused_with_both_groups_named():
     }  # fmt: skip
     for taken, (spec, where) in cases.items():
         groups = [{"params": ps, "lr": 1e-3, **({} if n is None else {"name": n})} for n, ps in spec]
-        with pytest.raises(LoraPlusError, match=rf"refine would give two groups the name '{taken}': {where}"):
-            loraplus.refine(groups, model, 4)
+        with pytest.raises(LoraPlusError, match=rf"apply_to_groups would give two groups the name '{taken}': {where}"):
+            loraplus.apply_to_groups(groups, model, 4)
         opt = torch.optim.AdamW(copy.copy(groups))
         before = [dict(g) for g in opt.param_groups]
-        with pytest.raises(LoraPlusError, match=rf"apply would give two groups the name '{taken}'"):
-            loraplus.apply(opt, model, 4)
+        with pytest.raises(LoraPlusError, match=rf"apply_to_optimizer would give two groups the name '{taken}'"):
+            loraplus.apply_to_optimizer(opt, model, 4)
         assert [dict(g) for g in opt.param_groups] == before  # nothing changed
 
 
@@ -364,9 +364,9 @@ def test_group_names_come_out_unique_or_refine_refuses(names, owner):
         expected += [base] * any(not _is_b(n) for n, _ in ms) + [base + ".B"] * any(_is_b(n) for n, _ in ms)
     if len(set(expected)) < len(expected):
         with pytest.raises(LoraPlusError, match="would give two groups the name"):
-            loraplus.refine(groups, model, 4)
+            loraplus.apply_to_groups(groups, model, 4)
     else:
-        assert [g["name"] for g in loraplus.refine(groups, model, 4)] == expected
+        assert [g["name"] for g in loraplus.apply_to_groups(groups, model, 4)] == expected
 
 
 def _opt(model, **kw):
@@ -375,9 +375,9 @@ def _opt(model, **kw):
 
 def test_apply_twice_is_refused():
     model = tiny_lora_model()
-    opt = loraplus.apply(_opt(model), model, 4)
-    with pytest.raises(LoraPlusError, match="loraplus.apply was already called on this optimizer"):
-        loraplus.apply(opt, model, 4)
+    opt = loraplus.apply_to_optimizer(_opt(model), model, 4)
+    with pytest.raises(LoraPlusError, match="loraplus.apply_to_optimizer was already called on this optimizer"):
+        loraplus.apply_to_optimizer(opt, model, 4)
 
 
 def test_existing_state_stays_with_each_parameter():
@@ -388,13 +388,13 @@ def test_existing_state_stays_with_each_parameter():
     model(torch.randn(4, 8)).sum().backward()
     opt.step()
     before = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
-    loraplus.apply(opt, model)
+    loraplus.apply_to_optimizer(opt, model)
     after = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     opt.step()  # and it keeps stepping
     opt.state[object()] = {}
     with pytest.raises(LoraPlusError, match="already called"):
-        loraplus.apply(opt, model)
+        loraplus.apply_to_optimizer(opt, model)
 
 
 def test_state_not_keyed_by_a_parameter_is_refused():
@@ -402,7 +402,7 @@ def test_state_not_keyed_by_a_parameter_is_refused():
     opt = _opt(model)
     opt.state["step"] = 3
     with pytest.raises(LoraPlusError, match=r"1 entr\(y/ies\) not keyed by one of its parameters \(e.g. str\)"):
-        loraplus.apply(opt, model)
+        loraplus.apply_to_optimizer(opt, model)
     assert "loraplus" not in opt.param_groups[0]  # nothing changed
 
 
@@ -411,10 +411,10 @@ def test_apply_refuses_a_parameter_in_two_groups_and_no_b_factor():
     opt = _opt(model)
     opt.param_groups[1]["params"].append(opt.param_groups[0]["params"][0])  # torch checks this only when adding
     with pytest.raises(LoraPlusError, match="sits in group 0 .* and in group 1"):
-        loraplus.apply(opt, model)
+        loraplus.apply_to_optimizer(opt, model)
     a_only = torch.optim.SGD([p for n, p in _trainable(model) if not _is_b(n)], lr=0.1)
-    with pytest.raises(LoraPlusError, match="apply: none of the 1 param group"):
-        loraplus.apply(a_only, model)
+    with pytest.raises(LoraPlusError, match="apply_to_optimizer: none of the 1 param group"):
+        loraplus.apply_to_optimizer(a_only, model)
 
 
 def test_apply_refuses_an_attached_scheduler_it_was_not_given():
@@ -422,25 +422,25 @@ def test_apply_refuses_an_attached_scheduler_it_was_not_given():
     opt = _opt(model, lr=1e-3)
     S.LinearLR(opt, start_factor=0.5)
     with pytest.raises(LoraPlusError, match=r"carry 'initial_lr'.*schedulers=\[scheduler\]"):
-        loraplus.apply(opt, model)
-    loraplus.apply(opt, model, schedulers=[])  # said explicitly: nothing to extend
+        loraplus.apply_to_optimizer(opt, model)
+    loraplus.apply_to_optimizer(opt, model, schedulers=[])  # said explicitly: nothing to extend
 
 
 def test_apply_refuses_a_scheduler_of_another_optimizer_or_a_stale_one():
     model = tiny_lora_model()
     opt, other = _opt(model, lr=1e-3), _opt(tiny_lora_model(), lr=1e-3)
     with pytest.raises(LoraPlusError, match=r"schedulers\[0\] \(LinearLR\) is attached to another optimizer"):
-        loraplus.apply(opt, model, schedulers=[S.LinearLR(other)])
+        loraplus.apply_to_optimizer(opt, model, schedulers=[S.LinearLR(other)])
     stale = S.LinearLR(opt)
     stale.base_lrs = stale.base_lrs[:1]
     with pytest.raises(LoraPlusError, match=r"has 1 base_lrs for 2 param groups"):
-        loraplus.apply(opt, model, schedulers=[stale])
+        loraplus.apply_to_optimizer(opt, model, schedulers=[stale])
 
 
 def test_apply_returns_the_optimizer_and_explain_prints_it():
     model = tiny_lora_model()
     opt = _opt(model, lr=1e-3)
-    assert loraplus.apply(opt, model, 16) is opt
+    assert loraplus.apply_to_optimizer(opt, model, 16) is opt
     text = loraplus.explain(opt)
     assert "group0.B" in text and "0.016" in text and "layers.0.lora_B.default.weight" in text
     assert [g["name"] for g in opt.param_groups] == ["group0", "group0.B", "group1"]
@@ -458,7 +458,7 @@ def _twins(make_sched, ratio=8.0, opt_cls=torch.optim.SGD, **opt_kw):
         sched = make_sched(opt)
         out.append((model, opt, sched))
     (model, opt, sched), (_, ref, ref_sched) = out
-    loraplus.apply(opt, model, ratio, schedulers=[sched])
+    loraplus.apply_to_optimizer(opt, model, ratio, schedulers=[sched])
     return model, opt, sched, ref, ref_sched
 
 
@@ -567,7 +567,7 @@ def test_refine_scales_each_sibling_by_its_own_parents_rates():
         "mid": {"initial_lr": 3e-4, "max_lr": 3e-3},
         "bottom": {"initial_lr": 5e-5, "max_lr": 5e-4},
     }
-    out = loraplus.refine(_layerwise_groups(model, **bounds), model, 4, lr=_DEFAULT_LR)
+    out = loraplus.apply_to_groups(_layerwise_groups(model, **bounds), model, 4, lr=_DEFAULT_LR)
     assert [g["name"] for g in out] == ["top", "top.B", "mid", "mid.B", "bottom", "bottom.B"]
     got = _rates(out, "lr", "initial_lr", "max_lr")
     want = {
@@ -587,7 +587,7 @@ def test_apply_scales_each_sibling_and_its_scheduler_entry_by_its_own_parent():
     model = tiny_lora_model(layers=3)
     opt = torch.optim.AdamW(_layerwise_groups(model), lr=_DEFAULT_LR)
     sched = S.LinearLR(opt, start_factor=0.5, total_iters=4)
-    loraplus.apply(opt, model, 4, schedulers=[sched])
+    loraplus.apply_to_optimizer(opt, model, 4, schedulers=[sched])
     names = ["top", "top.B", "mid", "mid.B", "bottom", "bottom.B"]
     assert [g["name"] for g in opt.param_groups] == names
     full = [1e-3, 4e-3, 3e-4, 1.2e-3, 5e-5, 2e-4]  # each group's rate once warmed up: initial_lr and base_lrs
@@ -606,7 +606,7 @@ def test_apply_scales_one_cycle_bounds_per_parent():
     model = tiny_lora_model(layers=3)
     opt = torch.optim.AdamW(_layerwise_groups(model), lr=_DEFAULT_LR)
     sched = S.OneCycleLR(opt, max_lr=[1e-2, 3e-3, 5e-4], total_steps=10)
-    loraplus.apply(opt, model, 4, schedulers=[sched])
+    loraplus.apply_to_optimizer(opt, model, 4, schedulers=[sched])
     got = _rates(opt.param_groups, "max_lr", "initial_lr", "min_lr", "lr")
     want = {
         "top": (1e-2, 4e-4, 4e-8, 4e-4), "top.B": (4e-2, 1.6e-3, 1.6e-7, 1.6e-3),
@@ -628,7 +628,7 @@ def test_apply_reaches_through_accelerates_wrapper():
     opt = torch.optim.AdamW(_decay_split(model), lr=1e-3)
     sched = S.LinearLR(opt, start_factor=0.1, total_iters=4)
     model, opt, sched = accelerator.prepare(model, opt, sched)
-    assert loraplus.apply(opt, model, 4, schedulers=[sched]) is opt
+    assert loraplus.apply_to_optimizer(opt, model, 4, schedulers=[sched]) is opt
     assert [g["name"] for g in opt.param_groups] == ["group0", "group0.B", "group1"]
     assert opt.optimizer.param_groups is opt.param_groups
     assert sched.scheduler.base_lrs == pytest.approx([1e-3, 4e-3, 1e-3])
@@ -650,7 +650,7 @@ def test_an_apply_built_optimizer_saves_and_loads_into_a_fresh_one():
             for n, p in model.named_parameters():
                 if _is_b(n):
                     p.normal_(0, 0.1)
-        return model, loraplus.apply(torch.optim.AdamW(_decay_split(model), lr=1e-3), model, 8, **kw)
+        return model, loraplus.apply_to_optimizer(torch.optim.AdamW(_decay_split(model), lr=1e-3), model, 8, **kw)
 
     model, opt = build()
     _train(model, opt, 3)
@@ -659,7 +659,7 @@ def test_an_apply_built_optimizer_saves_and_loads_into_a_fresh_one():
 
     fresh_model, fresh = build(seed=1)
     fresh_model.load_state_dict(weights)
-    loraplus.load_state_dict(fresh, saved)
+    loraplus.load_optimizer_state(fresh, saved)
     assert [g["name"] for g in fresh.param_groups] == [g["name"] for g in opt.param_groups]
     assert all("loraplus" in g for g in fresh.param_groups)
     _train(fresh_model, fresh, 2)
@@ -667,13 +667,13 @@ def test_an_apply_built_optimizer_saves_and_loads_into_a_fresh_one():
         torch.testing.assert_close(p, q, msg=n)
 
     with pytest.raises(LoraPlusError, match="does not match this optimizer's param groups"):
-        loraplus.load_state_dict(build(lr_embedding=None, role_lr={Role.A: 2e-3})[1], saved)
+        loraplus.load_optimizer_state(build(lr_embedding=None, role_lr={Role.A: 2e-3})[1], saved)
 
 
 def test_apply_on_an_optimizer_with_tensor_learning_rates():
     model = tiny_lora_model()
     opt = torch.optim.Adam(_decay_split(model, lr=torch.tensor(1e-3)))
-    loraplus.apply(opt, model, 4)
+    loraplus.apply_to_optimizer(opt, model, 4)
     assert isinstance(opt.param_groups[1]["lr"], torch.Tensor)
     assert opt.param_groups[1]["lr"].item() == pytest.approx(4e-3)
     assert opt.param_groups[0]["lr"].item() == pytest.approx(1e-3)  # the parent's tensor is not shared and scaled
@@ -710,7 +710,7 @@ def test_a_scheduler_listed_twice_or_also_reached_through_its_parent_is_extended
             given = [a, b, top] if listing == "children and parent" else [top, top]
         runs.append((model, opt, top, given))
     (model, opt, top, given), (_, ref, ref_top, _) = runs
-    loraplus.apply(opt, model, 8, schedulers=given)
+    loraplus.apply_to_optimizer(opt, model, 8, schedulers=given)
     assert len(top.get_last_lr()) == 3
     _check_steps(model, opt, top, ref, ref_top, steps=14)
     assert opt.param_groups[2]["lr"] == pytest.approx(ref.param_groups[1]["lr"])  # the norm group: not 8e-3
@@ -734,9 +734,9 @@ def test_an_attached_reduce_on_plateau_that_is_not_passed_is_refused_at_apply(gi
     plateau.state_dict()  # Python now keeps its attributes in a __dict__: found through that too
     schedulers = None if given is None else [] if given == "none" else [S.StepLR(opt, 3)]
     with pytest.raises(LoraPlusError, match=r"not in schedulers= \(ReduceLROnPlateau\).*schedulers=\[scheduler"):
-        loraplus.apply(opt, model, 8, schedulers=schedulers)
+        loraplus.apply_to_optimizer(opt, model, 8, schedulers=schedulers)
     assert len(opt.param_groups) == 2, "refused before anything changed"
-    loraplus.apply(opt, model, 8, schedulers=[plateau, *(schedulers or [])])
+    loraplus.apply_to_optimizer(opt, model, 8, schedulers=[plateau, *(schedulers or [])])
     assert plateau.min_lrs == pytest.approx([0.0, 0.0, 1e-5])
 
 
@@ -746,8 +746,8 @@ def test_a_scheduler_attached_to_the_wrapper_is_found_too():
     opt = accelerate.optimizer.AcceleratedOptimizer(torch.optim.SGD(_norm_at_1e2(model), lr=1e-3))
     plateau = S.ReduceLROnPlateau(opt)
     with pytest.raises(LoraPlusError, match=r"\(ReduceLROnPlateau\)"):
-        loraplus.apply(opt, model, 8, schedulers=[])
-    loraplus.apply(opt, model, 8, schedulers=[plateau])
+        loraplus.apply_to_optimizer(opt, model, 8, schedulers=[])
+    loraplus.apply_to_optimizer(opt, model, 8, schedulers=[plateau])
 
 
 def test_a_dropped_scheduler_kept_only_by_a_reference_cycle_does_not_count():
@@ -756,7 +756,7 @@ def test_a_dropped_scheduler_kept_only_by_a_reference_cycle_does_not_count():
     dropped = S.ReduceLROnPlateau(opt)
     dropped.me = dropped  # a cycle: only the garbage collector frees it
     del dropped
-    loraplus.apply(opt, model, 8, schedulers=[])
+    loraplus.apply_to_optimizer(opt, model, 8, schedulers=[])
 
 
 class _Floors:
@@ -783,13 +783,13 @@ def test_an_unknown_scheduler_type_is_refused_until_a_record_describes_it():
         runs.append((model, opt, _Floors(opt, 2e-4)))
     (model, opt, sched), (_, ref, ref_sched) = runs
     with pytest.raises(LoraPlusError, match=r"schedulers\[0\] \(.*_Floors\) is not a scheduler loraplus knows.*scheduler_records=\[loraplus.schedulers.SchedulerRecord.for_type\(_Floors"):
-        loraplus.apply(opt, model, 8, schedulers=[sched])
+        loraplus.apply_to_optimizer(opt, model, 8, schedulers=[sched])
     record = SchedulerRecord.for_type(_Floors, lists=[PerGroup("floors", Carry.SCALED)])
-    loraplus.apply(opt, model, 8, schedulers=[sched], scheduler_records=[record])
+    loraplus.apply_to_optimizer(opt, model, 8, schedulers=[sched], scheduler_records=[record])
     _check_steps(model, opt, sched, ref, ref_sched, steps=10)
     assert opt.param_groups[1]["lr"] == pytest.approx(8 * 2e-4)  # B's own floor
     with pytest.raises(LoraPlusError, match="scheduler_records takes loraplus.schedulers.SchedulerRecord"):
-        loraplus.apply(torch.optim.SGD(_norm_at_1e2(model)), model, schedulers=[], scheduler_records=["floors"])
+        loraplus.apply_to_optimizer(torch.optim.SGD(_norm_at_1e2(model)), model, schedulers=[], scheduler_records=["floors"])
 
 
 class _StepWithFloors(S.StepLR):
@@ -812,10 +812,10 @@ def test_a_subclass_is_handled_as_its_catalogued_base_unless_it_keeps_lists_the_
     opt = torch.optim.SGD(_norm_at_1e2(model), lr=1e-3)
     sched = _StepWithFloors(opt, 1e-4)
     with pytest.raises(LoraPlusError, match=r"handled as its base class StepLR, but it also keeps floors"):
-        loraplus.apply(opt, model, 8, schedulers=[sched])
+        loraplus.apply_to_optimizer(opt, model, 8, schedulers=[sched])
     from loraplus.schedulers import SCHEDULERS, Carry, PerGroup, SchedulerRecord
 
     step_lr = next(r for r in SCHEDULERS if r.name == "StepLR")
     mine = SchedulerRecord.for_type(_StepWithFloors, lists=(*step_lr.lists, PerGroup("floors", Carry.SCALED)))
-    loraplus.apply(opt, model, 8, schedulers=[sched], scheduler_records=[mine])
+    loraplus.apply_to_optimizer(opt, model, 8, schedulers=[sched], scheduler_records=[mine])
     assert sched.floors == pytest.approx([1e-4, 8e-4, 1e-4])

@@ -1,6 +1,6 @@
 """refine/apply recipes on 2 CPU gloo ranks (127.0.0.1): DeepSpeed ZeRO 2 and 3 with
-``model_parameters=loraplus.refine(...)`` and the optimizer given in the DeepSpeed config, and
-FSDP2 (``fully_shard``) with ``loraplus.apply`` on a torch AdamW. The code is the recipe of
+``model_parameters=loraplus.apply_to_groups(...)`` and the optimizer given in the DeepSpeed config, and
+FSDP2 (``fully_shard``) with ``loraplus.apply_to_optimizer`` on a torch AdamW. The code is the recipe of
 docs/integrations.md ("Your own groups: recipes"). One spawn runs every case.
 """
 
@@ -52,8 +52,8 @@ def _ds_config(groups, stage):
         "steps_per_print": 10**9,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}},
         "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": loraplus.per_group(groups, 0.0, reference=LR),
-            "warmup_max_lr": loraplus.per_group(groups, LR, reference=LR),
+            "warmup_min_lr": loraplus.scheduler_bounds(groups, 0.0, reference=LR),
+            "warmup_max_lr": loraplus.scheduler_bounds(groups, LR, reference=LR),
             "warmup_num_steps": 1, "total_num_steps": STEPS + 1}},
         "zero_optimization": {"stage": stage},
     }  # fmt: skip
@@ -63,7 +63,7 @@ def _deepspeed_case(stage: int, rank: int) -> dict[str, Any]:
     import deepspeed
 
     model = _model()
-    groups = loraplus.refine(_decay_split(model), model, RATIO)
+    groups = loraplus.apply_to_groups(_decay_split(model), model, RATIO)
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=_ds_config(groups, stage))
     lrs = []
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(rank))
@@ -83,7 +83,7 @@ def _fsdp2_case(rank: int) -> dict[str, Any]:
     fully_shard(model)
     opt = torch.optim.AdamW(_decay_split(model), lr=LR)
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=STEPS)
-    loraplus.apply(opt, model, RATIO, schedulers=[sched])
+    loraplus.apply_to_optimizer(opt, model, RATIO, schedulers=[sched])
     lrs = []
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(rank))
     for _ in range(STEPS):

@@ -58,7 +58,7 @@ def build(config: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any
     cls = optimizer_class(spec["cls"])
     opt = loraplus.LoraPlus(cls, model, ratio=8, lr=1e-2, **spec["kwargs"])
     if spec["sched"] == "onecycle":
-        sched: Any = S.OneCycleLR(opt, max_lr=loraplus.per_group(opt, 2e-2), total_steps=K + M + 1)
+        sched: Any = S.OneCycleLR(opt, max_lr=loraplus.scheduler_bounds(opt, 2e-2), total_steps=K + M + 1)
     elif spec["sched"] == "step":
         sched = S.StepLR(opt, step_size=2, gamma=0.5)
     else:
@@ -82,7 +82,7 @@ def resume(config: str, checkpoint: str, out: str) -> None:
     model, opt, sched = build(config, seed=123)
     ckpt = torch.load(checkpoint, weights_only=True)
     model.load_state_dict(ckpt["model"])
-    loraplus.load_state_dict(opt, ckpt["optimizer"])
+    loraplus.load_optimizer_state(opt, ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     train(model, opt, sched, range(K, K + M))
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out)
@@ -174,7 +174,7 @@ def test_load_state_dict_accepts_its_own_state_and_restores_it() -> None:
     model = _b_nonzero(tiny_lora_model())
     saved = copy.deepcopy(_stepped(model).state_dict())
     fresh = loraplus.LoraPlus(torch.optim.AdamW, copy.deepcopy(model), ratio=8, lr=1e-3)
-    loraplus.load_state_dict(fresh, saved)
+    loraplus.load_optimizer_state(fresh, saved)
     _assert_same_state(fresh.state_dict(), saved, "optimizer")
 
 
@@ -193,7 +193,7 @@ def test_other_lora_rank_torch_loads_silently_loraplus_refuses(cls: Any, kw: dic
         loraplus.LoraPlusError,
         match=rf"'layers.0.lora_A.default.weight' has shape \(4, 8\) but its saved '{field}' has shape \(2, 8\)",
     ):
-        loraplus.load_state_dict(target, saved)
+        loraplus.load_optimizer_state(target, saved)
     assert not target.state, "nothing is loaded when the check fails"
 
 
@@ -211,7 +211,7 @@ def test_other_adapter_names_torch_loads_silently_loraplus_refuses() -> None:
         match=r"only names differ: saved 'layers.0.lora_A.default.weight', current 'layers.0.lora_A.task_x.weight' "
         r"\(4 names\)",
     ):
-        loraplus.load_state_dict(target, saved)
+        loraplus.load_optimizer_state(target, saved)
 
 
 def test_more_layers_is_a_clear_count_mismatch() -> None:
@@ -220,7 +220,7 @@ def test_more_layers_is_a_clear_count_mismatch() -> None:
     with pytest.raises(
         loraplus.LoraPlusError, match=r"group 0 \('A'\): the checkpoint has 2 parameters, the optimizer 3"
     ):
-        loraplus.load_state_dict(target, saved)
+        loraplus.load_optimizer_state(target, saved)
 
 
 def test_plain_optimizer_checkpoint_is_a_group_count_mismatch() -> None:
@@ -232,7 +232,7 @@ def test_plain_optimizer_checkpoint_is_a_group_count_mismatch() -> None:
         match=r"checkpoint has 1 param groups \[\?: 8\] "
         r"but the optimizer has 4 \[A: 2, B: 2, other: 1, other.no_decay: 3\]",
     ):
-        loraplus.load_state_dict(target, saved)
+        loraplus.load_optimizer_state(target, saved)
 
 
 def test_role_mismatch_is_reported() -> None:
@@ -240,7 +240,7 @@ def test_role_mismatch_is_reported() -> None:
     saved = copy.deepcopy(loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3).state_dict())
     saved["param_groups"][1]["role"] = "A"
     with pytest.raises(loraplus.LoraPlusError, match=r"group 1 \('B'\): saved role 'A', current role 'B'"):
-        loraplus.load_state_dict(loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3), saved)
+        loraplus.load_optimizer_state(loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3), saved)
 
 
 def test_wrapper_prefixes_do_not_count_as_a_mismatch() -> None:
@@ -251,9 +251,9 @@ def test_wrapper_prefixes_do_not_count_as_a_mismatch() -> None:
     saved = _stepped(model).state_dict()
     opt_wrapped = loraplus.LoraPlus(torch.optim.AdamW, wrapped, ratio=8, lr=1e-3)
     assert opt_wrapped.param_groups[0]["param_names"][0].startswith("module.")
-    loraplus.load_state_dict(opt_wrapped, saved)
+    loraplus.load_optimizer_state(opt_wrapped, saved)
     compiled = torch.compile(model)
-    loraplus.load_state_dict(loraplus.LoraPlus(torch.optim.AdamW, compiled, ratio=8, lr=1e-3), saved)
+    loraplus.load_optimizer_state(loraplus.LoraPlus(torch.optim.AdamW, compiled, ratio=8, lr=1e-3), saved)
 
 
 # ------------------------------------------------------------------------- renamed parameters
@@ -308,12 +308,12 @@ def test_renamed_adapter_says_only_names_differ_and_loads_with_rename() -> None:
         match=r"only names differ: saved 'base_model.model.q.lora_A.default.weight', current "
         r"'base_model.model.q.lora_A.sft.weight' \(4 names\); .*rename=\{'default': 'sft'\}",
     ):
-        loraplus.load_state_dict(new_opt, saved)
+        loraplus.load_optimizer_state(new_opt, saved)
     assert not new_opt.state, "nothing is loaded when the check fails"
 
     for rename in ({"default": "sft"}, lambda name: name.replace(".default.", ".sft.")):
         new, new_opt = fresh()
-        loraplus.load_state_dict(new_opt, saved, rename=rename)
+        loraplus.load_optimizer_state(new_opt, saved, rename=rename)
         for name, entry in as_saved.items():
             got = new_opt.state[new.get_parameter(name.replace(".default.", ".sft."))]
             assert got.keys() == entry.keys()
@@ -342,8 +342,8 @@ def test_names_differing_beyond_one_segment_suggest_a_function() -> None:
         match=r"only names differ: saved 'layers.0.lora_A.default.weight', current "
         r"'inner.layers.0.lora_A.default.weight' \(8 names\).*rename=<a function from each saved name",
     ):
-        loraplus.load_state_dict(target, saved)
-    loraplus.load_state_dict(target, saved, rename=lambda name: "inner." + name)
+        loraplus.load_optimizer_state(target, saved)
+    loraplus.load_optimizer_state(target, saved, rename=lambda name: "inner." + name)
     _assert_same_state(target.state_dict()["state"], saved["state"], "state")
 
 
@@ -353,10 +353,10 @@ def test_names_and_shapes_both_differing_is_not_a_renaming() -> None:
     outer.inner = tiny_lora_model(r=4)
     target = loraplus.LoraPlus(torch.optim.AdamW, outer, ratio=8, lr=1e-3)
     with pytest.raises(loraplus.LoraPlusError, match="saved for another model") as err:
-        loraplus.load_state_dict(target, saved)
+        loraplus.load_optimizer_state(target, saved)
     assert "only names differ" not in str(err.value)
     with pytest.raises(loraplus.LoraPlusError, match=r"has shape \(4, 8\) but its saved 'exp_avg' has shape \(2, 8\)"):
-        loraplus.load_state_dict(target, saved, rename=lambda name: "inner." + name)
+        loraplus.load_optimizer_state(target, saved, rename=lambda name: "inner." + name)
 
 
 
@@ -364,7 +364,7 @@ def test_a_segment_map_replaces_whole_segments_only() -> None:
     """Adapter 'a' renamed to 'b': {'a': 'b'} must not touch the 'a' inside 'layers' or 'lora_A'."""
     saved = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("a"), lr=1e-3).state_dict()
     target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("b"), lr=1e-3)
-    loraplus.load_state_dict(target, saved, rename={"a": "b"})
+    loraplus.load_optimizer_state(target, saved, rename={"a": "b"})
     assert target.param_groups[0]["param_names"] == ["layers.0.lora_A.b.weight", "layers.1.lora_A.b.weight"]
 
 
@@ -373,18 +373,18 @@ def test_bad_rename_arguments_are_refused() -> None:
     target = loraplus.LoraPlus(torch.optim.AdamW, _peft_model("task_x"), lr=1e-3)
     with pytest.raises(loraplus.LoraPlusError, match=r"only names differ, even after rename=: saved \(renamed\) "
                        r"'layers.0.lora_A.task_y.weight', current 'layers.0.lora_A.task_x.weight'"):  # fmt: skip
-        loraplus.load_state_dict(target, saved, rename={"default": "task_y"})
+        loraplus.load_optimizer_state(target, saved, rename={"default": "task_y"})
     with pytest.raises(loraplus.LoraPlusError, match=r"single name segments .* got 'lora_A.default': 'lora_A.x'"):
-        loraplus.load_state_dict(target, saved, rename={"lora_A.default": "lora_A.x"})
+        loraplus.load_optimizer_state(target, saved, rename={"lora_A.default": "lora_A.x"})
     with pytest.raises(loraplus.LoraPlusError, match="rename must be a dict of name segments .* got str"):
-        loraplus.load_state_dict(target, saved, rename="task_x")  # type: ignore[arg-type]
+        loraplus.load_optimizer_state(target, saved, rename="task_x")  # type: ignore[arg-type]
     with pytest.raises(loraplus.LoraPlusError, match=r"rename\('layers.0.lora_A.default.weight'\) returned NoneType"):
-        loraplus.load_state_dict(target, saved, rename=lambda name: None)  # type: ignore[arg-type,return-value]
+        loraplus.load_optimizer_state(target, saved, rename=lambda name: None)  # type: ignore[arg-type,return-value]
     with pytest.raises(KeyError):  # the caller's own error, unchanged
-        loraplus.load_state_dict(target, saved, rename=lambda name: {}[name])
+        loraplus.load_optimizer_state(target, saved, rename=lambda name: {}[name])
     unnamed = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "param_names"} for g in saved["param_groups"]]}
     with pytest.raises(loraplus.LoraPlusError, match="carry no param_names"):
-        loraplus.load_state_dict(target, unnamed, rename={"default": "task_x"})
+        loraplus.load_optimizer_state(target, unnamed, rename={"default": "task_x"})
     assert not target.state
 
 
@@ -392,12 +392,12 @@ def test_bad_rename_arguments_are_refused() -> None:
 def test_not_an_optimizer_state_dict(bad: Any) -> None:
     opt = loraplus.LoraPlus(torch.optim.AdamW, tiny_lora_model(), lr=1e-3)
     with pytest.raises(loraplus.LoraPlusError, match="expected an optimizer state dict"):
-        loraplus.load_state_dict(opt, bad)
+        loraplus.load_optimizer_state(opt, bad)
 
 
 def test_not_an_optimizer() -> None:
     with pytest.raises(loraplus.LoraPlusError, match="expected a torch optimizer"):
-        loraplus.load_state_dict(functools.partial(print), {"state": {}, "param_groups": []})
+        loraplus.load_optimizer_state(functools.partial(print), {"state": {}, "param_groups": []})
 
 
 if __name__ == "__main__" and len(sys.argv) >= 5 and sys.argv[1] == "resume":

@@ -624,10 +624,9 @@ def test_explain_model_and_optimizer():
 
 
 PUBLIC_API = {
-    "CONVENTIONS", "Convention", "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Pair", "Pairs",
-    "Preconditioner", "Role", "Unpaired", "classify", "explain", "load_state_dict", "pair_params", "pairs",
-    "param_groups", "per_group", "precondition", "preconditioner", "split_groups", "testing", "apply", "refine",
-    "find_lr", "LrSuggestion", "guard",
+    "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Role", "apply_to_groups", "apply_to_optimizer",
+    "classify", "explain", "find_lr", "load_optimizer_state", "pairs", "param_groups", "precondition",
+    "scheduler_bounds",
 }
 
 
@@ -693,14 +692,14 @@ def test_public_helpers_raise_loraplus_error():
     model = tiny_lora_model()
     groups = param_groups(model, lr=1.0)
     with pytest.raises(LoraPlusError, match="needs where="):
-        loraplus.split_groups(groups, None)
+        loraplus.groups.split_groups(groups, None)
     with pytest.raises(LoraPlusError, match="takes a list of param groups"):
-        loraplus.split_groups(model, lambda n, p: True)
+        loraplus.groups.split_groups(model, lambda n, p: True)
     with pytest.raises(LoraPlusError, match=r"group\(s\) \[0\] are not dicts"):
-        loraplus.split_groups([{"lr": 1.0}], lambda n, p: True)
+        loraplus.groups.split_groups([{"lr": 1.0}], lambda n, p: True)
     opt = LoraPlus(torch.optim.AdamW, model, lr=1.0)
     with pytest.raises(LoraPlusError, match="'param_groups' must be a list of dicts"):
-        loraplus.load_state_dict(opt, {"state": {}, "param_groups": None})
+        loraplus.load_optimizer_state(opt, {"state": {}, "param_groups": None})
     with pytest.raises(LoraPlusError, match="expected a torch.nn.Module, got dict"):
         peft_param_groups({}, lr=1.0, loraplus_lr_ratio=2.0)
     with pytest.raises(LoraPlusError, match=r"could not be built over PEFT's LoRA\+ groups \[groupA \(3 tensors\).*\]: TypeError"):

@@ -154,7 +154,7 @@ def test_autocast_with_grad_scaler_steps_b_at_ratio_times_a(dtype):
     scaler.update()
     assert scaler.get_scale() == 2.0**8, "the scaler skipped the step (inf/nan gradients)"
     _assert_ratio_kept(_mean_move(a0, a), _mean_move(b0, b))
-    assert loraplus.guard(opt) is not None and not loraplus.guard(opt).check(opt)
+    assert loraplus.groups.guard(opt) is not None and not loraplus.groups.guard(opt).check(opt)
 
 
 # ---------------------------------------------------------------------------------------------- Monitor

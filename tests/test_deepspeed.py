@@ -61,10 +61,10 @@ def _groups(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _schedule_params(kind: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-group warmup floors and peaks (``loraplus.per_group``): the way to keep the ratio."""
+    """Per-group warmup floors and peaks (``loraplus.scheduler_bounds``): the way to keep the ratio."""
     params: dict[str, Any] = {
-        "warmup_min_lr": loraplus.per_group(groups, 0.1 * LR),
-        "warmup_max_lr": loraplus.per_group(groups, LR),
+        "warmup_min_lr": loraplus.scheduler_bounds(groups, 0.1 * LR),
+        "warmup_max_lr": loraplus.scheduler_bounds(groups, LR),
         "warmup_type": "linear",
     }
     if kind == "WarmupLR":
@@ -305,7 +305,7 @@ def test_per_group_lists_or_the_default_keep_the_ratio():
     from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupDecayLR, WarmupLR
 
     opt = _plain_optimizer()
-    peaks = loraplus.per_group(opt, LR)
+    peaks = loraplus.scheduler_bounds(opt, LR)
     assert peaks == [g["lr"] for g in opt.param_groups]
     sched = WarmupDecayLR(opt, total_num_steps=10, warmup_min_lr=0.0, warmup_max_lr=peaks, warmup_num_steps=2)
     for _ in range(6):

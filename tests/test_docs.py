@@ -39,7 +39,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_roles_page_lists_every_convention():
-    from loraplus import CONVENTIONS
+    from loraplus.layouts import CONVENTIONS
 
     page = (ROOT / "docs" / "roles.md").read_text(encoding="utf-8")
     rows = [line for line in page.splitlines() if line.startswith("| ") and "`…" in line]
@@ -59,13 +59,13 @@ def test_the_readme_says_how_to_install_and_use_before_what_was_measured():
     """A newcomer reads what it is, how to install it, a runnable example (PEFT, ``apply``, the
     Trainer) and which ratio and rate to use before the set-up commands, the measurements and the caveats."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    order = ["Install", "Use it on a PEFT model", "Already have an optimizer? `apply`", "Hugging Face Trainer",
+    order = ["Install", "Use it on a PEFT model", "Already have an optimizer? `apply_to_optimizer`", "Hugging Face Trainer",
              "Which ratio and rate", "Set-up commands", "What we measured", "Caveats"]
     at = [_heading_at(readme, h) for h in order]
     assert at == sorted(at), f"README sections out of order: {sorted(zip(at, order))}"
     first_python = readme.find("```python")
     assert at[1] < first_python < at[2], "the first runnable example sits in the PEFT section"
-    assert "get_peft_model" in readme[at[1]:at[2]] and "loraplus.apply(" in readme[at[2]:at[3]]
+    assert "get_peft_model" in readme[at[1]:at[2]] and "loraplus.apply_to_optimizer(" in readme[at[2]:at[3]]
     assert "LoraPlusTrainer(" in readme[at[3]:at[4]]
     assert "pip install" in readme[at[0]:at[1]]
     intro = readme[: at[0]]
@@ -95,7 +95,7 @@ def test_the_readme_caveats_name_what_the_records_say_breaks_the_ratio():
                 said = f"{bound.argument}={bound.harmless:g}"
             if f"`{rec.name}" not in caveats or said not in caveats:
                 missing.append(f"{rec.name}: {said}")
-        if any(b.fix is Fix.PER_GROUP for b in rec.bounds) and "loraplus.per_group(opt, value)" not in caveats:
+        if any(b.fix is Fix.PER_GROUP for b in rec.bounds) and "loraplus.scheduler_bounds(opt, value)" not in caveats:
             missing.append("the per_group fix")
         if any(b.fix is Fix.LAMBDA_FLOOR for b in rec.bounds) and "`LambdaLR`" not in caveats:
             missing.append("the LambdaLR floor")

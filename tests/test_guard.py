@@ -53,15 +53,15 @@ def _quiet_steps(opt: torch.optim.Optimizer, model: nn.Module, n: int, sched=Non
 def test_loraplus_attaches_a_guard_by_default_and_none_attaches_nothing():
     model = _model()
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, RATIO, lr=LR)
-    g = loraplus.guard(opt)
+    g = loraplus.groups.guard(opt)
     assert g is not None and g.active
     # the tiny model's groups are A, B, other, other.no_decay: every non-A group follows A
     assert {(r.group, r.reference, r.factor) for r in g.relations} == {
         ("B", "A", RATIO), ("other", "A", 1.0), ("other.no_decay", "A", 1.0)
     }
-    assert loraplus.guard(loraplus.LoraPlus(torch.optim.AdamW, model, RATIO, lr=LR, guard=None)) is None
+    assert loraplus.groups.guard(loraplus.LoraPlus(torch.optim.AdamW, model, RATIO, lr=LR, guard=None)) is None
     g.remove()
-    assert loraplus.guard(opt) is None and not g.active
+    assert loraplus.groups.guard(opt) is None and not g.active
     g.remove()  # idempotent
 
 
@@ -70,7 +70,7 @@ def test_an_unknown_guard_mode_is_refused(bad):
     with pytest.raises(loraplus.LoraPlusError, match="guard must be 'warn', 'raise' or None"):
         loraplus.LoraPlus(torch.optim.AdamW, _model(), RATIO, lr=LR, guard=bad)
     with pytest.raises(loraplus.LoraPlusError, match="guard must be"):
-        loraplus.apply(torch.optim.SGD(_model().parameters(), lr=LR), _model(), RATIO, guard=bad)
+        loraplus.apply_to_optimizer(torch.optim.SGD(_model().parameters(), lr=LR), _model(), RATIO, guard=bad)
 
 
 def test_apply_attaches_a_guard_that_follows_each_sibling_s_own_parent():
@@ -78,8 +78,8 @@ def test_apply_attaches_a_guard_that_follows_each_sibling_s_own_parent():
     a_b = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.SGD([{"params": a_b, "lr": 3e-3, "name": "dec"}, {"params": rest, "lr": 5e-4, "name": "nd"}])
-    loraplus.apply(opt, model, RATIO, guard="raise")
-    g = loraplus.guard(opt)
+    loraplus.apply_to_optimizer(opt, model, RATIO, guard="raise")
+    g = loraplus.groups.guard(opt)
     assert [(r.group, r.reference, r.factor) for r in g.relations] == [("dec.B", "dec", RATIO)]
     _quiet_steps(opt, model, 3)
     # the parents may follow schedules of their own (layer-wise decay): only siblings are tied
@@ -97,7 +97,7 @@ def test_the_trainer_mixin_passes_its_guard_mode_to_apply(tmp_path):
     args = transformers.TrainingArguments(str(tmp_path), optim="sgd", learning_rate=0.1, report_to="none", use_cpu=True)
     for mode, expected in (("raise", "raise"), (None, None)):
         trainer = LoraPlusTrainer(model=_model(), args=args, loraplus_ratio=RATIO, loraplus_guard=mode)
-        found = loraplus.guard(trainer.create_optimizer())
+        found = loraplus.groups.guard(trainer.create_optimizer())
         assert (found.mode.value if found else None) == expected
     with pytest.raises(loraplus.LoraPlusError, match="guard must be"):
         LoraPlusTrainer(model=_model(), args=args, loraplus_guard="loud")
@@ -121,7 +121,7 @@ def test_one_rate_written_into_every_group_warns_once_naming_group_rates_cause_a
     text = str(ours[0].message)
     assert "group 'B' (B parameters) has lr=0.0005" in text and "4 × the lr of group 'A' (0.0005) = 0.002" in text
     assert "one rate into every group" in text and "Fix:" in text and "before step 2" in text
-    g = loraplus.guard(opt)
+    g = loraplus.groups.guard(opt)
     assert g.violation.cause is Cause.ONE_RATE and g.violations == 3
 
 
@@ -159,7 +159,7 @@ def test_schedulers_with_one_bound_for_every_group_are_caught(make, cause):
             _grads(model)
             opt.step()
             sched.step()
-    g = loraplus.guard(opt)
+    g = loraplus.groups.guard(opt)
     assert g.violations == 1 and g.violation.cause is cause
     assert g.violation.relation.group == "B" and "Fix:" in str(err.value)
 
@@ -173,7 +173,7 @@ def test_scheduler_floor_reached_by_every_group_reads_as_one_rate():
             _grads(model)
             opt.step()
             sched.step(1.0)  # a flat loss: reduce at every step down to the one floor
-    assert loraplus.guard(opt).violation.cause is Cause.ONE_RATE
+    assert loraplus.groups.guard(opt).violation.cause is Cause.ONE_RATE
 
 
 # --- no false alarms ----------------------------------------------------------------------------------------
@@ -194,12 +194,12 @@ def _schedulers():
         "CosineAnnealingWarmRestarts": lambda o: S.CosineAnnealingWarmRestarts(o, 4, 2),
         "SequentialLR": lambda o: S.SequentialLR(o, [S.LinearLR(o, 0.1, 1.0, 3), S.CosineAnnealingLR(o, 9)], [3]),
         "ChainedScheduler": lambda o: S.ChainedScheduler([S.ConstantLR(o, 0.5, 3), S.ExponentialLR(o, 0.9)]),
-        "OneCycleLR-per-group": lambda o: S.OneCycleLR(o, max_lr=loraplus.per_group(o, 1e-2), total_steps=20),
+        "OneCycleLR-per-group": lambda o: S.OneCycleLR(o, max_lr=loraplus.scheduler_bounds(o, 1e-2), total_steps=20),
         "CyclicLR-per-group": lambda o: S.CyclicLR(
-            o, base_lr=loraplus.per_group(o, 1e-4), max_lr=loraplus.per_group(o, 1e-2), step_size_up=4
+            o, base_lr=loraplus.scheduler_bounds(o, 1e-4), max_lr=loraplus.scheduler_bounds(o, 1e-2), step_size_up=4
         ),
         "ReduceLROnPlateau-min_lr-0": lambda o: S.ReduceLROnPlateau(o, factor=0.5, patience=2),
-        "SWALR-per-group": lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=loraplus.per_group(o, 1e-2), anneal_epochs=4),
+        "SWALR-per-group": lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=loraplus.scheduler_bounds(o, 1e-2), anneal_epochs=4),
     }
 
 
@@ -224,7 +224,7 @@ def test_transformers_schedules_raise_no_alarm():
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, RATIO, lr=LR, guard="raise")
     sched = transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 3, 20, min_lr_rate=0.1)
     _quiet_steps(opt, model, 20, sched)
-    assert loraplus.guard(opt).violations == 0
+    assert loraplus.groups.guard(opt).violations == 0
 
 
 def test_a_group_added_later_is_not_followed():
@@ -246,7 +246,7 @@ def test_a_resumed_optimizer_keeps_its_guard_and_the_guard_reads_the_loaded_rate
     saved = opt.state_dict()
 
     fresh = loraplus.LoraPlus(torch.optim.AdamW, model, RATIO, lr=LR, guard="raise")
-    loraplus.load_state_dict(fresh, saved)  # replaces every group dict with the saved one
+    loraplus.load_optimizer_state(fresh, saved)  # replaces every group dict with the saved one
     assert _rates(fresh)["A"] == pytest.approx(LR * (0.2 + 3 * 0.8 / 5))
     _quiet_steps(fresh, model, 2)
 
@@ -287,7 +287,7 @@ def test_the_guard_does_not_keep_the_optimizer_alive():
     model = _model()
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, RATIO, lr=LR)
     ref = weakref.ref(opt)
-    g = loraplus.guard(opt)
+    g = loraplus.groups.guard(opt)
     gc.disable()
     try:
         del opt
@@ -302,9 +302,9 @@ def test_the_guard_reads_only_the_group_dicts():
     model = _model()
     opt = loraplus.LoraPlus(torch.optim.SGD, model, RATIO, lr=LR, guard="raise")
     opt.param_groups[1]["lr"] = torch.tensor(LR, device="meta")  # reading it would fail loudly
-    assert loraplus.guard(opt).check(opt) == []
+    assert loraplus.groups.guard(opt).check(opt) == []
     opt.param_groups[2]["lr"] = 7.0  # the groups it can read are still checked
-    assert [v.relation.group for v in loraplus.guard(opt).check(opt)] == ["other"]
+    assert [v.relation.group for v in loraplus.groups.guard(opt).check(opt)] == ["other"]
 
 
 # --- the Trainer --------------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def test_a_trainer_run_with_warm_up_and_decay_keeps_the_ratio_and_a_rewriting_ca
 
     kept = trainer(tmp_path / "kept", [Record()])
     kept.train()
-    assert type(kept.optimizer).__name__ == "AcceleratedOptimizer" and loraplus.guard(kept.optimizer).violations == 0
+    assert type(kept.optimizer).__name__ == "AcceleratedOptimizer" and loraplus.groups.guard(kept.optimizer).violations == 0
     assert len({s["group0"] for s in seen}) >= 4  # warm-up and decay both moved the rate
     assert all(s["group0.B"] == pytest.approx(RATIO * s["group0"], rel=1e-12) for s in seen)
     with pytest.raises(loraplus.LoraPlusError, match=r"group 'group0\.B' \(B parameters\) has lr=0\.0001"):

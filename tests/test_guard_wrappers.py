@@ -40,7 +40,7 @@ def _case(kind: str, broken: bool) -> dict[str, Any]:
         from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
         opt = loraplus.LoraPlus(torch.optim.AdamW, model, RATIO, lr=LR, guard="raise")
-        peak: Any = LR if broken else loraplus.per_group(opt, LR)  # DeepSpeed broadcasts a scalar peak
+        peak: Any = LR if broken else loraplus.scheduler_bounds(opt, LR)  # DeepSpeed broadcasts a scalar peak
         sched = WarmupDecayLR(opt, total_num_steps=10, warmup_min_lr=0.0, warmup_max_lr=peak, warmup_num_steps=2)
         config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": int(kind[-1])},
                   "zero_allow_untested_optimizer": True}
@@ -89,8 +89,8 @@ def _case(kind: str, broken: bool) -> dict[str, Any]:
             step()
             rates.append({str(g["name"]): float(g["lr"]) for g in groups})
     except loraplus.LoraPlusError as err:
-        return {"refused": str(err), "rates": rates, "violations": loraplus.guard(opt).violations}
-    return {"refused": None, "rates": rates, "violations": loraplus.guard(opt).violations}
+        return {"refused": str(err), "rates": rates, "violations": loraplus.groups.guard(opt).violations}
+    return {"refused": None, "rates": rates, "violations": loraplus.groups.guard(opt).violations}
 
 
 def main(out: str) -> None:

@@ -285,7 +285,7 @@ def test_apply_refuses_them_before_changing_the_optimizer():
     opt = prodigyopt.Prodigy(model.parameters(), lr=1.0)
     before = [dict(g) for g in opt.param_groups]
     with pytest.raises(LoraPlusError, match=r"prodigyopt.Prodigy \(measured on .*group0 1, group0.B 4"):
-        loraplus.apply(opt, model, ratio=RATIO, schedulers=[])
+        loraplus.apply_to_optimizer(opt, model, ratio=RATIO, schedulers=[])
     assert opt.param_groups == before
 
 
@@ -296,7 +296,7 @@ def test_apply_on_prodigy_plus_built_with_one_group_keeps_its_shared_d():
     opt = _quiet(PPSF, model.parameters(), lr=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loraplus.apply(opt, model, ratio=RATIO, schedulers=[])
+        loraplus.apply_to_optimizer(opt, model, ratio=RATIO, schedulers=[])
     assert [(g["name"], g["lr"], g["split_groups"]) for g in opt.param_groups] == [
         ("group0", 1.0, False), ("group0.B", RATIO, False),
     ]

@@ -899,7 +899,7 @@ def test_a_failure_while_monitoring_warns_once_detaches_and_leaves_training_bit_
     # the Monitor's hooks are gone; what is left is the ratio guard's, which LoraPlus attached
     from loraplus._groups._guard import _hook as guard_hook
 
-    assert list(opt._optimizer_step_pre_hooks.values()) == [guard_hook] and loraplus.guard(opt) is not None
+    assert list(opt._optimizer_step_pre_hooks.values()) == [guard_hook] and loraplus.groups.guard(opt) is not None
     assert len(opt._optimizer_step_post_hooks) == 0
     assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses))
     for (n, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):

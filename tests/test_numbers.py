@@ -45,16 +45,16 @@ def test_role_lr_and_lr_embedding_take_numpy_scalars():
 def test_per_group_refine_and_apply_take_numpy_scalars():
     model = tiny_lora_model()
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3, ratio=16)
-    assert loraplus.per_group(opt, np.float32(0.5)) == [0.5, 8.0, 0.5, 0.5]  # A, B, other, other.no_decay
+    assert loraplus.scheduler_bounds(opt, np.float32(0.5)) == [0.5, 8.0, 0.5, 0.5]  # A, B, other, other.no_decay
 
     model = tiny_lora_model()
-    refined = loraplus.refine([{"params": list(model.parameters()), "lr": np.float32(0.25)}], model, ratio=np.int32(4))
+    refined = loraplus.apply_to_groups([{"params": list(model.parameters()), "lr": np.float32(0.25)}], model, ratio=np.int32(4))
     assert sorted(g["lr"] for g in refined) == [0.25, 1.0]
     parent, sibling = refined  # the parent keeps the user's own value; the B sibling is a computed float
     assert parent["lr"] is refined[0]["lr"] and type(sibling["lr"]) is float
 
     model = tiny_lora_model()
-    opt = loraplus.apply(torch.optim.SGD(model.parameters(), lr=0.5), model, ratio=np.float64(2.0))
+    opt = loraplus.apply_to_optimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, ratio=np.float64(2.0))
     assert sorted(g["lr"] for g in opt.param_groups) == [0.5, 1.0]
 
 
@@ -66,7 +66,7 @@ def test_precondition_and_the_factory_take_a_numpy_damping():
     pre.remove()
     model = tiny_lora_model()
     opt = loraplus.LoraPlus(torch.optim.SGD, model, lr=0.1, precondition="riemannian", precondition_reg=np.float64(0.5))
-    found = loraplus.preconditioner(opt)
+    found = loraplus.pairing.preconditioner(opt)
     assert found is not None and found.reg == 0.5
 
 
@@ -85,7 +85,7 @@ TENSOR_CALLS = {
     "LoraPlus ratio": lambda m, t: loraplus.LoraPlus(torch.optim.AdamW, m, lr=1e-3, ratio=t),
     "param_groups weight_decay": lambda m, t: loraplus.param_groups(m, lr=1e-3, weight_decay=t),
     "role_lr": lambda m, t: loraplus.param_groups(m, lr=1e-3, role_lr={"B": t}),
-    "refine ratio": lambda m, t: loraplus.refine([{"params": list(m.parameters()), "lr": 0.1}], m, ratio=t),
+    "apply_to_groups ratio": lambda m, t: loraplus.apply_to_groups([{"params": list(m.parameters()), "lr": 0.1}], m, ratio=t),
     "precondition reg": lambda m, t: loraplus.precondition(torch.optim.SGD(m.parameters(), lr=0.1), m, reg=t),
     "compat lr": lambda m, t: create_loraplus_optimizer(m, torch.optim.AdamW, lr=t, loraplus_lr_ratio=4),
 }

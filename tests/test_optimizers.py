@@ -378,8 +378,8 @@ def _muon_plus_adamw(model: nn.Module, ratio: float) -> tuple[torch.optim.Muon, 
     """The documented recipe: Muon for the 2-D adapter factors, AdamW for everything else."""
     roles = loraplus.classify(model)
     on_muon = lambda name, p: p.ndim == 2 and roles[name] in (Role.A, Role.B)  # noqa: E731
-    muon_groups, _ = loraplus.split_groups(loraplus.param_groups(model, lr=0.02, ratio=ratio), on_muon)
-    _, adamw_groups = loraplus.split_groups(
+    muon_groups, _ = loraplus.groups.split_groups(loraplus.param_groups(model, lr=0.02, ratio=ratio), on_muon)
+    _, adamw_groups = loraplus.groups.split_groups(
         loraplus.param_groups(model, lr=3e-4, ratio=ratio, weight_decay=WD), on_muon
     )
     return torch.optim.Muon(muon_groups, lr=0.02), torch.optim.AdamW(adamw_groups, lr=3e-4)
@@ -408,7 +408,7 @@ def test_muon_with_adamw_for_the_rest_keeps_the_ratio() -> None:
 def test_split_groups_keeps_metadata_and_drops_empty_halves() -> None:
     model = make_model()
     groups = loraplus.param_groups(model, lr=1e-3, ratio=8, weight_decay=WD)
-    picked, rest = loraplus.split_groups(groups, lambda name, p: name.startswith("layers.0."))
+    picked, rest = loraplus.groups.split_groups(groups, lambda name, p: name.startswith("layers.0."))
     assert [g["name"] for g in picked] == ["A", "B"]
     assert [g["name"] for g in rest] == ["A", "B", "other", "other.no_decay"]
     for g in picked + rest:
@@ -418,7 +418,7 @@ def test_split_groups_keeps_metadata_and_drops_empty_halves() -> None:
             k: v for k, v in original.items() if k not in ("params", "param_names")
         }
     with pytest.raises(loraplus.LoraPlusError, match="param_names"):
-        loraplus.split_groups([{"params": [torch.zeros(1)]}], lambda n, p: True)
+        loraplus.groups.split_groups([{"params": [torch.zeros(1)]}], lambda n, p: True)
 
 
 def test_transformers_adafactor_with_relative_step_is_rejected_with_context() -> None:

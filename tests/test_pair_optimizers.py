@@ -1,4 +1,4 @@
-"""loraplus.pair_params with third-party pair optimizers (pytorch_optimizer.LoRARite, lora-pro-adamw)."""
+"""loraplus.pairing.pair_params with third-party pair optimizers (pytorch_optimizer.LoRARite, lora-pro-adamw)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import loraplus
-from loraplus import LoraPlusError, pair_params
+from loraplus import LoraPlusError
+from loraplus.pairing import pair_params
 from loraplus.testing import build_model
 
 LoRARite = pytest.importorskip("pytorch_optimizer").LoRARite

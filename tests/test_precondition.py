@@ -176,7 +176,7 @@ def test_lorafa_freezes_a_so_autograd_never_computes_it_and_remove_restores_it()
     assert all(names[n].grad is not None for n in b_names)
     pre.remove()
     assert all(names[n].requires_grad for n in a_names + b_names)
-    assert loraplus.preconditioner(opt) is None
+    assert loraplus.pairing.preconditioner(opt) is None
 
 
 def test_only_lorafa_changes_requires_grad():
@@ -411,21 +411,21 @@ def test_remove_and_context_manager_restore_raw_steps():
 def test_the_optimizer_owns_a_preconditioner_attached_by_loraplus_and_it_is_removable():
     model = _peft()
     opt = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1, precondition="riemannian")
-    pre = loraplus.preconditioner(opt)
-    assert isinstance(pre, loraplus.Preconditioner) and pre.active and pre.method == "riemannian"
+    pre = loraplus.pairing.preconditioner(opt)
+    assert isinstance(pre, loraplus.pairing.Preconditioner) and pre.active and pre.method == "riemannian"
     del pre
     gc.collect()
-    pre = loraplus.preconditioner(opt)  # dropping the handle did not detach it: the optimizer owns it
+    pre = loraplus.pairing.preconditioner(opt)  # dropping the handle did not detach it: the optimizer owns it
     assert pre is not None and pre.active
     pre.remove()
-    assert loraplus.preconditioner(opt) is None and not pre.active
+    assert loraplus.pairing.preconditioner(opt) is None and not pre.active
     model(_batches(1)[0]).square().mean().backward()
     raw = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     opt.step()  # raw gradients again
     assert all(torch.equal(p.grad, g) for p, g in zip([p for p in model.parameters() if p.requires_grad], raw))
     again = precondition(opt, model, method="lorafa", reg=1e-3)  # a new one may be attached after remove()
-    assert loraplus.preconditioner(opt) is again
-    assert loraplus.preconditioner(torch.optim.SGD(model.parameters(), lr=0.1)) is None
+    assert loraplus.pairing.preconditioner(opt) is again
+    assert loraplus.pairing.preconditioner(torch.optim.SGD(model.parameters(), lr=0.1)) is None
 
 
 @pytest.mark.parametrize("method", ["riemannian", "lorafa"])
@@ -500,9 +500,9 @@ def test_a_model_whose_a_factors_a_live_lorafa_optimizer_froze_is_refused_with_t
             attempt()
         assert a_names[0] in str(err.value), what
     assert not any(params[n].requires_grad for n in a_names)  # the refused calls changed nothing
-    loraplus.preconditioner(first).remove()
+    loraplus.pairing.preconditioner(first).remove()
     second = loraplus.LoraPlus(torch.optim.SGD, model, ratio=4, lr=0.1, precondition="lorafa")  # after remove()
-    assert {id(p) for p in loraplus.preconditioner(second).frozen} == {id(params[n]) for n in a_names}
+    assert {id(p) for p in loraplus.pairing.preconditioner(second).frozen} == {id(params[n]) for n in a_names}
 
 
 def test_collection_restores_only_what_lorafa_froze_also_after_the_model_is_gone(monkeypatch):
@@ -551,7 +551,7 @@ def test_a_model_saved_while_lorafa_is_attached_loads_without_a_live_freeze(tmp_
     for p in a:
         p.requires_grad_(True)
     loraplus.LoraPlus(torch.optim.SGD, loaded, ratio=4, lr=0.1)  # no live LoRA-FA owns the loaded factors
-    assert loraplus.preconditioner(opt).active
+    assert loraplus.pairing.preconditioner(opt).active
 
 
 def test_interpreter_exit_with_a_live_lorafa_optimizer_is_quiet():

@@ -11,7 +11,7 @@ EXPECTED = {
     "loraplus.layouts": {"CONVENTIONS", "Convention"},
     "loraplus.pairing": {"Pair", "Pairs", "Unpaired", "pair_params", "Preconditioner", "preconditioner"},
     "loraplus.groups": {"split_groups", "guard", "Guard"},
-    "loraplus.probe": {"LrSuggestion", "RatioSummary", "ProbePoint", "Phase"},
+    "loraplus.probe": {"LrSuggestion", "RatioSummary", "ProbePoint", "Phase", "Rule"},
 }
 
 
@@ -26,13 +26,20 @@ def test_public_submodule_exports(module_name: str) -> None:
         exec(f"from {module_name} import {name}", {})
 
 
-def test_public_submodules_reexport_the_same_objects() -> None:
-    import loraplus
-    from loraplus import groups, layouts, pairing, probe
+def test_public_submodules_reexport_the_private_objects() -> None:
+    from loraplus import _find_lr, _layouts, groups, layouts, pairing, probe
+    from loraplus._groups import _build, _guard
+    from loraplus._pairs import _pairs, _params, _precondition
 
-    assert layouts.Convention is loraplus.Convention
-    assert pairing.Pairs is loraplus.Pairs
-    assert pairing.pair_params is loraplus.pair_params
-    assert groups.guard is loraplus.guard
-    assert groups.split_groups is loraplus.split_groups
-    assert probe.LrSuggestion is loraplus.LrSuggestion
+    assert layouts.Convention is _layouts.Convention and layouts.CONVENTIONS is _layouts.CONVENTIONS
+    assert pairing.Pairs is _pairs.Pairs and pairing.pair_params is _params.pair_params
+    assert pairing.preconditioner is _precondition.preconditioner
+    assert groups.guard is _guard.guard and groups.split_groups is _build.split_groups
+    assert probe.LrSuggestion is _find_lr.LrSuggestion and probe.Rule is _find_lr.Rule
+
+
+def test_submodules_are_reachable_from_the_package() -> None:
+    import loraplus
+
+    for name in ("groups", "layouts", "pairing", "probe", "schedulers", "testing"):
+        assert getattr(loraplus, name).__name__ == f"loraplus.{name}"

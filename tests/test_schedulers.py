@@ -1,4 +1,4 @@
-"""Learning-rate schedulers keep the LoRA+ ratio — or, for scalar bounds, need loraplus.per_group.
+"""Learning-rate schedulers keep the LoRA+ ratio — or, for scalar bounds, need loraplus.scheduler_bounds.
 
 The property: at every step, each group's lr divided by the A group's lr equals what it was when
 the optimizer was built (B/A = λ, other/A as set by role_lr).
@@ -118,20 +118,20 @@ def _draw_scheduler(data: st.DataObject, opt: torch.optim.Optimizer, steps: int)
         return kind, S.ReduceLROnPlateau(opt, factor=gamma, patience=d(st.integers(0, 3)), min_lr=0.0, eps=0.0)
     if kind == "OneCycleLR+per_group":
         peak = d(st.floats(1e-4, 1e-1))
-        return kind, S.OneCycleLR(opt, max_lr=loraplus.per_group(opt, peak), total_steps=steps + 1)
+        return kind, S.OneCycleLR(opt, max_lr=loraplus.scheduler_bounds(opt, peak), total_steps=steps + 1)
     if kind == "CyclicLR+per_group":
         low = d(st.floats(1e-5, 1e-3))
         return kind, S.CyclicLR(
             opt,
-            base_lr=loraplus.per_group(opt, low),
-            max_lr=loraplus.per_group(opt, low * 10),
+            base_lr=loraplus.scheduler_bounds(opt, low),
+            max_lr=loraplus.scheduler_bounds(opt, low * 10),
             step_size_up=t_max,
             mode=d(st.sampled_from(["triangular", "triangular2", "exp_range"])),
             gamma=gamma,
         )
     assert kind == "ReduceLROnPlateau+per_group"
     floor = d(st.floats(0.0, 1e-3))
-    return kind, S.ReduceLROnPlateau(opt, factor=gamma, patience=0, min_lr=loraplus.per_group(opt, floor), eps=0.0)
+    return kind, S.ReduceLROnPlateau(opt, factor=gamma, patience=0, min_lr=loraplus.scheduler_bounds(opt, floor), eps=0.0)
 
 
 @settings(max_examples=120)  # 16 scheduler kinds: several examples each
@@ -181,7 +181,7 @@ def test_one_cycle_scalar_max_lr_turns_lora_plus_into_plain_lora() -> None:
 
 def test_one_cycle_per_group_max_lr_keeps_the_ratio_and_the_peak() -> None:
     opt = make_opt(ratio=16.0)
-    peak = loraplus.per_group(opt, 1e-3)
+    peak = loraplus.scheduler_bounds(opt, 1e-3)
     assert peak == pytest.approx([1e-3, 16e-3, 0.5e-3, 0.5e-3])
     trace = _trace(opt, S.OneCycleLR(opt, max_lr=peak, total_steps=20), 19)
     assert all(row[1] == pytest.approx(16 * row[0], rel=1e-12) for row in trace)
@@ -194,7 +194,7 @@ def test_cyclic_scalar_bounds_collapse_the_ratio_and_per_group_keeps_it() -> Non
     trace = _trace(opt, S.CyclicLR(opt, base_lr=1e-4, max_lr=1e-3, step_size_up=5), 12)
     assert all(row[1] == row[0] for row in trace)
     opt = make_opt(ratio=8.0)
-    sched = S.CyclicLR(opt, base_lr=loraplus.per_group(opt, 1e-4), max_lr=loraplus.per_group(opt, 1e-3), step_size_up=5)
+    sched = S.CyclicLR(opt, base_lr=loraplus.scheduler_bounds(opt, 1e-4), max_lr=loraplus.scheduler_bounds(opt, 1e-3), step_size_up=5)
     assert all(row[1] == pytest.approx(8 * row[0], rel=1e-12) for row in _trace(opt, sched, 12))
 
 
@@ -204,7 +204,7 @@ def test_reduce_on_plateau_scalar_min_lr_collapses_the_ratio_and_per_group_keeps
     trace = _trace(opt, S.ReduceLROnPlateau(opt, factor=0.5, patience=0, min_lr=1e-4), 12, worse)
     assert trace[-1][0] == trace[-1][1] == 1e-4, "the trap: both clamp at the same floor, ratio 1"
     opt = make_opt(ratio=16.0)
-    sched = S.ReduceLROnPlateau(opt, factor=0.5, patience=0, min_lr=loraplus.per_group(opt, 1e-4))
+    sched = S.ReduceLROnPlateau(opt, factor=0.5, patience=0, min_lr=loraplus.scheduler_bounds(opt, 1e-4))
     last = _trace(opt, sched, 12, worse)[-1]
     assert last[0] == pytest.approx(1e-4) and last[1] == pytest.approx(16e-4)
 
@@ -225,7 +225,7 @@ def test_cosine_scalar_eta_min_shrinks_the_ratio_and_a_list_is_rejected() -> Non
     trace = _trace(opt, S.CosineAnnealingLR(opt, T_max=10, eta_min=1e-4), 10)
     assert trace[-1][0] == pytest.approx(1e-4) and trace[-1][1] == pytest.approx(1e-4), "ratio ends at 1"
     opt = make_opt(ratio=16.0)
-    sched = S.CosineAnnealingLR(opt, T_max=10, eta_min=loraplus.per_group(opt, 1e-4))  # accepted here ...
+    sched = S.CosineAnnealingLR(opt, T_max=10, eta_min=loraplus.scheduler_bounds(opt, 1e-4))  # accepted here ...
     opt.step()
     with pytest.raises(TypeError):  # ... but rejected at the first step
         sched.step()
@@ -240,7 +240,7 @@ def cosine_with_floor(opt: torch.optim.Optimizer, T_max: int, floor: float) -> S
 def test_cosine_floor_recipe_matches_per_group_cosine_annealing() -> None:
     opt = make_opt(ratio=16.0)
     base = lrs(opt)
-    eta = loraplus.per_group(opt, 1e-4)
+    eta = loraplus.scheduler_bounds(opt, 1e-4)
     trace = _trace(opt, cosine_with_floor(opt, T_max=10, floor=1e-4 / 1e-3), 14)
     for t, row in enumerate(trace):
         want = [e + (b - e) * 0.5 * (1 + math.cos(math.pi * min(t, 10) / 10)) for b, e in zip(base, eta)]
@@ -257,14 +257,14 @@ def test_per_group_uses_the_start_lr_once_a_scheduler_has_moved_it() -> None:
     for _ in range(3):
         opt.step()
         sched.step()
-    assert loraplus.per_group(opt, 2e-3) == pytest.approx([2e-3, 8e-3, 1e-3, 1e-3])
+    assert loraplus.scheduler_bounds(opt, 2e-3) == pytest.approx([2e-3, 8e-3, 1e-3, 1e-3])
 
 
 def test_per_group_accepts_param_groups_and_an_explicit_reference() -> None:
     groups = loraplus.param_groups(tiny_lora_model(), lr=1e-4, ratio=8)
-    assert loraplus.per_group(groups, 1e-3) == pytest.approx([1e-3, 8e-3, 1e-3, 1e-3])
-    assert loraplus.per_group(groups, 1e-3, reference=1e-3) == pytest.approx([1e-4, 8e-4, 1e-4, 1e-4])
-    assert loraplus.per_group(groups, 0) == [0.0, 0.0, 0.0, 0.0]
+    assert loraplus.scheduler_bounds(groups, 1e-3) == pytest.approx([1e-3, 8e-3, 1e-3, 1e-3])
+    assert loraplus.scheduler_bounds(groups, 1e-3, reference=1e-3) == pytest.approx([1e-4, 8e-4, 1e-4, 1e-4])
+    assert loraplus.scheduler_bounds(groups, 0) == [0.0, 0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -278,16 +278,16 @@ def test_per_group_accepts_param_groups_and_an_explicit_reference() -> None:
 )
 def test_per_group_rejects_bad_numbers(args: tuple, kwargs: dict, match: str) -> None:
     with pytest.raises(loraplus.LoraPlusError, match=match):
-        loraplus.per_group(make_opt(), *args, **kwargs)
+        loraplus.scheduler_bounds(make_opt(), *args, **kwargs)
 
 
 def test_per_group_without_an_a_group_asks_for_a_reference() -> None:
     opt = torch.optim.SGD([{"params": [torch.zeros(2, requires_grad=True)], "lr": 0.1}])
     with pytest.raises(loraplus.LoraPlusError, match="no group has role 'A'.*reference="):
-        loraplus.per_group(opt, 1e-3)
-    assert loraplus.per_group(opt, 1e-3, reference=0.1) == pytest.approx([1e-3])
+        loraplus.scheduler_bounds(opt, 1e-3)
+    assert loraplus.scheduler_bounds(opt, 1e-3, reference=0.1) == pytest.approx([1e-3])
     with pytest.raises(loraplus.LoraPlusError, match="optimizer or a list of param groups"):
-        loraplus.per_group({"lr": 1.0}, 1e-3)
+        loraplus.scheduler_bounds({"lr": 1.0}, 1e-3)
 
 
 # ------------------------------------------------------------------------- the catalogue, against the packages
@@ -296,7 +296,7 @@ def test_per_group_without_an_a_group_asks_for_a_reference() -> None:
 # the same scheduler on a plain optimizer that never saw loraplus (rates written down by hand here):
 #   LoraPlus:  LoraPlus(...) first, then the scheduler, with per-group bounds written out by hand;
 #   apply:     a plain optimizer with two groups at different rates and the scheduler (scalar bounds),
-#              then loraplus.apply(..., schedulers=[it]).
+#              then loraplus.apply_to_optimizer(..., schedulers=[it]).
 
 
 
@@ -481,9 +481,9 @@ def test_loraplus_then_the_scheduler_with_per_group_bounds_keeps_b_at_ratio_time
     ref = torch.optim.SGD([{"params": parts[n], "lr": rates[n]} for n in names], momentum=0.9)
     mine = build(opt, lambda v: [v, RATIO * v, v * other / lr, v * other / lr])
     theirs = build(ref, lambda v: [v, v, v * other / lr, v * other / lr])
-    for b in record.bounds:  # the same lists, from loraplus.per_group
+    for b in record.bounds:  # the same lists, from loraplus.scheduler_bounds
         if b.fix is Fix.PER_GROUP:
-            assert loraplus.per_group(opt, 1e-2) == pytest.approx([1e-2, RATIO * 1e-2, 5e-2, 5e-2])
+            assert loraplus.scheduler_bounds(opt, 1e-2) == pytest.approx([1e-2, RATIO * 1e-2, 5e-2, 5e-2])
     index = {n: i for i, n in enumerate(names)}
     _run(opt, ref, (mine, theirs), metric, lambda n, r: r.param_groups[index[n]]["lr"] * (RATIO if n == "B" else 1))
 
@@ -505,7 +505,7 @@ def test_the_scheduler_then_apply_keeps_b_at_ratio_times_its_parent(record: Sche
         )
         runs.append((model, opt, build(opt, lambda v: v)))
     (model, opt, sched), (_, ref, ref_sched) = runs
-    loraplus.apply(opt, model, RATIO, schedulers=[sched])
+    loraplus.apply_to_optimizer(opt, model, RATIO, schedulers=[sched])
     parent = {"group0": 0, "group0.B": 0, "group1": 1}
     _run(
         opt, ref, (sched, ref_sched), metric,
@@ -518,14 +518,14 @@ def test_swalr_with_a_scalar_swa_lr_turns_lora_plus_into_plain_lora_and_per_grou
     last = _trace(opt, SWALR(opt, swa_lr=1e-4, anneal_epochs=5), 8)[-1]
     assert last[0] == last[1] == pytest.approx(1e-4), "the trap: every group anneals to the one swa_lr"
     opt = make_opt(ratio=16.0)
-    last = _trace(opt, SWALR(opt, swa_lr=loraplus.per_group(opt, 1e-4), anneal_epochs=5), 8)[-1]
+    last = _trace(opt, SWALR(opt, swa_lr=loraplus.scheduler_bounds(opt, 1e-4), anneal_epochs=5), 8)[-1]
     assert last == pytest.approx([1e-4, 16e-4, 0.5e-4, 0.5e-4])  # other groups were built at 0.5 x A's lr
 
 
 def test_per_group_docstring_names_every_bound_it_is_for():
     import re
 
-    doc = " ".join((loraplus.per_group.__doc__ or "").split())
+    doc = " ".join((loraplus.scheduler_bounds.__doc__ or "").split())
     for rec in SCHEDULERS:
         for b in rec.bounds:
             if b.fix is Fix.PER_GROUP:  # named as ``Class(argument=, ...)``
@@ -558,4 +558,4 @@ def test_per_group_measures_against_the_rate_the_schedule_started_from():
         opt.step()
         sched.step()
     assert lrs(opt)[0] == pytest.approx(1e-3 / 8)
-    assert loraplus.per_group(opt, 2e-3, reference=1e-3) == pytest.approx([2e-3, 8e-3, 1e-3, 1e-3])
+    assert loraplus.scheduler_bounds(opt, 2e-3, reference=1e-3) == pytest.approx([2e-3, 8e-3, 1e-3, 1e-3])

@@ -18,12 +18,12 @@ from ._lr_free import check_lr_free
 from ._refine import MARK, SCALED_KEYS, refine_groups
 from ._scheduler_catalog import Carry, SchedulerRecord, record_for, scaled_group_keys
 
-__all__ = ["apply"]
+__all__ = ["apply_to_optimizer"]
 
 OptimizerT = TypeVar("OptimizerT")
 
 _HOW_TO_DECLARE = (
-    "describe it with a record: apply(..., scheduler_records=[loraplus.schedulers.SchedulerRecord.for_type("
+    "describe it with a record: apply_to_optimizer(..., scheduler_records=[loraplus.schedulers.SchedulerRecord.for_type("
     "{cls}, lists=[loraplus.schedulers.PerGroup('<attribute>', loraplus.schedulers.Carry.SCALED), ...])]) "
     "listing every attribute that holds one value per param group (SCALED for learning rates, COPIED for "
     "anything else)"
@@ -43,7 +43,7 @@ def _optimizer_chain(optimizer: Any) -> list[Any]:
         inner = nxt
     if not isinstance(getattr(inner, "param_groups", None), list) or not hasattr(inner, "state"):
         raise LoraPlusError(
-            f"apply needs a torch optimizer (or a wrapper exposing one as .optimizer), got {type(optimizer).__name__}"
+            f"apply_to_optimizer needs a torch optimizer (or a wrapper exposing one as .optimizer), got {type(optimizer).__name__}"
         )
     return chain
 
@@ -55,13 +55,13 @@ def _inner_scheduler(scheduler: Any) -> Any:
 
 
 def _record(sched: Any, records: Sequence[SchedulerRecord], n_groups: int, where: str) -> SchedulerRecord:
-    """The record ``apply`` follows for ``sched``: its type's, else its nearest catalogued base class's."""
+    """The record ``apply_to_optimizer`` follows for ``sched``: its type's, else its nearest catalogued base class's."""
     cls = type(sched)
     found = record_for(cls, records)
     if found is None:
         raise LoraPlusError(
             f"{where} ({cls.__module__}.{cls.__qualname__}) is not a scheduler loraplus knows, and subclasses none "
-            "it knows (loraplus.schedulers.SCHEDULERS), so apply cannot tell which of its values are per param "
+            "it knows (loraplus.schedulers.SCHEDULERS), so apply_to_optimizer cannot tell which of its values are per param "
             f"group; {_HOW_TO_DECLARE.format(cls=cls.__qualname__)}"
         )
     record, base = found
@@ -95,7 +95,7 @@ def _walk(
         if owner is None or _optimizer_chain(owner)[-1] is not chain[-1]:
             raise LoraPlusError(
                 f"{where} ({type(sched).__name__}) is attached to another optimizer; pass only the "
-                "schedulers of the optimizer given to apply"
+                "schedulers of the optimizer given to apply_to_optimizer"
             )
         for item in record.lists:
             value = getattr(sched, item.name, None)
@@ -168,7 +168,7 @@ def _times(value: Any, factor: float) -> Any:
     return value * factor
 
 
-def apply(
+def apply_to_optimizer(
     optimizer: OptimizerT,
     model: nn.Module,
     ratio: float = DEFAULT_RATIO,
@@ -182,7 +182,7 @@ def apply(
 ) -> OptimizerT:
     """Turn an optimizer you already built into a LoRA+ one, in place, before its first step.
 
-    Its param groups are replaced by :func:`loraplus.refine` of them: each group's B factors move
+    Its param groups are replaced by :func:`loraplus.apply_to_groups` of them: each group's B factors move
     to a sibling ``"<name>.B"`` right after it at ``ratio ×`` its learning-rate keys, and every
     other option stays. Works on any ``torch.optim.Optimizer`` and on wrappers that expose it as
     ``.optimizer`` (accelerate's ``AcceleratedOptimizer``). Call it before the first step; state that
@@ -200,7 +200,7 @@ def apply(
     extended once however often it is listed or reached.
 
     An attached scheduler that is not passed would no longer match the groups (ReduceLROnPlateau
-    fails at its first reduction, possibly hours later), so apply refuses it: it looks for live
+    fails at its first reduction, possibly hours later), so apply_to_optimizer refuses it: it looks for live
     schedulers of a known type that hold this optimizer (through the garbage collector's
     referrers of the optimizer: one pass over Python's tracked objects, measured at ~30 ms of CPU
     with torch and transformers loaded and ~70 ms with 3.3 million objects, plus a collection when
@@ -215,16 +215,16 @@ def apply(
         schedulers: the schedulers attached to ``optimizer`` (see above).
         scheduler_records: records (:class:`loraplus.schedulers.SchedulerRecord`) for scheduler types
             loraplus does not know; they win over the catalogue's.
-        lr_embedding: as in :func:`loraplus.refine`.
-        role_lr: as in :func:`loraplus.refine`.
-        rules: as in :func:`loraplus.refine`.
+        lr_embedding: as in :func:`loraplus.apply_to_groups`.
+        role_lr: as in :func:`loraplus.apply_to_groups`.
+        rules: as in :func:`loraplus.apply_to_groups`.
         guard: the ratio guard (as in :func:`loraplus.LoraPlus`): before every step it checks that
             each sibling still trains at its factor times its parent's rate; ``"warn"`` (default)
             warns once, ``"raise"`` raises before the step, ``None`` attaches nothing.
 
     Returns:
         ``optimizer`` itself (its groups now carry ``name``, the ``loraplus`` mark, ``param_names``
-        where known, and ``role`` on the siblings), so ``print(loraplus.explain(apply(opt, model)))``
+        where known, and ``role`` on the siblings), so ``print(loraplus.explain(apply_to_optimizer(opt, model)))``
         works.
 
     Raises:
@@ -239,7 +239,7 @@ def apply(
         >>> model = loraplus.testing.tiny_lora_model()
         >>> opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         >>> sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=4)
-        >>> opt = loraplus.apply(opt, model, ratio=8, schedulers=[sched])
+        >>> opt = loraplus.apply_to_optimizer(opt, model, ratio=8, schedulers=[sched])
         >>> [(g["name"], g["lr"]) for g in opt.param_groups], sched.base_lrs
         ([('group0', 0.0005), ('group0.B', 0.004)], [0.001, 0.008])
     """
@@ -250,7 +250,7 @@ def apply(
     marked = [i for i, g in enumerate(groups) if MARK in g]
     if marked:
         raise LoraPlusError(
-            "loraplus.apply was already called on this optimizer (its groups carry the "
+            "loraplus.apply_to_optimizer was already called on this optimizer (its groups carry the "
             f"{MARK!r} key); a second call would multiply B's rate by the ratio again. Apply LoRA+ once, "
             "right after building the optimizer"
         )
@@ -262,7 +262,7 @@ def apply(
     if strange:
         raise LoraPlusError(
             f"the optimizer's state has {len(strange)} entr(y/ies) not keyed by one of its parameters "
-            f"(e.g. {type(strange[0]).__name__}), so apply cannot move it with the parameters; apply LoRA+ "
+            f"(e.g. {type(strange[0]).__name__}), so apply_to_optimizer cannot move it with the parameters; apply LoRA+ "
             "before the first step"
         )
     records = list(scheduler_records)
@@ -279,12 +279,12 @@ def apply(
         raise LoraPlusError(
             f"{len(missing)} scheduler(s) attached to this optimizer are not in schedulers= ({names}); their "
             "per-group lists would no longer match the new groups (ReduceLROnPlateau fails at its first "
-            "reduction). Pass every scheduler attached to the optimizer: apply(..., schedulers=[scheduler, ...])"
+            "reduction). Pass every scheduler attached to the optimizer: apply_to_optimizer(..., schedulers=[scheduler, ...])"
         )
     if sched_list is None and any("initial_lr" in g for g in groups):
         raise LoraPlusError(
             "the param groups carry 'initial_lr', so a scheduler is attached to this optimizer; its per-group "
-            "lists would no longer match the new groups: pass it as apply(..., schedulers=[scheduler]) "
+            "lists would no longer match the new groups: pass it as apply_to_optimizer(..., schedulers=[scheduler]) "
             "(or schedulers=[] if none is in use)"
         )
     refined = refine_groups(
@@ -294,7 +294,7 @@ def apply(
         lr_embedding=lr_embedding,
         role_lr=role_lr,
         rules=rules,
-        what="apply",
+        what="apply_to_optimizer",
         scaled_keys=(*SCALED_KEYS, *(k for k in scaled_group_keys(records) if k not in SCALED_KEYS)),
     )
     check_lr_free(inner, refined.groups)  # before anything changes

@@ -299,7 +299,7 @@ def split_groups(
         >>> import torch, loraplus
         >>> model = loraplus.testing.tiny_lora_model()
         >>> groups = loraplus.param_groups(model, lr=0.02, ratio=4)
-        >>> matrices, rest = loraplus.split_groups(groups, lambda name, p: p.ndim == 2)
+        >>> matrices, rest = loraplus.groups.split_groups(groups, lambda name, p: p.ndim == 2)
         >>> [g["name"] for g in matrices], [g["name"] for g in rest]
         (['A', 'B', 'other'], ['other.no_decay'])
         >>> muon = torch.optim.Muon(matrices, lr=0.02)

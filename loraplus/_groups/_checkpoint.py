@@ -11,7 +11,7 @@ import torch
 from .._errors import LoraPlusError
 from .._layouts import canonical_name
 
-__all__ = ["Rename", "check_state_dict", "load_state_dict"]
+__all__ = ["Rename", "check_state_dict", "load_optimizer_state"]
 
 #: How the parameter names saved in a checkpoint map to the current ones: a dict of name segments
 #: (``{"default": "sft"}`` replaces every dot-separated segment ``default`` of a saved name by ``sft``)
@@ -143,7 +143,7 @@ def _only_names_differ(renamed: Sequence[tuple[str, str]], hint: dict[str, str] 
         f"the optimizer state does not match this optimizer's param groups: {what} {saved!r}, current "
         f"{current!r} ({len(renamed)} name{'s' if len(renamed) > 1 else ''}); the group count, group names and "
         "roles, parameter counts and the shapes of the saved state all match. If these are the same parameters "
-        f"under new names (a renamed adapter, say), load it with loraplus.load_state_dict(optimizer, state_dict, "
+        f"under new names (a renamed adapter, say), load it with loraplus.load_optimizer_state(optimizer, state_dict, "
         f"{how}); where something else loads it (the Trainer's resume), first rename the param_names saved in "
         "the checkpoint the same way"
     )
@@ -182,7 +182,7 @@ def _check_shapes(
     return problems
 
 
-def load_state_dict(
+def load_optimizer_state(
     optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], *, rename: Rename | None = None
 ) -> None:
     """Load a saved optimizer state after checking it belongs to these param groups.
@@ -221,9 +221,9 @@ def load_state_dict(
         >>> model = loraplus.testing.tiny_lora_model()
         >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=1e-4)
         >>> saved = opt.state_dict()
-        >>> loraplus.load_state_dict(opt, saved)
+        >>> loraplus.load_optimizer_state(opt, saved)
         >>> bigger = loraplus.LoraPlus(torch.optim.AdamW, loraplus.testing.tiny_lora_model(layers=3), lr=1e-4)
-        >>> loraplus.load_state_dict(bigger, saved)
+        >>> loraplus.load_optimizer_state(bigger, saved)
         Traceback (most recent call last):
         ...
         loraplus._errors.LoraPlusError: the optimizer state does not match this optimizer's param groups: ...
@@ -246,7 +246,7 @@ def check_state_dict(
 ) -> None:
     """Raise :class:`LoraPlusError` unless ``state_dict`` belongs to ``optimizer``'s param groups.
 
-    The checks of :func:`load_state_dict` (``rename`` as there), without loading; usable as a
+    The checks of :func:`load_optimizer_state` (``rename`` as there), without loading; usable as a
     ``register_load_state_dict_pre_hook`` so that a load somebody else performs is checked too.
     """
     if not isinstance(state_dict, Mapping) or "param_groups" not in state_dict or "state" not in state_dict:

@@ -15,8 +15,9 @@ from .._role import Role
 from ._build import DEFAULT_RATIO, prepare
 from ._guard import attach_guard, coerce_mode
 from ._lr_free import check_lr_free
+from ._refine import MARK
 
-__all__ = ["LoraPlus", "build_optimizer"]
+__all__ = ["LoraPlus", "build_optimizer", "is_loraplus_optimizer"]
 
 OptimizerT = TypeVar("OptimizerT")
 
@@ -41,27 +42,50 @@ def _check_optimizer_cls(optimizer_cls: Any) -> None:
         )
 
 
-def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
-    optimizer_cls: Callable[..., OptimizerT],
-    model: nn.Module,
-    ratio: float = DEFAULT_RATIO,
-    *,
-    lr: float,
-    lr_embedding: float | None = None,
-    role_lr: Mapping[Role | str, float] | None = None,
-    weight_decay: float | None = None,
-    rules: RuleSpec | None = None,
-    no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
-    precondition: str | None = None,
-    precondition_reg: float | None = None,
-    guard: str | None = "warn",
-    **optimizer_kwargs: Any,
-) -> OptimizerT:
+def is_loraplus_optimizer(obj: Any) -> bool:
+    """Whether loraplus built or retrofitted ``obj``'s param groups (what ``isinstance(obj, LoraPlus)`` asks).
+
+    True for an object with a non-empty ``param_groups`` list of dicts in which either some group
+    carries the ``"loraplus"`` mark that :func:`~loraplus.apply_to_optimizer` and
+    :func:`~loraplus.apply_to_groups` leave, or every group carries a ``"role"`` naming a
+    :class:`~loraplus.Role` (as :func:`~loraplus.LoraPlus` and :func:`~loraplus.param_groups` build them).
+    """
+    groups = getattr(obj, "param_groups", None)
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, Mapping) for g in groups):
+        return False
+    if any(MARK in g for g in groups):
+        return True
+    return all(_names_a_role(g.get("role")) for g in groups)
+
+
+def _names_a_role(value: Any) -> bool:
+    if not isinstance(value, str):  # Role is a str enum
+        return False
+    try:
+        Role.coerce(value)
+    except LoraPlusError:
+        return False
+    return True
+
+
+class _LoraPlusType(type):
+    """``LoraPlus``'s metaclass: ``isinstance(x, LoraPlus)`` asks whether loraplus built ``x``'s groups."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return is_loraplus_optimizer(obj)
+
+
+class LoraPlus(metaclass=_LoraPlusType):
     """Build ``optimizer_cls`` over ``model``'s trainable parameters with LoRA+ learning rates.
+
+    ``LoraPlus(...)`` returns the optimizer itself, not a ``LoraPlus``; ``isinstance(opt, LoraPlus)`` is
+    true for any optimizer whose param groups loraplus built (``LoraPlus``, :func:`param_groups`) or
+    retrofitted (:func:`apply_to_optimizer`, :func:`apply_to_groups`), and false for every other.
 
     Returns a genuine instance of ``optimizer_cls`` (or whatever the callable returns) — no
     wrapper — so schedulers, ``state_dict``, ``torch.compile``, fused kernels and ``isinstance``
-    checks keep working. The model is never modified.
+    checks keep working. Its groups carry ``role``, ``name`` and ``param_names``. The model is never
+    modified.
 
     Args:
         optimizer_cls: an optimizer class (``torch.optim.AdamW``, ``bnb.optim.AdamW8bit``, …) or a
@@ -79,18 +103,15 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         precondition: ``"riemannian"`` or ``"lorafa"`` attaches :func:`loraplus.precondition` to the
             optimizer (same ``rules``), so each A/B pair's gradients are preconditioned before every
             step; ``None`` (default) attaches nothing. The optimizer owns it:
-            ``loraplus.preconditioner(opt)`` returns it (e.g. to ``remove()`` it).
+            ``loraplus.pairing.preconditioner(opt)`` returns it (e.g. to ``remove()`` it).
         precondition_reg: the preconditioner's damping δ (default: the method's, as in PEFT).
         guard: the ratio guard, a step pre-hook that checks before every step that each group still
             trains at the rate relative to the A group that LoRA+ gave it (B at ``ratio ×``), and on
             the first violation warns once (``"warn"``, the default) or raises
             :class:`~loraplus.LoraPlusError` before the step (``"raise"``), naming the group, both
             rates, the probable cause and the fix; ``None`` attaches nothing.
-            ``loraplus.guard(opt)`` returns it (e.g. to ``remove()`` it).
+            ``loraplus.groups.guard(opt)`` returns it (e.g. to ``remove()`` it).
         **optimizer_kwargs: passed to ``optimizer_cls`` untouched (betas, eps, fused, …).
-
-    Returns:
-        The optimizer, whose groups carry ``role``, ``name`` and ``param_names``.
 
     Raises:
         LoraPlusError: on invalid options, a model without adapters, an optimizer that cannot
@@ -111,9 +132,63 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
         >>> import torch, loraplus
         >>> model = loraplus.testing.tiny_lora_model()
         >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=2e-4, weight_decay=0.01)
-        >>> isinstance(opt, torch.optim.AdamW), [g["name"] for g in opt.param_groups]
-        (True, ['A', 'B', 'other', 'other.no_decay'])
+        >>> type(opt).__name__, [g["name"] for g in opt.param_groups]
+        ('AdamW', ['A', 'B', 'other', 'other.no_decay'])
+        >>> isinstance(opt, loraplus.LoraPlus), isinstance(torch.optim.AdamW(model.parameters()), loraplus.LoraPlus)
+        (True, False)
     """
+
+    def __new__(  # type: ignore[misc]  # returns the user's optimizer, not a LoraPlus
+        cls,
+        optimizer_cls: Callable[..., OptimizerT],
+        model: nn.Module,
+        ratio: float = DEFAULT_RATIO,
+        *,
+        lr: float,
+        lr_embedding: float | None = None,
+        role_lr: Mapping[Role | str, float] | None = None,
+        weight_decay: float | None = None,
+        rules: RuleSpec | None = None,
+        no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
+        precondition: str | None = None,
+        precondition_reg: float | None = None,
+        guard: str | None = "warn",
+        **optimizer_kwargs: Any,
+    ) -> OptimizerT:
+        return _build(
+            optimizer_cls,
+            model,
+            ratio,
+            lr=lr,
+            lr_embedding=lr_embedding,
+            role_lr=role_lr,
+            weight_decay=weight_decay,
+            rules=rules,
+            no_decay=no_decay,
+            precondition=precondition,
+            precondition_reg=precondition_reg,
+            guard=guard,
+            **optimizer_kwargs,
+        )
+
+
+def _build(
+    optimizer_cls: Callable[..., OptimizerT],
+    model: nn.Module,
+    ratio: float = DEFAULT_RATIO,
+    *,
+    lr: float,
+    lr_embedding: float | None = None,
+    role_lr: Mapping[Role | str, float] | None = None,
+    weight_decay: float | None = None,
+    rules: RuleSpec | None = None,
+    no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
+    precondition: str | None = None,
+    precondition_reg: float | None = None,
+    guard: str | None = "warn",
+    **optimizer_kwargs: Any,
+) -> OptimizerT:
+    """The body of :class:`LoraPlus` (whose docstring documents it)."""
     _check_optimizer_cls(optimizer_cls)
     mode = coerce_mode(guard)
     if precondition is None and precondition_reg is not None:
@@ -141,6 +216,7 @@ def LoraPlus(  # noqa: N802 - a factory named like the thing it builds
 
         attach(cast(torch.optim.Optimizer, optimizer), model, method=precondition, reg=precondition_reg, rules=rules)
     return optimizer
+
 
 
 def build_optimizer(

@@ -1,7 +1,7 @@
 """The ratio guard: at every step, check that each group still trains at the rate LoRA+ gave it.
 
 LoRA+ is one promise: B trains at ``ratio ×`` its A's rate at *every* step. :func:`loraplus.LoraPlus`,
-:func:`loraplus.apply` and the Trainer integration set the rates once; schedulers, lr finders,
+:func:`loraplus.apply_to_optimizer` and the Trainer integration set the rates once; schedulers, lr finders,
 hand-written warm-ups and some optimizers rewrite them afterwards. The guard is a step pre-hook that
 compares, before each step, every constrained group's ``lr`` with its reference group's ``lr`` times
 the factor recorded when the groups were built. It reads only the group dicts (no tensor work: a lr
@@ -87,14 +87,14 @@ _EXPLANATIONS: Mapping[Cause, str] = {
     Cause.SCALAR_BOUND: (
         "the group and its reference hold the same {key}={value:g}, so probably a scheduler was given one "
         "scalar bound for every group (OneCycleLR max_lr=, CyclicLR base_lr=/max_lr=, SWALR swa_lr=, "
-        "ReduceLROnPlateau min_lr=). Fix: pass one value per group, loraplus.per_group(opt, value)"
+        "ReduceLROnPlateau min_lr=). Fix: pass one value per group, loraplus.scheduler_bounds(opt, value)"
     ),
     Cause.UNKNOWN: (
         "probably a scheduler with one scalar floor for every group (CosineAnnealingLR eta_min>0, "
         "ReduceLROnPlateau min_lr=), an optimizer that rewrites its groups' rates, or code that sets one "
         "group's rate. Fix: give a floor as a fraction of each group's rate (LambdaLR, transformers' "
         "get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=)) or one bound per group "
-        "(loraplus.per_group(opt, value)), and scale every group by the same factor; see docs/compatibility.md"
+        "(loraplus.scheduler_bounds(opt, value)), and scale every group by the same factor; see docs/compatibility.md"
     ),
 }
 
@@ -136,7 +136,7 @@ class Violation:
             f"LoRA+ ratio broken before step {self.step}: group {rel.group!r}{what} has lr={self.lr:g} but should "
             f"have {rel.factor:g} × the lr of group {rel.reference!r} ({self.reference_lr:g}) = {self.expected:g}; "
             f"{explanation}. (The loraplus ratio guard: guard=None turns it off, "
-            f"loraplus.guard(opt).remove() detaches it.)"
+            f"loraplus.groups.guard(opt).remove() detaches it.)"
         )
 
 
@@ -170,7 +170,7 @@ def _close(value: float, expected: float) -> bool:
 
 
 class Guard:
-    """The ratio guard attached to one optimizer (see :func:`loraplus.guard`)."""
+    """The ratio guard attached to one optimizer (see :func:`loraplus.groups.guard`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, relations: Sequence[Relation], mode: GuardMode):
         self.mode = mode
@@ -289,7 +289,7 @@ def _hook(optimizer: Any, args: tuple, kwargs: dict) -> None:
 
 
 def guard(optimizer: Any) -> Guard | None:
-    """The ratio guard attached to ``optimizer`` (by ``LoraPlus``, ``apply`` or the Trainer), or ``None``.
+    """The ratio guard attached to ``optimizer`` (by ``LoraPlus``, ``apply_to_optimizer`` or the Trainer), or ``None``.
 
     Wrappers that expose the optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``,
     DeepSpeed's ZeRO optimizers) are looked through.
@@ -298,10 +298,10 @@ def guard(optimizer: Any) -> Guard | None:
         >>> import torch, loraplus
         >>> model = loraplus.testing.tiny_lora_model()
         >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=4, lr=1e-3)
-        >>> loraplus.guard(opt)
+        >>> loraplus.groups.guard(opt)
         Guard('warn', 3 relations, 0 violations, attached)
-        >>> loraplus.guard(opt).remove()
-        >>> loraplus.guard(opt) is None
+        >>> loraplus.groups.guard(opt).remove()
+        >>> loraplus.groups.guard(opt) is None
         True
     """
     for obj in _chain(optimizer):
@@ -344,7 +344,7 @@ def _role_of(group: Mapping[str, Any]) -> Role | None:
 def relations_of(groups: Sequence[Mapping[str, Any]]) -> list[Relation]:
     """The relations LoRA+ set between these groups.
 
-    Groups that ``refine``/``apply`` made carry ``{"loraplus": {"parent": name, "scale": f}}``: each
+    Groups that ``apply_to_groups``/``apply_to_optimizer`` made carry ``{"loraplus": {"parent": name, "scale": f}}``: each
     sibling follows its parent at ``f``. Groups that ``LoraPlus``/``param_groups`` built carry ``role``:
     every group follows the first A group (else the first embedding-A group, else the first group) at
     the ratio of their rates when built. Groups without a name are not followed.

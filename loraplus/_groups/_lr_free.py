@@ -3,7 +3,7 @@
 Prodigy and D-Adaptation estimate a step size ``d`` and multiply it by ``lr``. Whether a per-group
 ``lr`` survives depends on the implementation, so each class has one :class:`LrFreeOptimizer`
 record, measured on the installed package (``tests/test_lr_free.py`` re-measures every record):
-:func:`loraplus.LoraPlus` and :func:`loraplus.apply` refuse the classes that would crash or
+:func:`loraplus.LoraPlus` and :func:`loraplus.apply_to_optimizer` refuse the classes that would crash or
 ignore the ratio and warn where each group estimates its own ``d``; :func:`loraplus.find_lr` reads
 the same records. A class is recognised by the object (its defining module, read from
 ``sys.modules`` only, and ``issubclass``), never by a name string, and nothing is imported to find
@@ -31,7 +31,7 @@ class _Kind:
 
     described: str  # in messages, after the optimizer's name
     short: str  # in the compatibility table
-    with_loraplus: str  # what LoraPlus and apply do when the groups' lrs differ
+    with_loraplus: str  # what LoraPlus and apply_to_optimizer do when the groups' lrs differ
     refused: bool  # LoRA+ cannot work at all: they raise LoraPlusError
 
 
@@ -76,7 +76,7 @@ class PerGroupLr(Enum):
 
     @property
     def with_loraplus(self) -> str:
-        """What :func:`loraplus.LoraPlus` and :func:`loraplus.apply` do when the groups' lrs differ."""
+        """What :func:`loraplus.LoraPlus` and :func:`loraplus.apply_to_optimizer` do when the groups' lrs differ."""
         return self.value.with_loraplus
 
 

@@ -24,7 +24,7 @@ from .._role import Role
 from ._build import DEFAULT_RATIO, role_lrs, validate_labels, warn_where_loraplus_does_not_apply
 from ._scheduler_catalog import scaled_group_keys
 
-__all__ = ["MARK", "SCALED_KEYS", "Refined", "refine", "refine_groups"]
+__all__ = ["MARK", "SCALED_KEYS", "Refined", "apply_to_groups", "refine_groups"]
 
 #: Group keys that hold a learning rate and are multiplied by the sibling's factor: the rate
 #: itself and every rate a catalogued scheduler writes into the groups (the rate a torch scheduler
@@ -33,7 +33,7 @@ __all__ = ["MARK", "SCALED_KEYS", "Refined", "refine", "refine_groups"]
 SCALED_KEYS: tuple[str, ...] = ("lr", *(k for k in scaled_group_keys() if k != "lr"))
 
 #: The key every refined group carries: ``{"parent": <parent group's name>, "scale": <factor>}``.
-#: It marks the groups as LoRA+-refined (``apply`` refuses to run twice) and survives ``state_dict``.
+#: It marks the groups as LoRA+-refined (``apply_to_optimizer`` refuses to run twice) and survives ``state_dict``.
 MARK = "loraplus"
 
 # roles that move to a sibling only when an option asks for it (B always moves)
@@ -58,18 +58,18 @@ def _as_groups(groups: Any) -> list[dict[str, Any]]:
     """
     if isinstance(groups, (torch.Tensor, nn.Module, Mapping, str)) or not isinstance(groups, Iterable):
         raise LoraPlusError(
-            f"refine takes a list of param groups (dicts with 'params'), an iterable of parameters or of "
+            f"apply_to_groups takes a list of param groups (dicts with 'params'), an iterable of parameters or of "
             f"(name, parameter) pairs (as model.named_parameters() yields), got {type(groups).__name__}"
         )
     items = list(groups)
     if not items:
-        raise LoraPlusError("refine got no param groups (an empty list)")
+        raise LoraPlusError("apply_to_groups got no param groups (an empty list)")
     if all(isinstance(g, (torch.Tensor, tuple)) for g in items):
         return [_with_names("the parameter list", {"params": items})]
     bad = [i for i, g in enumerate(items) if not (isinstance(g, Mapping) and "params" in g)]
     if bad:
         raise LoraPlusError(
-            f"refine: item(s) {bad[:5]} are neither param-group dicts with 'params' nor parameters; pass either a "
+            f"apply_to_groups: item(s) {bad[:5]} are neither param-group dicts with 'params' nor parameters; pass either a "
             "list of dicts or a list of parameters (or of (name, parameter) pairs), not a mix"
         )
     return [_with_names(f"group {i} ({_group_name(i, g)!r})", g) for i, g in enumerate(items)]
@@ -195,13 +195,13 @@ def _check_not_refined(groups: Sequence[Mapping[str, Any]]) -> None:
         if MARK in g:
             raise LoraPlusError(
                 f"group {i} ({_group_name(i, g)!r}) is already LoRA+-refined (it carries the {MARK!r} key): "
-                "loraplus.apply/refine ran on these groups before, and a second run would multiply B's rate by "
+                "loraplus.apply_to_optimizer/apply_to_groups ran on these groups before, and a second run would multiply B's rate by "
                 "the ratio again; build the optimizer afresh and apply LoRA+ once"
             )
         if g.get("role") == Role.B.value:
             raise LoraPlusError(
                 f"group {i} ({_group_name(i, g)!r}) is a LoRA+ 'B' group (from loraplus.param_groups or LoraPlus), "
-                "whose B factors already have their own rate; refine groups you built yourself, not LoRA+'s"
+                "whose B factors already have their own rate; pass groups you built yourself, not LoRA+'s"
             )
 
 
@@ -214,7 +214,7 @@ def _numeric_lr(i: int, group: Mapping[str, Any], default_lr: Any) -> Any:
     if lr is None or isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise LoraPlusError(
             f"group {i} ({_group_name(i, group)!r}) has no numeric learning rate (lr={lr!r}), so its B factors "
-            "cannot get ratio × its rate; give every group an 'lr' (or pass lr= to refine for groups without one)"
+            "cannot get ratio × its rate; give every group an 'lr' (or pass lr= to apply_to_groups for groups without one)"
         )
     return lr
 
@@ -256,10 +256,10 @@ def refine_groups(
     lr_embedding: Any = None,
     role_lr: Mapping[Role | str, float] | None = None,
     rules: RuleSpec | None = None,
-    what: str = "refine",
+    what: str = "apply_to_groups",
     scaled_keys: Sequence[str] = SCALED_KEYS,
 ) -> Refined:
-    """:func:`refine`, also saying where each output group came from (for :func:`loraplus.apply`)."""
+    """`apply_to_groups`, also saying where each output group came from (for :func:`loraplus.apply_to_optimizer`)."""
     ratio_f = check_number("ratio", ratio)
     assert ratio_f is not None
     default_lr = check_number("lr", lr, allow_none=True)
@@ -348,7 +348,7 @@ def refine_groups(
     return out
 
 
-def refine(
+def apply_to_groups(
     groups: Any,
     model: nn.Module,
     ratio: float = DEFAULT_RATIO,
@@ -371,7 +371,7 @@ def refine(
     carries ``name`` and the ``"loraplus": {"parent": ..., "scale": ...}`` mark; siblings also carry
     ``role``.
 
-    Group names are unique or refine refuses: an input group whose name is already taken by another
+    Group names are unique or apply_to_groups refuses: an input group whose name is already taken by another
     output group (two input groups named alike, a group named ``"dec.B"`` next to a group ``"dec"``
     whose B factors move to ``"dec.B"``, or one named ``"group1"`` next to an unnamed second group)
     raises a :class:`~loraplus.LoraPlusError` naming both groups. Nothing is renamed behind your back,
@@ -416,7 +416,7 @@ def refine(
         >>> model = loraplus.testing.tiny_lora_model()
         >>> decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2]
         >>> rest = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-        >>> groups = loraplus.refine([{"params": decay, "weight_decay": 0.01, "lr": 1e-3},
+        >>> groups = loraplus.apply_to_groups([{"params": decay, "weight_decay": 0.01, "lr": 1e-3},
         ...                           {"params": rest, "weight_decay": 0.0, "lr": 1e-3}], model, ratio=4)
         >>> [(g["name"], g["lr"], g["weight_decay"]) for g in groups]
         [('group0', 0.001, 0.01), ('group0.B', 0.004, 0.01), ('group1', 0.001, 0.0)]

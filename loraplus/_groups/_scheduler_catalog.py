@@ -3,14 +3,14 @@
 A scheduler keeps per-group values in two places: keys it writes into the optimizer's param groups
 (``initial_lr``, OneCycleLR's ``max_lr``, SWALR's ``swa_lr``, …) and lists on itself with one entry
 per group (``base_lrs``, ``_last_lr``, ReduceLROnPlateau's ``min_lrs``, …). When LoRA+ splits a
-group in two (:func:`loraplus.apply`), each of those values must be carried to the new sibling:
+group in two (:func:`loraplus.apply_to_optimizer`), each of those values must be carried to the new sibling:
 a learning rate times the sibling's factor, anything else (a function, a momentum) as it is.
 Some constructor arguments are scalars that give every group the same value (OneCycleLR's
 ``max_lr``), which pulls B back to A's rate unless they are given per group.
 
-The records say all of that; :func:`loraplus.refine` (which group keys are scaled),
-:func:`loraplus.apply` (which lists are extended, which children are followed) and
-:func:`loraplus.per_group` read them, and docs/compatibility.md's scheduler table is rendered
+The records say all of that; :func:`loraplus.apply_to_groups` (which group keys are scaled),
+:func:`loraplus.apply_to_optimizer` (which lists are extended, which children are followed) and
+:func:`loraplus.scheduler_bounds` read them, and docs/compatibility.md's scheduler table is rendered
 from them. Types are named as ``(module, class name)`` and looked up in ``sys.modules`` only, so
 no library is imported to recognise its schedulers.
 """
@@ -46,7 +46,7 @@ class Carry(str, Enum):
 class Fix(str, Enum):
     """What to do about a scalar constructor argument that gives every group the same value."""
 
-    #: the argument accepts a list, one value per group: pass ``loraplus.per_group(opt, value)``
+    #: the argument accepts a list, one value per group: pass ``loraplus.scheduler_bounds(opt, value)``
     PER_GROUP = "per_group"
     #: no list is accepted: use a ``LambdaLR`` whose factor ends at ``value / lr`` (each group's own floor)
     LAMBDA_FLOOR = "lambda_floor"
@@ -60,7 +60,7 @@ class PerGroup:
 
     name: str
     carry: Carry
-    #: a group key holding the rate the schedule started from (what :func:`loraplus.per_group` reads)
+    #: a group key holding the rate the schedule started from (what :func:`loraplus.scheduler_bounds` reads)
     start: bool = False
 
 
@@ -73,9 +73,9 @@ class Bound:
         fix: what keeps the ratio when the scheduler is built on a LoRA+ optimizer.
         harmless: a scalar value at which the argument changes no group's ratio (``0`` for a
             floor); ``None`` when every scalar collapses the ratio.
-        stored_as: the per-group key or list the value ends up in, which :func:`loraplus.apply`
-            scales (so a scheduler built *before* ``apply`` keeps the ratio even with a scalar);
-            ``None`` when the scheduler keeps one scalar, which ``apply`` cannot split.
+        stored_as: the per-group key or list the value ends up in, which :func:`loraplus.apply_to_optimizer`
+            scales (so a scheduler built *before* ``apply_to_optimizer`` keeps the ratio even with a scalar);
+            ``None`` when the scheduler keeps one scalar, which ``apply_to_optimizer`` cannot split.
     """
 
     argument: str
@@ -88,7 +88,7 @@ class Bound:
 class SchedulerRecord:
     """Everything loraplus knows about one scheduler type.
 
-    Pass your own to :func:`loraplus.apply` (``scheduler_records=[...]``) for a scheduler type that
+    Pass your own to :func:`loraplus.apply_to_optimizer` (``scheduler_records=[...]``) for a scheduler type that
     subclasses none of the catalogued ones, or one that keeps per-group lists its catalogued base
     class does not have.
 

@@ -14,12 +14,12 @@ _HEADERS = (
     "keys it writes into the groups",
     "its per-group lists",
     "scalar arguments that break the ratio: fix",
-    "the same, built before `apply`",
+    "the same, built before `apply_to_optimizer`",
     "drives",
 )
 
 _FIX = {
-    Fix.PER_GROUP: "pass `loraplus.per_group(opt, value)`",
+    Fix.PER_GROUP: "pass `loraplus.scheduler_bounds(opt, value)`",
     Fix.LAMBDA_FLOOR: "no list accepted: use a LambdaLR floor (below)",
     Fix.HARMLESS: "set it to `{harmless:g}`",
 }

@@ -10,17 +10,17 @@ from .._numbers import check_number
 from .._role import Role
 from ._scheduler_catalog import start_keys
 
-__all__ = ["per_group"]
+__all__ = ["scheduler_bounds"]
 
 
 def _groups_of(optimizer: Any) -> list[Mapping[str, Any]]:
     groups = getattr(optimizer, "param_groups", optimizer)
     if isinstance(groups, Mapping) or not isinstance(groups, Iterable):
-        raise LoraPlusError(f"per_group needs an optimizer or a list of param groups, got {type(optimizer).__name__}")
+        raise LoraPlusError(f"scheduler_bounds needs an optimizer or a list of param groups, got {type(optimizer).__name__}")
     groups = list(groups)
     if not groups or not all(isinstance(g, Mapping) and "lr" in g for g in groups):
         raise LoraPlusError(
-            "per_group needs param groups that carry an 'lr' (an optimizer, or loraplus.param_groups(...)); "
+            "scheduler_bounds needs param groups that carry an 'lr' (an optimizer, or loraplus.param_groups(...)); "
             f"got {len(groups)} group(s) without one"
         )
     return groups
@@ -34,7 +34,7 @@ def _start_lr(group: Mapping[str, Any]) -> float:
     return float(group["lr"])
 
 
-def per_group(optimizer: Any, value: float, *, reference: float | None = None) -> list[float]:
+def scheduler_bounds(optimizer: Any, value: float, *, reference: float | None = None) -> list[float]:
     """Expand a scalar scheduler bound into one value per param group, keeping the LoRA+ ratio.
 
     Schedulers that *set* learning rates from a scalar — ``OneCycleLR(max_lr=)``,
@@ -66,9 +66,9 @@ def per_group(optimizer: Any, value: float, *, reference: float | None = None) -
         >>> import torch, loraplus
         >>> model = loraplus.testing.tiny_lora_model()
         >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=1e-4)
-        >>> loraplus.per_group(opt, 1e-3)  # groups A, B, other, other.no_decay
+        >>> loraplus.scheduler_bounds(opt, 1e-3)  # groups A, B, other, other.no_decay
         [0.001, 0.016, 0.001, 0.001]
-        >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=loraplus.per_group(opt, 1e-3), total_steps=10)
+        >>> sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=loraplus.scheduler_bounds(opt, 1e-3), total_steps=10)
     """
     val = check_number("value", value, allow_zero=True)
     assert val is not None
@@ -78,7 +78,7 @@ def per_group(optimizer: Any, value: float, *, reference: float | None = None) -
         if not a_groups:
             roles = sorted({str(g.get("role", "<none>")) for g in groups})
             raise LoraPlusError(
-                f"per_group scales by the A group's lr, but no group has role 'A' (roles found: {', '.join(roles)}); "
+                f"scheduler_bounds scales by the A group's lr, but no group has role 'A' (roles found: {', '.join(roles)}); "
                 "pass reference=<the lr that value corresponds to>"
             )
         ref = _start_lr(a_groups[0])

@@ -19,7 +19,7 @@ class AdapterInfo:
 
     Attributes:
         key: ``layer[adapter]`` (``layer`` where the layout has no adapter name).
-        layer, adapter, layer_group: as in :class:`loraplus.Pair`.
+        layer, adapter, layer_group: as in :class:`loraplus.pairing.Pair`.
         scale: the LoRA scaling s included in the ΔW terms; ``None`` where the layout does not
             record it (the terms are then those of B·A, s = 1).
         group_a, group_b: indices of the param groups holding A and B.

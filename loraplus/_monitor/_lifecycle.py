@@ -105,7 +105,7 @@ class Monitor:
         tensorboard: a ``SummaryWriter`` (anything with ``add_scalar``) or a log directory.
 
     Attributes:
-        pairs: the monitored adapters (:class:`loraplus.Pair`), in model order.
+        pairs: the monitored adapters (:class:`loraplus.pairing.Pair`), in model order.
         unpaired: ``{parameter name: reason}`` for adapter factors that could not be paired.
 
     Raises:

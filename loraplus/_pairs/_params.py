@@ -35,7 +35,7 @@ def pair_params(model: nn.Module, rules: RuleSpec | None = None) -> list[dict[st
 
     Example:
         >>> import loraplus
-        >>> groups = loraplus.pair_params(loraplus.testing.tiny_lora_model())
+        >>> groups = loraplus.pairing.pair_params(loraplus.testing.tiny_lora_model())
         >>> [(g["param_names"][:2], g["lora_l_dim"], g["lora_r_dim"]) for g in groups]
         [(['layers.0.lora_A.default.weight', 'layers.0.lora_B.default.weight'], 0, 1)]
     """

@@ -55,10 +55,10 @@ def preconditioner(optimizer: torch.optim.Optimizer) -> Preconditioner | None:
         >>> import torch, loraplus
         >>> model = loraplus.testing.tiny_lora_model()
         >>> opt = loraplus.LoraPlus(torch.optim.AdamW, model, lr=1e-3, precondition="riemannian")
-        >>> loraplus.preconditioner(opt)
+        >>> loraplus.pairing.preconditioner(opt)
         Preconditioner('riemannian', reg=0.01, 2 pairs, 1 buckets, 0 skipped, attached)
-        >>> loraplus.preconditioner(opt).remove()
-        >>> loraplus.preconditioner(opt) is None
+        >>> loraplus.pairing.preconditioner(opt).remove()
+        >>> loraplus.pairing.preconditioner(opt) is None
         True
     """
     found = vars(optimizer).get(_LINK) if hasattr(optimizer, "__dict__") else None
@@ -138,7 +138,7 @@ def check_not_frozen_by_lorafa(model: nn.Module) -> None:
             f"{len(names)} A factors of this model ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}) are "
             f"frozen by the LoRA-FA preconditioner of an optimizer that is still alive ({', '.join(owners)}); "
             "drop that optimizer first (`del opt`, and any scheduler or trainer holding it: its factors are "
-            "trainable again once it is collected) or call loraplus.preconditioner(opt).remove()"
+            "trainable again once it is collected) or call loraplus.pairing.preconditioner(opt).remove()"
         )
 
 
@@ -255,12 +255,12 @@ class Preconditioner:
     Attributes:
         method: ``"riemannian"`` or ``"lorafa"``.
         reg: the damping δ added to the r×r matrices' diagonal.
-        pairs: the :class:`loraplus.Pair` records whose gradients are rewritten, in model order.
+        pairs: the :class:`loraplus.pairing.Pair` records whose gradients are rewritten, in model order.
         skipped: ``(name, reason)`` for adapter factors left as the optimizer sees them.
         frozen: the A factors LoRA-FA froze (``requires_grad_(False)``); ``remove()``, or the
             optimizer being garbage-collected, makes them trainable again. Empty for Riemannian.
 
-    The optimizer owns it: dropping this handle does not detach it (``loraplus.preconditioner(opt)``
+    The optimizer owns it: dropping this handle does not detach it (``loraplus.pairing.preconditioner(opt)``
     returns it again); ``remove()`` does. It holds no state between steps (the r×r systems are
     rebuilt from the factors each step), so there is nothing to checkpoint: attach it again after
     loading a checkpoint.
@@ -396,7 +396,7 @@ def precondition(
       the trainable parameters when it is built.
 
     The optimizer owns the returned preconditioner: dropping the handle does not detach it, and
-    :func:`loraplus.preconditioner` returns it again; ``remove()`` detaches it.
+    :func:`loraplus.pairing.preconditioner` returns it again; ``remove()`` detaches it.
 
     Pairs come from :func:`loraplus.pairs` (every layout: transposed factors, conv factors read as
     (r, in·k·k) matrices, embedding adapters). Pairs sharing one shape, dtype, device and
@@ -448,7 +448,7 @@ def precondition(
     attached = preconditioner(optimizer)
     if attached is not None:
         raise LoraPlusError(f"this optimizer is already preconditioned ({attached!r}); "
-                            "loraplus.preconditioner(optimizer).remove() it first")
+                            "loraplus.pairing.preconditioner(optimizer).remove() it first")
     check_not_frozen_by_lorafa(model)
     # before pairing: FSDP1's flat 1-D views would not even pair, and the error would not say why
     why = _sharding_error(model, [p for p in model.parameters() if p.requires_grad])

@@ -4,7 +4,7 @@
 lets the stock ``Trainer.create_optimizer`` build everything — optimizer class and keyword
 arguments, trainable parameters, decay/no-decay groups, the DTensor per-mesh split, the
 bitsandbytes 32-bit override for ``nn.Embedding``, SageMaker's wrap — and then runs
-:func:`loraplus.apply` on the result: each group's B factors move to a sibling group at
+:func:`loraplus.apply_to_optimizer` on the result: each group's B factors move to a sibling group at
 ``loraplus_ratio`` times its learning rate. So it equals the stock Trainer in every other respect
 by construction (``tests/test_trainer.py`` compares the two optimizers parameter by parameter).
 :class:`LoraPlusTrainerMixin` does the same for any ``Trainer`` subclass (TRL's ``SFTTrainer``, …):
@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from .._errors import LoraPlusError
-from .._groups._apply import apply
+from .._groups._apply import apply_to_optimizer
 from .._groups._build import DEFAULT_RATIO, role_lrs
 from .._groups._checkpoint import check_state_dict
 from .._groups._guard import coerce_mode
@@ -54,7 +54,7 @@ class LoraPlusTrainerMixin:
 
     ``class LoraPlusSFTTrainer(LoraPlusTrainerMixin, trl.SFTTrainer): pass``. The ``loraplus_*``
     keywords configure LoRA+ and every other argument goes to the Trainer unchanged. The optimizer
-    is whatever the Trainer's ``create_optimizer`` builds, then :func:`loraplus.apply` runs on it:
+    is whatever the Trainer's ``create_optimizer`` builds, then :func:`loraplus.apply_to_optimizer` runs on it:
     per Trainer group (decay, no decay, per mesh), the B factors move to a sibling group
     ``"group<i>.B"`` at ``loraplus_ratio`` times that group's learning rate. Passing
     ``optimizers=(opt, sched)`` bypasses LoRA+, as it bypasses the Trainer's own optimizer.
@@ -69,13 +69,13 @@ class LoraPlusTrainerMixin:
         loraplus_no_decay: no-decay rules (globs, regexes, or callables ``(name, param, module)``
             returning True/False to force either way, None to defer) consulted before the
             Trainer's ``get_decay_parameter_names``, which decides every other parameter.
-        loraplus_guard: the ratio guard :func:`loraplus.apply` attaches (``"warn"``, ``"raise"`` or
+        loraplus_guard: the ratio guard :func:`loraplus.apply_to_optimizer` attaches (``"warn"``, ``"raise"`` or
             ``None``): before every optimizer step it checks that each B sibling still trains at
             ``loraplus_ratio`` × its group's rate, whatever the Trainer's scheduler or a callback did.
         **kwargs: keyword Trainer arguments.
 
     Resuming: the optimizer gets a torch ``load_state_dict`` pre-hook that runs the checks of
-    :func:`loraplus.load_state_dict` (group count, names, ``param_names``, state shapes) on the
+    :func:`loraplus.load_optimizer_state` (group count, names, ``param_names``, state shapes) on the
     state the Trainer reads, so a checkpoint of other groups raises :class:`~loraplus.LoraPlusError`
     instead of loading by position (not under DeepSpeed or FSDP, which restore it their own way).
     Under DeepSpeed, leave ``optimizer`` out of the DeepSpeed config (otherwise DeepSpeed builds a
@@ -135,7 +135,7 @@ class LoraPlusTrainerMixin:
         return [n for n, _ in model.named_parameters() if n in decay]
 
     def create_optimizer(self, model: nn.Module | None = None) -> Any:
-        """``Trainer.create_optimizer``, then :func:`loraplus.apply` on what it built (once).
+        """``Trainer.create_optimizer``, then :func:`loraplus.apply_to_optimizer` on what it built (once).
 
         Returns:
             The optimizer (also ``self.optimizer``), its groups those of the Trainer with each
@@ -148,7 +148,7 @@ class LoraPlusTrainerMixin:
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         if built_here:
             # no scheduler exists yet: the Trainer builds it after the optimizer
-            apply(
+            apply_to_optimizer(
                 optimizer,
                 opt_model,
                 self.loraplus_ratio,
@@ -183,7 +183,7 @@ class LoraPlusTrainer(LoraPlusTrainerMixin, transformers.Trainer):
     """A ``transformers.Trainer`` that trains LoRA adapters with LoRA+ learning rates.
 
     :class:`LoraPlusTrainerMixin` on the plain Trainer: the stock ``create_optimizer`` builds the
-    optimizer, then :func:`loraplus.apply` gives each group's B factors ``loraplus_ratio`` times its
+    optimizer, then :func:`loraplus.apply_to_optimizer` gives each group's B factors ``loraplus_ratio`` times its
     rate. The Trainer's schedulers are built afterwards over the final groups, so the ratio holds
     at every step.
 
