@@ -16,7 +16,11 @@ run's own first training batches; its range tests are kept whole. From the same 
 * ``law``: ``find_lr(..., lora_lr=<the best swept plain-LoRA rate>, ratios=(4,))``, i.e. A at
   ``lora_lr / 2`` and B at ``2 × lora_lr``: no probe steps, but it needs plain LoRA's rate, which
   the user of a switch from LoRA has; where the task's LoRA+ λ=4 sweep ran that rate on the same
-  seed, that run is reused (the same training function, the same seed).
+  seed, that run is reused (the same training function, the same seed);
+* ``law_confirm``: ``find_lr(..., lora_lr=<the same rate>, ratios=(1, 4, 16), max_steps=<one run>)``:
+  each ratio at the law's rate (λ 1 at ``lora_lr`` itself), one confirmation run of a third of a
+  run each, the lowest confirmation loss kept; its cost is those steps, one run in all. It can
+  keep plain LoRA (λ 1, at the swept rate: then the reference run itself) where LoRA+ does not help.
 
 Each is set against the same seed's best swept plain LoRA (the rate picked on validation, test
 loss reported): paired differences with a 95 % t-interval, relative to its mean. Tasks: MiniLM
@@ -59,7 +63,7 @@ SWEEPS = HERE / "results" / "v2"
 TASKS = ("order_B0", "order_A0", "source_B0", "demo")
 #: the ratio the peers' rules, Prodigy and the law keep: loraplus's default
 RATIO = 4.0
-METHODS = ("find_lr", "law", "valley", "steepest", "min10", "prodigy_sf")
+METHODS = ("find_lr", "law", "law_confirm", "valley", "steepest", "min10", "prodigy_sf")
 #: the issue's goal and bar: at most 2 % (goal) / 5 % (bar) above the best swept plain LoRA
 GOAL, BAR = 0.02, 0.05
 DEMO_SEEDS = (0, 1, 2)
@@ -274,6 +278,12 @@ def run_task(task: Any, out: Path, command: str, quick: bool = False) -> dict[st
             law = loraplus.find_lr(*task.probe_inputs(seed, 1)[:2], [], ratios=(RATIO,), lora_lr=ref.lr,
                                    progress=False, **task.probe_options)
             plan["law"] = (law.lr, RATIO, law.steps_used)
+        if "law_confirm" not in done:  # the law's rates at λ 1, 4, 16, confirmed within one run's steps
+            budget = max_steps or task.steps
+            model, loss_fn, batches = task.probe_inputs(seed, budget)
+            lc = loraplus.find_lr(model, loss_fn, batches, ratios=ratios, lora_lr=ref.lr, max_steps=budget,
+                                  progress=False, **task.probe_options)
+            plan["law_confirm"] = (lc.lr, lc.ratio, lc.steps_used)
         for name, rule in RULES.items():
             plan[name] = (rule(lrs, smoothed), RATIO, len(pts))
         for name in METHODS:
@@ -346,7 +356,8 @@ def law_fits(sweeps: Path = SWEEPS) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ report
 
-LABELS = {"find_lr": "`find_lr` (defaults)", "law": "`find_lr(lora_lr=…)`, λ 4", "valley": "valley (fastai), λ 4",
+LABELS = {"find_lr": "`find_lr` (defaults)", "law": "`find_lr(lora_lr=…)`, λ 4",
+          "law_confirm": "`find_lr(lora_lr=…)`, λ 1/4/16 confirmed", "valley": "valley (fastai), λ 4",
           "steepest": "steepest (Lightning), λ 4", "min10": "minimum / 10, λ 4",
           "prodigy_sf": "Prodigy+SF, λ 4, untuned"}
 

@@ -58,10 +58,14 @@ def test_quick_comparison_runs_end_to_end_and_resumes(tmp_path):
     assert data["meta"]["command"] and data["meta"]["versions"] and data["meta"]["quick"] is True
     rec = data["seeds"]["0"]
     probe, methods = rec["probe"], rec["methods"]
-    assert set(methods) == {"find_lr", "law", "valley", "steepest", "min10", "prodigy_sf"}
+    assert set(methods) == {"find_lr", "law", "law_confirm", "valley", "steepest", "min10", "prodigy_sf"}
     ref = data["meta"]["reference"]
     # the law: A at the reference plain-LoRA rate / sqrt(4), no probe steps
     assert methods["law"]["lr"] == pytest.approx(ref["lr"] / 2) and methods["law"]["probe_steps"] == 0
+    # the law confirmed over the quick ratios (1, 4): one of the law's rates, at most the 60-step budget
+    lc = methods["law_confirm"]
+    assert lc["ratio"] in (1, 4) and lc["lr"] == pytest.approx(ref["lr"] * lc["ratio"] ** -0.5)
+    assert 0 < lc["probe_steps"] <= 60
     assert methods["find_lr"]["lr"] == probe["lr"] and methods["find_lr"]["probe_steps"] == probe["steps_used"] <= 60
     n_range = len(probe["range"]["4"])
     assert all(methods[m]["probe_steps"] == n_range and methods[m]["ratio"] == 4 for m in ("valley", "steepest", "min10"))
