@@ -139,7 +139,7 @@ class MiniLMTask:
         return E._probe_inputs(self.name, self.st, seed, n)
 
     def train(self, seed: int, lr: float, ratio: float) -> dict[str, Any]:
-        return self._job(seed, lr, "lora" if ratio == 1 else f"loraplus{int(ratio)}")
+        return self._job(seed, lr, _method(ratio))
 
     def train_prodigy(self, seed: int) -> dict[str, Any]:
         return self._job(seed, 1.0, f"prodigysf{int(RATIO)}")
@@ -157,11 +157,16 @@ class MiniLMTask:
 
     def swept_run(self, seed: int, lr: float, ratio: float) -> dict[str, Any] | None:
         """The sweep's run of (lr, ratio, seed), when the sweep has it."""
-        for r in _cell(self.sweeps, self.name, f"loraplus{int(ratio)}"):
+        for r in _cell(self.sweeps, self.name, _method(ratio)):
             if r["seed"] == seed and math.isclose(r["lr"], lr, rel_tol=1e-4):
                 return {"test": r["test_loss"], "val": r["val_loss"], "diverged": r["diverged"],
                         "seconds": r["seconds"], "from_sweep": True, "swept_lr": r["lr"]}
         return None
+
+
+def _method(ratio: float) -> str:
+    """Study v2's name for a ratio's cell: ``lora`` for λ 1, else ``loraplus<λ>``."""
+    return "lora" if ratio == 1 else f"loraplus{int(ratio)}"
 
 
 def _cell(sweeps: Path, task: str, method: str) -> list[dict[str, Any]]:

@@ -76,3 +76,20 @@ def test_quick_comparison_runs_end_to_end_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "demo.json").read_text())["seeds"]["0"]["methods"] == methods
+
+
+def test_a_swept_run_is_found_for_plain_lora_and_for_lora_plus(compare, tmp_path):
+    # ground truth: a fake sweep with one plain-LoRA run and one λ=4 run, written here
+    def cell(method, lr, test):
+        path = compare.V.cell_path(tmp_path, "order_B0", method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run = {"seed": 0, "lr": lr, "test_loss": test, "val_loss": test, "diverged": False, "seconds": 1.0}
+        path.write_text(json.dumps({"runs": [run]}))
+
+    cell("lora", 0.004, 0.17)
+    cell("loraplus4", 0.002, 0.16)
+    task = compare.MiniLMTask("order_B0", sweeps=tmp_path)
+    assert task.swept_run(0, 0.004, 1.0)["test"] == 0.17  # λ 1 is study v2's "lora" cell
+    assert task.swept_run(0, 0.002, 4.0)["test"] == 0.16
+    assert task.swept_run(0, 0.004, 4.0) is None and task.swept_run(1, 0.004, 1.0) is None
+    assert task.swept_run(0, 0.004, 16.0) is None  # no such cell
