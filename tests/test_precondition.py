@@ -603,6 +603,26 @@ def test_invalid_calls_are_refused_with_the_reason():
         precondition(torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.1), model)
 
 
+def test_method_records_carry_peft_defaults_and_an_unknown_name_lists_the_valid_ones():
+    import inspect
+    import re
+
+    from peft.optimizers.lorafa import LoraFAOptimizer
+
+    from loraplus._pairs._methods import LORAFA, RIEMANNIAN, method_named
+
+    # ground truth: PEFT's own defaults (create_riemannian_optimizer's reg=, LoraFAOptimizer's delta)
+    assert RIEMANNIAN.default_reg == inspect.signature(create_riemannian_optimizer).parameters["reg"].default
+    delta = re.search(r"delta = ([0-9.e+-]+)", inspect.getsource(LoraFAOptimizer.step))
+    assert delta is not None and LORAFA.default_reg == float(delta.group(1))
+    assert method_named("riemannian") is RIEMANNIAN and method_named("lorafa") is LORAFA
+    model = _peft()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for bad in ("LoRA-FA", "Riemannian", "", None):
+        with pytest.raises(LoraPlusError, match=r"method must be one of 'riemannian', 'lorafa', got"):
+            precondition(torch.optim.SGD(params, lr=0.1), model, method=bad)  # type: ignore[arg-type]
+
+
 def test_sharded_factors_are_refused(tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard

@@ -30,14 +30,15 @@ from torch.utils.hooks import RemovableHandle
 from .._errors import LoraPlusError
 from .._labels import RuleSpec
 from .._numbers import check_number
+from .._role import Role
+from ._methods import METHODS, Method, method_named
 from ._pairs import Pair, pairs
 
-__all__ = ["DEFAULT_REG", "METHODS", "Preconditioner", "precondition", "preconditioner"]
+__all__ = ["DEFAULT_REG", "Preconditioner", "precondition", "preconditioner"]
 
 #: Methods :func:`precondition` knows, and the damping δ each uses by default (PEFT's defaults:
 #: ``create_riemannian_optimizer(reg=1e-2)``, ``LoraFAOptimizer``'s ``delta = 1e-8``).
-DEFAULT_REG: dict[str, float] = {"riemannian": 1e-2, "lorafa": 1e-8}
-METHODS = tuple(DEFAULT_REG)
+DEFAULT_REG: dict[str, float] = {m.name: m.default_reg for m in METHODS}
 
 #: The attribute of an optimizer instance that holds its preconditioner (the optimizer owns it).
 _LINK = "_loraplus_preconditioner"
@@ -220,19 +221,18 @@ def _check_sparse(grads: Sequence[torch.Tensor], own: Sequence[nn.Parameter]) ->
 
 
 @torch.no_grad()
-def _solve_bucket(bucket: _Bucket, method: str, reg: float, cache: dict[tuple[int, str], _Workspace]) -> None:
+def _solve_bucket(bucket: _Bucket, method: Method, reg: float, cache: dict[tuple[int, Role], _Workspace]) -> None:
     """Rewrite the gradients of one bucket in place (the maths; ``cache`` only holds buffers)."""
     dtype = torch.promote_types(torch.promote_types(bucket.a[0].dtype, bucket.b[0].dtype), torch.float32)
-    if method == "lorafa":
+    if method.freezes_a:
         for p in bucket.a:  # A is frozen: the optimizer skips parameters without a gradient
             p.grad = None
-    sides = [("A", bucket.a, bucket.b), ("B", bucket.b, bucket.a)]
-    if method == "lorafa":
-        sides = sides[1:]
-    for side, own, partner in sides:
+    factors = {Role.A: (bucket.a, bucket.b), Role.B: (bucket.b, bucket.a)}
+    for side in method.preconditions:
+        own, partner = factors[side]
         grads = [p.grad for p in own]
-        rank_left = (side == "A") != bucket.transposed
-        scale = bucket.inv_s2 if side == "B" else None
+        rank_left = (side is Role.A) != bucket.transposed
+        scale = bucket.inv_s2 if side is Role.B else None
         present = [g for g in grads if g is not None]
         if len(present) < len(grads):  # a side without gradient is left alone
             idx = [i for i, g in enumerate(grads) if g is not None]
@@ -276,18 +276,19 @@ class Preconditioner:
         False
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, method: str, reg: float, found: Sequence[Pair],
+    def __init__(self, optimizer: torch.optim.Optimizer, method: Method, reg: float, found: Sequence[Pair],
                  skipped: Sequence[tuple[str, str]], buckets: Sequence[_Bucket]):
-        self.method = method
+        self._method = method
+        self.method = method.name
         self.reg = reg
         self.pairs = tuple(found)
         self.skipped = tuple(skipped)
         self._buckets = tuple(buckets)
-        self._cache: dict[tuple[int, str], _Workspace] = {}
+        self._cache: dict[tuple[int, Role], _Workspace] = {}
         self._optimizer = weakref.ref(optimizer)
         self.frozen: tuple[nn.Parameter, ...] = ()
         self._unfreeze: weakref.finalize | None = None
-        if method == "lorafa":  # LoRA-FA proper: autograd never computes dA nor keeps what it needs
+        if method.freezes_a:  # LoRA-FA proper: autograd never computes dA nor keeps what it needs
             self.frozen = tuple(pr.a for pr in self.pairs if pr.a is not None and pr.a.requires_grad)
             # undone by remove() or when the optimizer is collected; nothing to undo at interpreter exit
             self._unfreeze = weakref.finalize(optimizer, _Freeze(self.frozen, optimizer).release)
@@ -308,7 +309,7 @@ class Preconditioner:
         docs/optimizers.md for why and what it costs); the rest of the step is still compiled.
         """
         for bucket in self._buckets:
-            _solve_bucket(bucket, self.method, self.reg, self._cache)
+            _solve_bucket(bucket, self._method, self.reg, self._cache)
 
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes step()'s own arguments: args = (optimizer, closure?, …)
@@ -433,9 +434,8 @@ def precondition(
         Preconditioner('riemannian', reg=0.01, 2 pairs, 1 buckets, 0 skipped, attached)
         >>> pre.remove()
     """
-    if method not in METHODS:
-        raise LoraPlusError(f"method must be one of {METHODS}, got {method!r}")
-    reg = check_number("reg", DEFAULT_REG[method] if reg is None else reg, allow_zero=True)
+    spec = method_named(method)  # the one look-up: everything below reads the record
+    reg = check_number("reg", spec.default_reg if reg is None else reg, allow_zero=True)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise LoraPlusError(
             f"precondition() needs a torch.optim.Optimizer (it registers a step pre-hook), got "
@@ -462,7 +462,7 @@ def precondition(
     for pr in found:
         if id(pr.a) not in held and id(pr.b) not in held:
             why = "the optimizer does not hold these factors"
-        elif method == "lorafa" and id(pr.b) not in held:
+        elif spec.freezes_a and id(pr.b) not in held:
             why = "the optimizer does not hold B"
         else:
             kept.append(pr)
@@ -474,7 +474,7 @@ def precondition(
             f"{len(optimizer.param_groups)} param groups); build the optimizer over this model's parameters "
             "(ZeRO and other optimizers that hold flattened copies cannot be preconditioned)"
         )
-    if method == "lorafa":
+    if spec.divides_by_scaling:
         unknown = [pr.key for pr in kept if not pr.scaling]
         if unknown:
             raise LoraPlusError(
@@ -486,10 +486,10 @@ def precondition(
         more = "; …" if len(skipped) > 4 else ""
         warnings.warn(f"{len(skipped)} adapter factors are not preconditioned ({shown}{more})", UserWarning,
                       stacklevel=2)
-    return Preconditioner(optimizer, method, reg, kept, skipped, _buckets(kept, method))
+    return Preconditioner(optimizer, spec, reg, kept, skipped, _buckets(kept, spec))
 
 
-def _buckets(found: Sequence[Pair], method: str) -> list[_Bucket]:
+def _buckets(found: Sequence[Pair], method: Method) -> list[_Bucket]:
     groups: dict[tuple, list[Pair]] = {}
     for pr in found:
         assert pr.a is not None and pr.b is not None  # pairs() always carries both factors
@@ -498,7 +498,7 @@ def _buckets(found: Sequence[Pair], method: str) -> list[_Bucket]:
     out = []
     for members in groups.values():
         inv_s2 = None
-        if method == "lorafa":
+        if method.divides_by_scaling:
             first = members[0].a
             assert first is not None
             s = torch.tensor([pr.scaling for pr in members], dtype=torch.float64)
