@@ -623,6 +623,20 @@ def test_method_records_carry_peft_defaults_and_an_unknown_name_lists_the_valid_
             precondition(torch.optim.SGD(params, lr=0.1), model, method=bad)  # type: ignore[arg-type]
 
 
+def test_default_reg_is_a_read_only_view_of_the_method_records():
+    from loraplus._pairs._methods import METHODS
+    from loraplus._pairs._precondition import DEFAULT_REG
+
+    assert dict(DEFAULT_REG) == {"riemannian": 1e-2, "lorafa": 1e-8} == {m.name: m.default_reg for m in METHODS}
+    with pytest.raises(TypeError):
+        DEFAULT_REG["riemannian"] = 1.0  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        METHODS[0].default_reg = 1.0  # type: ignore[misc]
+    model = _peft()
+    pre = precondition(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model)
+    assert pre.reg == 1e-2
+
+
 def test_sharded_factors_are_refused(tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard

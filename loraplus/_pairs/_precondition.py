@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -37,8 +38,9 @@ from ._pairs import Pair, pairs
 __all__ = ["DEFAULT_REG", "Preconditioner", "precondition", "preconditioner"]
 
 #: Methods :func:`precondition` knows, and the damping δ each uses by default (PEFT's defaults:
-#: ``create_riemannian_optimizer(reg=1e-2)``, ``LoraFAOptimizer``'s ``delta = 1e-8``).
-DEFAULT_REG: dict[str, float] = {m.name: m.default_reg for m in METHODS}
+#: ``create_riemannian_optimizer(reg=1e-2)``, ``LoraFAOptimizer``'s ``delta = 1e-8``). A read-only
+#: view of the method records, which are what :func:`precondition` reads.
+DEFAULT_REG: Mapping[str, float] = MappingProxyType({m.name: m.default_reg for m in METHODS})
 
 #: The attribute of an optimizer instance that holds its preconditioner (the optimizer owns it).
 _LINK = "_loraplus_preconditioner"
