@@ -19,6 +19,7 @@ from torch import nn
 
 import loraplus
 from loraplus import LoraPlusError, precondition
+from loraplus._pairs._pairs import Why
 from loraplus.testing import build_model, lora_models
 
 REG = 1e-2
@@ -579,11 +580,38 @@ def test_non_product_adapters_are_left_alone_with_a_warning():
     opt = torch.optim.SGD(trainable, lr=0.1)
     with pytest.warns(UserWarning, match="not preconditioned.*LoHa"):
         pre = precondition(opt, gen.model)
-    assert {n for n, _ in pre.skipped} == {n for n in raw if ".hada_" in n}
+    assert {u.name for u in pre.skipped} == {n for n in raw if ".hada_" in n}
+    assert {u.why for u in pre.skipped} == {Why.NOT_A_PRODUCT}
     opt.step()
     for n, p in gen.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.grad, raw[n]) == (".hada_" in n or "head" in n or "norm" in n), n
+
+
+def test_pairs_the_optimizer_does_not_hold_are_skipped_as_records_that_say_why():
+    model = _peft()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in named if ".lora_" in n}
+    only_q = [p for n, p in named.items() if ".q." in n]
+    with pytest.warns(UserWarning, match="4 adapter factors are not preconditioned"):
+        pre = precondition(torch.optim.SGD(only_q, lr=0.1), model)
+    assert {u.name for u in pre.skipped} == {n for n in lora if ".q." not in n}  # v's and out's factors
+    assert all(isinstance(u, loraplus.Unpaired) and u.why is Why.NOT_HELD for u in pre.skipped)
+    assert {u.name: u.role for u in pre.skipped} == {
+        n: loraplus.Role.A if ".lora_A." in n else loraplus.Role.B for n in lora if ".q." not in n
+    }
+    assert {u.reason for u in pre.skipped} == {"the optimizer does not hold these factors"}
+    pre.remove()
+
+    model = _peft()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    no_v_b = [p for n, p in named.items() if not (".v." in n and ".lora_B." in n)]
+    with pytest.warns(UserWarning, match="2 adapter factors are not preconditioned"):
+        pre = precondition(torch.optim.SGD(no_v_b, lr=0.1), model, method="lorafa")
+    assert [(u.name, u.why, u.reason) for u in pre.skipped] == [
+        (n, Why.NOT_HELD, "the optimizer does not hold B") for n in named if ".v.lora_" in n
+    ]
+    pre.remove()
 
 
 # ----------------------------------------------------------------------------------------------- refusals

@@ -33,7 +33,7 @@ from .._labels import RuleSpec
 from .._numbers import check_number
 from .._role import Role
 from ._methods import METHODS, Method, method_named
-from ._pairs import Pair, pairs
+from ._pairs import Pair, Unpaired, Why, pairs
 
 __all__ = ["DEFAULT_REG", "Preconditioner", "precondition", "preconditioner"]
 
@@ -258,7 +258,10 @@ class Preconditioner:
         method: ``"riemannian"`` or ``"lorafa"``.
         reg: the damping δ added to the r×r matrices' diagonal.
         pairs: the :class:`loraplus.Pair` records whose gradients are rewritten, in model order.
-        skipped: ``(name, reason)`` for adapter factors left as the optimizer sees them.
+        skipped: one :class:`loraplus.Unpaired` record (``name``, ``role``, ``reason`` for people,
+            ``why`` to test) per adapter factor left as the optimizer sees them: factors that
+            :func:`loraplus.pairs` could not pair keep their record, and the factors of a pair the
+            optimizer does not hold (both, or B for LoRA-FA) get ``Why.NOT_HELD``.
         frozen: the A factors LoRA-FA froze (``requires_grad_(False)``); ``remove()``, or the
             optimizer being garbage-collected, makes them trainable again. Empty for Riemannian.
 
@@ -279,7 +282,7 @@ class Preconditioner:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, method: Method, reg: float, found: Sequence[Pair],
-                 skipped: Sequence[tuple[str, str]], buckets: Sequence[_Bucket]):
+                 skipped: Sequence[Unpaired], buckets: Sequence[_Bucket]):
         self._method = method
         self.method = method.name
         self.reg = reg
@@ -460,16 +463,18 @@ def precondition(
     found = pairs(model, rules)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     kept: list[Pair] = []
-    skipped = [(u.name, u.reason) for u in found.unpaired]
+    skipped: list[Unpaired] = list(found.unpaired)
     for pr in found:
         if id(pr.a) not in held and id(pr.b) not in held:
-            why = "the optimizer does not hold these factors"
+            reason = "the optimizer does not hold these factors"
         elif spec.freezes_a and id(pr.b) not in held:
-            why = "the optimizer does not hold B"
+            reason = "the optimizer does not hold B"
         else:
             kept.append(pr)
             continue
-        skipped += [(pr.a_name, why), (pr.b_name, why)]
+        a_role, b_role = (Role.EMBEDDING_A, Role.EMBEDDING_B) if pr.embedding else (Role.A, Role.B)
+        skipped += [Unpaired(pr.a_name, a_role, reason, Why.NOT_HELD),
+                    Unpaired(pr.b_name, b_role, reason, Why.NOT_HELD)]
     if not kept:
         raise LoraPlusError(
             f"no A/B pair of the model is held by the optimizer ({len(found)} pairs found, "
@@ -484,7 +489,7 @@ def precondition(
                 f"({len(unknown)} pairs); give the layer a `scaling` attribute (alpha / r)"
             )
     if skipped:
-        shown = "; ".join(f"{n}: {r}" for n, r in skipped[:4])
+        shown = "; ".join(f"{u.name}: {u.reason}" for u in skipped[:4])
         more = "; …" if len(skipped) > 4 else ""
         warnings.warn(f"{len(skipped)} adapter factors are not preconditioned ({shown}{more})", UserWarning,
                       stacklevel=2)
