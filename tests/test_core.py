@@ -711,3 +711,23 @@ def test_public_helpers_raise_loraplus_error():
         build_model([], wrapper="x")
     with pytest.raises(LoraPlusError, match="model must be an nn.Module"):
         assert_loraplus_groups([], "x")
+
+
+def test_group_roles_are_read_through_role_and_written_as_before():
+    from loraplus._role import group_role
+
+    assert [group_role(g) for g in ({"role": "B"}, {"role": "b"}, {"role": Role.A}, {"role": "embedding_a"})] == [
+        Role.B, Role.B, Role.A, Role.EMBEDDING_A
+    ]
+    assert [group_role(g) for g in ({}, {"role": None}, {"role": "decoder"}, {"role": 3})] == [None] * 4
+    model = tiny_lora_model()
+    opt = LoraPlus(torch.optim.SGD, model, lr=1e-3, ratio=4)
+    # what users see is unchanged: the plain strings, not Role members' reprs
+    assert [g["role"] for g in opt.param_groups] == ["A", "B", "other", "other"]
+    assert all(type(g["role"]) is str for g in opt.param_groups)
+    # readers compare through Role: a hand-written lower-case role is the same role
+    groups = [{"params": [p], "lr": lr, "role": role} for p, lr, role in zip(
+        [p for p in model.parameters() if p.requires_grad][:2], [1e-3, 4e-3], ["a", "b"])]
+    assert loraplus.per_group(torch.optim.SGD(groups, lr=1e-3), 1.0) == [1.0, 4.0]
+    with pytest.raises(LoraPlusError, match="is a LoRA\\+ 'B' group"):
+        loraplus.refine(groups, model)

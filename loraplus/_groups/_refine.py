@@ -20,7 +20,7 @@ from torch import nn
 from .._errors import LoraPlusError
 from .._labels import Label, RuleSpec, label_model
 from .._numbers import check_number
-from .._role import Role
+from .._role import Role, group_role
 from ._build import DEFAULT_RATIO, role_lrs, validate_labels, warn_where_loraplus_does_not_apply
 from ._scheduler_catalog import scaled_group_keys
 
@@ -218,7 +218,7 @@ def _check_not_refined(groups: Sequence[Mapping[str, Any]]) -> None:
                 "loraplus.apply/refine ran on these groups before, and a second run would multiply B's rate by "
                 "the ratio again; build the optimizer afresh and apply LoRA+ once"
             )
-        if g.get("role") == Role.B.value:
+        if group_role(g) is Role.B:
             raise LoraPlusError(
                 f"group {i} ({_group_name(i, g)!r}) is a LoRA+ 'B' group (from loraplus.param_groups or LoraPlus), "
                 "whose B factors already have their own rate; refine groups you built yourself, not LoRA+'s"
