@@ -623,6 +623,22 @@ def test_explain_model_and_optimizer():
         explain(42)
 
 
+@pytest.mark.parametrize(
+    "option",
+    [{"lr": 2e-4}, {"ratio": 16}, {"ratio": loraplus.DEFAULT_RATIO}, {"lr_embedding": 1e-4}, {"role_lr": {"A": 1e-4}},
+     {"weight_decay": 0.0}, {"rules": {"*lora_B*": "B"}}, {"no_decay": "norm"}],
+)
+def test_explain_refuses_grouping_options_with_an_optimizer_instead_of_ignoring_them(option):
+    model = tiny_lora_model()
+    opt = LoraPlus(torch.optim.AdamW, model, 16, lr=2e-4)
+    (name,) = option
+    with pytest.raises(LoraPlusError, match=rf"explain\(\) got {name}= with an optimizer \(AdamW\).*already built.*"
+                       rf"explain\(optimizer\) without them.*explain\(model, {name}=\.\.\.\)"):
+        explain(opt, **option)
+    assert explain(opt, verbose=True).startswith("AdamW param groups")  # verbose applies to both
+    assert explain(model).startswith(f"LoRA+ groups (ratio {loraplus.DEFAULT_RATIO:g}, ")  # the model's default
+
+
 PUBLIC_API = {
     "CONVENTIONS", "Convention", "DEFAULT_RATIO", "LoraPlus", "LoraPlusError", "Monitor", "Pair", "Pairs",
     "Preconditioner", "Role", "Unpaired", "classify", "explain", "load_state_dict", "pair_params", "pairs",
