@@ -684,8 +684,28 @@ def test_sharded_factors_are_refused(tmp_path):
         opt = torch.optim.SGD([p for p in fsdp1.parameters() if p.requires_grad], lr=0.1)
         with pytest.raises(LoraPlusError, match="sharded factors.*FSDP"):
             precondition(opt, fsdp1)
+
+        class Sharded(FullyShardedDataParallel):  # recognised by type, not by its class name
+            pass
+
+        inner = nn.Sequential(_peft())
+        inner[0] = Sharded(inner[0], device_id=torch.device("cpu"), use_orig_params=True)
+        opt = torch.optim.SGD([p for p in inner.parameters() if p.requires_grad], lr=0.1)
+        with pytest.raises(LoraPlusError, match=r"sharded factors: 0 is wrapped in FSDP \(FullyShardedDataParallel\)"):
+            precondition(opt, inner)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_flat_parameters_are_refused():
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    flat = FlatParameter(torch.zeros(64), requires_grad=True)  # FSDP1 (use_orig_params=False) holds these
+    assert type(flat) is nn.Parameter  # what FlatParameter() returns: its class name says nothing
+    holder = nn.Module()
+    holder.flat = flat
+    with pytest.raises(LoraPlusError, match="cannot precondition sharded factors: the factors are FSDP flat parameters"):
+        precondition(torch.optim.SGD([flat], lr=0.1), holder)
 
 
 def test_deepspeed_zero_optimizers_are_refused():

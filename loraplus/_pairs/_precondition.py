@@ -34,6 +34,7 @@ from .._numbers import check_number
 from .._role import Role
 from ._methods import METHODS, Method, method_named
 from ._pairs import Pair, Unpaired, Why, pairs
+from ._sharding import sharding_error
 
 __all__ = ["DEFAULT_REG", "Preconditioner", "precondition", "preconditioner"]
 
@@ -357,26 +358,6 @@ class Preconditioner:
                 f"{len(self._buckets)} buckets, {len(self.skipped)} skipped, {state})")
 
 
-def _sharding_error(model: nn.Module, params: Sequence[nn.Parameter]) -> str | None:
-    """Why the factors are not whole tensors on this rank (FSDP, DTensor, ZeRO-3), or None."""
-    for name, mod in model.named_modules():
-        if type(mod).__name__ == "FullyShardedDataParallel":
-            return f"{name or 'the model'} is wrapped in FSDP (FullyShardedDataParallel): its factors are flat shards"
-    dtensor: type | None
-    try:
-        from torch.distributed.tensor import DTensor as dtensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        dtensor = None
-    for p in params:
-        if dtensor is not None and isinstance(p, dtensor):
-            return f"a factor is a DTensor placed as {getattr(p, 'placements', '?')} (FSDP2 / tensor parallel)"
-        if hasattr(p, "ds_id"):
-            return "the factors are DeepSpeed ZeRO-3 partitions"
-        if type(p).__name__ == "FlatParameter":
-            return "the factors are FSDP flat parameters"
-    return None
-
-
 def precondition(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -456,7 +437,7 @@ def precondition(
                             "loraplus.preconditioner(optimizer).remove() it first")
     check_not_frozen_by_lorafa(model)
     # before pairing: FSDP1's flat 1-D views would not even pair, and the error would not say why
-    why = _sharding_error(model, [p for p in model.parameters() if p.requires_grad])
+    why = sharding_error(model, [p for p in model.parameters() if p.requires_grad])
     if why is not None:
         raise LoraPlusError(f"cannot precondition sharded factors: {why}. The r×r systems need whole A and B; "
                             "gather them (e.g. DDP instead of FSDP/ZeRO-3) or train without precondition=")
