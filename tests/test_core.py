@@ -549,6 +549,34 @@ def test_ratio_below_one_warns():
     assert {g["role"]: g["lr"] for g in groups}["B"] == 0.5
 
 
+def _sgd(model):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+
+
+@pytest.mark.parametrize(
+    "call, than",
+    [
+        (lambda m, r: param_groups(m, lr=1.0, ratio=r), "A"),
+        (lambda m, r: LoraPlus(torch.optim.SGD, m, r, lr=1.0), "A"),
+        (lambda m, r: explain(m, ratio=r), "A"),
+        (lambda m, r: loraplus.refine([p for p in m.parameters() if p.requires_grad], m, r, lr=1.0), "their group"),
+        (lambda m, r: loraplus.apply(_sgd(m), m, r, schedulers=[]), "their group"),
+    ],
+    ids=["param_groups", "LoraPlus", "explain", "refine", "apply"],
+)
+def test_ratio_below_one_warns_once_per_call_at_the_callers_line(call, than):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(tiny_lora_model(), 0.5)
+        call(tiny_lora_model(), 1.0)
+    below = [w for w in caught if "< 1" in str(w.message)]
+    assert [str(w.message) for w in below] == [
+        f"ratio=0.5 < 1 gives the B factors a smaller learning rate than {than}; LoRA+ uses ratio >= 1 "
+        "(the paper recommends 2-16)"
+    ]
+    assert below[0].category is UserWarning and below[0].filename == __file__  # the user's line, not loraplus's
+
+
 def test_no_trainable_parameters():
     model = tiny_lora_model().requires_grad_(False)
     with pytest.raises(LoraPlusError, match="no trainable parameters"):

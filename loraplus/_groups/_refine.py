@@ -9,7 +9,6 @@ right after it, whose learning-rate keys are the parent's times a factor. Nothin
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,13 @@ from .._errors import LoraPlusError
 from .._labels import Label, RuleSpec, label_model
 from .._numbers import check_number
 from .._role import Role, group_role
-from ._build import DEFAULT_RATIO, role_lrs, validate_labels, warn_where_loraplus_does_not_apply
+from ._build import (
+    DEFAULT_RATIO,
+    role_lrs,
+    validate_labels,
+    warn_if_ratio_below_one,
+    warn_where_loraplus_does_not_apply,
+)
 from ._scheduler_catalog import scaled_group_keys
 
 __all__ = ["MARK", "SCALED_KEYS", "Refined", "RefinedGroup", "refine", "refine_groups"]
@@ -286,13 +291,7 @@ def refine_groups(
     emb = check_number("lr_embedding", lr_embedding, allow_none=True)
     given = role_lrs(1.0, ratio_f, emb, role_lr)  # validates role_lr's keys and values
     overrides = {Role.coerce(k): given[Role.coerce(k)] for k in (role_lr or {})}
-    if ratio_f < 1:
-        warnings.warn(
-            f"ratio={ratio_f} < 1 gives the B factors a smaller learning rate than their group; LoRA+ uses "
-            "ratio >= 1 (the paper recommends 2-16)",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_if_ratio_below_one(ratio_f, than="their group")
     parents = _as_groups(groups)
     _check_not_refined(parents)
     labels, modules = label_model(model, rules)
