@@ -613,6 +613,24 @@ def test_pairs_the_optimizer_does_not_hold_are_skipped_as_records_that_say_why()
     ]
     pre.remove()
 
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 12)
+            self.q = nn.Linear(12, 12)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Embedded(), LoraConfig(r=2, target_modules=["embed", "q"], init_lora_weights=False))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.warns(UserWarning, match="2 adapter factors are not preconditioned"):
+        pre = precondition(torch.optim.SGD([p for n, p in named.items() if ".q." in n], lr=0.1), model)
+    # PEFT names an embedding adapter's factors lora_embedding_A / lora_embedding_B
+    assert {u.name: (u.role, u.why) for u in pre.skipped} == {
+        n: (loraplus.Role.EMBEDDING_A if "lora_embedding_A" in n else loraplus.Role.EMBEDDING_B, Why.NOT_HELD)
+        for n in named if ".embed." in n
+    }
+    pre.remove()
+
 
 # ----------------------------------------------------------------------------------------------- refusals
 def test_invalid_calls_are_refused_with_the_reason():
