@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
+from typing import Any
 
 from ._errors import LoraPlusError
 
-__all__ = ["ADAPTER_ROLES", "Role"]
+__all__ = ["ADAPTER_ROLES", "Role", "group_role"]
 
 
 class Role(str, Enum):
@@ -59,3 +61,18 @@ class Role(str, Enum):
 
 
 ADAPTER_ROLES = frozenset({Role.A, Role.B, Role.EMBEDDING_A, Role.EMBEDDING_B})
+
+
+def group_role(group: Mapping[str, Any]) -> Role | None:
+    """The :class:`Role` a param group's ``"role"`` key names (read as :meth:`Role.coerce` reads it).
+
+    ``None`` when the group has no ``"role"`` or its value names no role (a framework's own key):
+    compare the result with ``is Role.B``, never the group's string with a literal.
+    """
+    value = group.get("role")
+    if value is None:
+        return None
+    try:
+        return Role.coerce(value)
+    except LoraPlusError:
+        return None

@@ -19,6 +19,7 @@ differ from :func:`loraplus.LoraPlus`:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,11 +35,18 @@ OptimizerT = TypeVar("OptimizerT")
 
 
 def _is_peft_lora_embedding(module: nn.Module | None) -> bool:
-    if module is None:
+    """Whether ``module`` is PEFT's LoRA embedding layer (or a subclass), by type.
+
+    PEFT is imported only when it already is: a PEFT layer cannot exist before its package is
+    imported, and a model without PEFT must not pay for (or fail on) importing it.
+    """
+    if module is None or "peft" not in sys.modules:
         return False
-    return any(
-        c.__name__ == "Embedding" and c.__module__.startswith("peft.tuners.lora") for c in type(module).__mro__
-    )
+    try:
+        from peft.tuners.lora import Embedding
+    except ImportError:  # a PEFT without LoRA embeddings (or a broken install): nothing is one
+        return False
+    return isinstance(module, Embedding)
 
 
 def peft_param_groups(

@@ -819,3 +819,23 @@ def test_a_subclass_is_handled_as_its_catalogued_base_unless_it_keeps_lists_the_
     mine = SchedulerRecord.for_type(_StepWithFloors, lists=(*step_lr.lists, PerGroup("floors", Carry.SCALED)))
     loraplus.apply_to_optimizer(opt, model, 8, schedulers=[sched], scheduler_records=[mine])
     assert sched.floors == pytest.approx([1e-4, 8e-4, 1e-4])
+
+
+def test_refine_groups_says_for_each_output_group_its_parent_factor_and_role():
+    from loraplus._groups._refine import RefinedGroup, refine_groups
+
+    model = tiny_lora_model()
+    dec = [p for p in model.parameters() if p.requires_grad and p.ndim == 2]  # A, B and the head's weight
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # norm and head biases: no factor
+    out = refine_groups([{"params": dec, "lr": 1e-3, "name": "dec"}, {"params": rest, "lr": 2e-3}], model, 4,
+                        role_lr={Role.A: 5e-4})
+    # A moves at 5e-4 / 1e-3 = 0.5 of its parent; B at ratio × A's rate, 4 × 5e-4 / 1e-3 = 2
+    assert [(r.group["name"], r.parent, r.scale, r.role) for r in out.out] == [
+        ("dec", 0, 1.0, None), ("dec.A", 0, 0.5, Role.A), ("dec.B", 0, 2.0, Role.B), ("group1", 1, 1.0, None)
+    ]
+    assert all(isinstance(r, RefinedGroup) for r in out.out)
+    assert [id(g) for g in out.groups] == [id(r.group) for r in out.out]
+    assert [r.group["loraplus"] for r in out.out] == [
+        {"parent": "dec", "scale": 1.0}, {"parent": "dec", "scale": 0.5}, {"parent": "dec", "scale": 2.0},
+        {"parent": "group1", "scale": 1.0},
+    ]

@@ -77,3 +77,29 @@ def test_compat_validates_input():
     model = loraplus.testing.tiny_lora_model()
     with pytest.raises(loraplus.LoraPlusError, match="loraplus_lr_ratio must be a number"):
         create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio="16")
+
+
+def test_peft_embeddings_are_recognised_by_type_and_peft_is_not_imported_for_a_model_without_it():
+    import subprocess
+    import sys
+
+    from peft.tuners.lora import Embedding
+
+    from loraplus.compat import _is_peft_lora_embedding
+
+    model = get_peft_model(Net(), LoraConfig(**CONFIGS["lora_embedding"]))
+    embeds = [m for m in model.modules() if isinstance(m, Embedding)]
+    assert len(embeds) == 1 and _is_peft_lora_embedding(embeds[0])
+    assert not any(_is_peft_lora_embedding(m) for m in model.modules() if m is not embeds[0])
+
+    look_alike = type("Embedding", (nn.Embedding,), {"__module__": "peft.tuners.lora.layer"})  # not PEFT's class
+    assert not _is_peft_lora_embedding(look_alike(3, 2))
+    script = (
+        "import sys, torch, loraplus\n"
+        "from loraplus.compat import create_loraplus_optimizer\n"
+        "model = loraplus.testing.tiny_lora_model()\n"
+        "create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=4)\n"
+        "print('peft' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert (done.returncode, done.stdout) == (0, "False\n"), done.stderr

@@ -549,6 +549,34 @@ def test_ratio_below_one_warns():
     assert {g["role"]: g["lr"] for g in groups}["B"] == 0.5
 
 
+def _sgd(model):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+
+
+@pytest.mark.parametrize(
+    "call, than",
+    [
+        (lambda m, r: param_groups(m, lr=1.0, ratio=r), "A"),
+        (lambda m, r: LoraPlus(torch.optim.SGD, m, r, lr=1.0), "A"),
+        (lambda m, r: explain(m, ratio=r), "A"),
+        (lambda m, r: loraplus.apply_to_groups([p for p in m.parameters() if p.requires_grad], m, r, lr=1.0), "their group"),
+        (lambda m, r: loraplus.apply_to_optimizer(_sgd(m), m, r, schedulers=[]), "their group"),
+    ],
+    ids=["param_groups", "LoraPlus", "explain", "refine", "apply"],
+)
+def test_ratio_below_one_warns_once_per_call_at_the_callers_line(call, than):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(tiny_lora_model(), 0.5)
+        call(tiny_lora_model(), 1.0)
+    below = [w for w in caught if "< 1" in str(w.message)]
+    assert [str(w.message) for w in below] == [
+        f"ratio=0.5 < 1 gives the B factors a smaller learning rate than {than}; LoRA+ uses ratio >= 1 "
+        "(the paper recommends 2-16)"
+    ]
+    assert below[0].category is UserWarning and below[0].filename == __file__  # the user's line, not loraplus's
+
+
 def test_no_trainable_parameters():
     model = tiny_lora_model().requires_grad_(False)
     with pytest.raises(LoraPlusError, match="no trainable parameters"):
@@ -621,6 +649,22 @@ def test_explain_model_and_optimizer():
     assert re.search(r"^B\s+B\s+0\.0032\s+0\.01\s+2\s+32", text, re.M)
     with pytest.raises(LoraPlusError, match="explain\\(\\) takes a model or an optimizer"):
         explain(42)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"lr": 2e-4}, {"ratio": 16}, {"ratio": loraplus.DEFAULT_RATIO}, {"lr_embedding": 1e-4}, {"role_lr": {"A": 1e-4}},
+     {"weight_decay": 0.0}, {"rules": {"*lora_B*": "B"}}, {"no_decay": "norm"}],
+)
+def test_explain_refuses_grouping_options_with_an_optimizer_instead_of_ignoring_them(option):
+    model = tiny_lora_model()
+    opt = LoraPlus(torch.optim.AdamW, model, 16, lr=2e-4)
+    (name,) = option
+    with pytest.raises(LoraPlusError, match=rf"explain\(\) got {name}= with an optimizer \(AdamW\).*already built.*"
+                       rf"explain\(optimizer\) without them.*explain\(model, {name}=\.\.\.\)"):
+        explain(opt, **option)
+    assert explain(opt, verbose=True).startswith("AdamW param groups")  # verbose applies to both
+    assert explain(model).startswith(f"LoRA+ groups (ratio {loraplus.DEFAULT_RATIO:g}, ")  # the model's default
 
 
 PUBLIC_API = {
@@ -710,3 +754,23 @@ def test_public_helpers_raise_loraplus_error():
         build_model([], wrapper="x")
     with pytest.raises(LoraPlusError, match="model must be an nn.Module"):
         assert_loraplus_groups([], "x")
+
+
+def test_group_roles_are_read_through_role_and_written_as_before():
+    from loraplus._role import group_role
+
+    assert [group_role(g) for g in ({"role": "B"}, {"role": "b"}, {"role": Role.A}, {"role": "embedding_a"})] == [
+        Role.B, Role.B, Role.A, Role.EMBEDDING_A
+    ]
+    assert [group_role(g) for g in ({}, {"role": None}, {"role": "decoder"}, {"role": 3})] == [None] * 4
+    model = tiny_lora_model()
+    opt = LoraPlus(torch.optim.SGD, model, lr=1e-3, ratio=4)
+    # what users see is unchanged: the plain strings, not Role members' reprs
+    assert [g["role"] for g in opt.param_groups] == ["A", "B", "other", "other"]
+    assert all(type(g["role"]) is str for g in opt.param_groups)
+    # readers compare through Role: a hand-written lower-case role is the same role
+    groups = [{"params": [p], "lr": lr, "role": role} for p, lr, role in zip(
+        [p for p in model.parameters() if p.requires_grad][:2], [1e-3, 4e-3], ["a", "b"])]
+    assert loraplus.scheduler_bounds(torch.optim.SGD(groups, lr=1e-3), 1.0) == [1.0, 4.0]
+    with pytest.raises(LoraPlusError, match="is a LoRA\\+ 'B' group"):
+        loraplus.apply_to_groups(groups, model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,105 @@ def test_no_code_branches_on_a_display_string():
                 consts = [s for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, str)]
                 if consts and any(a in _DISPLAY_FIELDS - {"name"} for a in attrs):
                     offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def _vocabulary() -> frozenset[str]:
+    """Every string a method, phase or role is spelled as: what must not appear as a literal in a comparison."""
+    from loraplus._find_lr import Phase
+    from loraplus._pairs._methods import METHODS
+
+    return frozenset({m.name for m in METHODS} | {p.value for p in Phase} | {r.value for r in Role})
+
+
+#: Names (a variable, an attribute, a group key) that hold a method, phase or role (or a side: A or B).
+_WATCHED = re.compile(r"(^|_)(method|phase|role|side)$")
+
+
+def _watched(node: ast.expr) -> bool:
+    """``method``, ``pr.phase``, ``a_role``, ``g["role"]``, ``g.get("role")``."""
+    if isinstance(node, ast.Name):
+        return bool(_WATCHED.search(node.id))
+    if isinstance(node, ast.Attribute):
+        return bool(_WATCHED.search(node.attr))
+    key = None
+    if isinstance(node, ast.Subscript):
+        key = node.slice
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args:
+        key = node.args[0]
+    return isinstance(key, ast.Constant) and isinstance(key.value, str) and bool(_WATCHED.search(key.value))
+
+
+def _spelled(node: ast.expr) -> list[str]:
+    """The string literals ``node`` spells out: a literal, or a tuple/list/set of literals."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [s for elt in node.elts for s in _spelled(elt)]
+    return []
+
+
+def _member_value(node: ast.expr) -> bool:
+    """``Role.B.value`` or ``Phase.RANGE.value``: an enum member turned back into its string."""
+    return (isinstance(node, ast.Attribute) and node.attr == "value" and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name) and node.value.value.id in ("Role", "Phase"))
+
+
+def string_comparisons_of_a_vocabulary(source: str) -> list[int]:
+    """Lines where a method, phase or role is compared (``==``, ``!=``, ``in``, ``not in``) to its spelling.
+
+    Two ways to be caught: one side is a watched name (``method``, ``phase``, ``role``, ``side``,
+    ``g["role"]``, ``g.get("role")``) and another spells a string; or a side spells one of the
+    vocabulary's own strings (``"lorafa"``, ``"confirm"``, ``"B"``, ``Role.B.value``) whatever it is
+    compared with. Compare the records and enum members instead (``method.freezes_a``, ``p.phase is
+    Phase.RANGE``, ``group_role(g) is Role.B``).
+    """
+    vocabulary = _vocabulary()
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare) or not all(
+                isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+            continue
+        sides = [node.left, *node.comparators]
+        spelled = [s for side in sides for s in _spelled(side)]
+        if any(_member_value(side) for side in sides) or any(s in vocabulary for s in spelled) or (
+                spelled and any(_watched(side) for side in sides)):
+            lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("old", [
+    'if method == "lorafa":\n    pass',  # _precondition.py before the method records
+    'rank_left = (side == "A") != bucket.transposed',
+    'a = [g for g in groups if g.get("role") == Role.A.value]',  # per_group before group_role
+    'if g.get("role") == "B": pass',
+    'ok = role in ("A", "B")',
+    'x = [p for p in points if p.phase == "range"]',  # find_lr before Phase
+    'x = kind != "confirm"',
+    'x = g["role"] not in {"embedding_A", "embedding_B"}',
+])
+def test_the_vocabulary_rule_catches_the_old_patterns(old):
+    assert string_comparisons_of_a_vocabulary(old) == [1]
+
+
+@pytest.mark.parametrize("fine", [
+    "if method.freezes_a: pass",
+    "x = p.phase is Phase.RANGE",
+    "x = group_role(g) is Role.B",
+    'x = name == "head.weight"',
+    "x = key == role.value",
+])
+def test_the_vocabulary_rule_lets_records_and_members_through(fine):
+    assert string_comparisons_of_a_vocabulary(fine) == []
+
+
+def test_no_code_compares_a_method_phase_or_role_to_a_string():
+    """Methods, probe phases and roles are records and enum members: no branch on their spelling."""
+    offenders = []
+    for path in sorted((ROOT / "loraplus").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(ROOT).as_posix()
+        offenders += [f"{rel}:{line}" for line in string_comparisons_of_a_vocabulary(text)]
     assert not offenders, offenders
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import loraplus
 from loraplus import LoraPlusError, precondition
+from loraplus._pairs._pairs import Why
 from loraplus.testing import build_model, lora_models
 
 REG = 1e-2
@@ -579,11 +580,56 @@ def test_non_product_adapters_are_left_alone_with_a_warning():
     opt = torch.optim.SGD(trainable, lr=0.1)
     with pytest.warns(UserWarning, match="not preconditioned.*LoHa"):
         pre = precondition(opt, gen.model)
-    assert {n for n, _ in pre.skipped} == {n for n in raw if ".hada_" in n}
+    assert {u.name for u in pre.skipped} == {n for n in raw if ".hada_" in n}
+    assert {u.why for u in pre.skipped} == {Why.NOT_A_PRODUCT}
     opt.step()
     for n, p in gen.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.grad, raw[n]) == (".hada_" in n or "head" in n or "norm" in n), n
+
+
+def test_pairs_the_optimizer_does_not_hold_are_skipped_as_records_that_say_why():
+    model = _peft()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in named if ".lora_" in n}
+    only_q = [p for n, p in named.items() if ".q." in n]
+    with pytest.warns(UserWarning, match="4 adapter factors are not preconditioned"):
+        pre = precondition(torch.optim.SGD(only_q, lr=0.1), model)
+    assert {u.name for u in pre.skipped} == {n for n in lora if ".q." not in n}  # v's and out's factors
+    assert all(isinstance(u, loraplus.pairing.Unpaired) and u.why is Why.NOT_HELD for u in pre.skipped)
+    assert {u.name: u.role for u in pre.skipped} == {
+        n: loraplus.Role.A if ".lora_A." in n else loraplus.Role.B for n in lora if ".q." not in n
+    }
+    assert {u.reason for u in pre.skipped} == {"the optimizer does not hold these factors"}
+    pre.remove()
+
+    model = _peft()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    no_v_b = [p for n, p in named.items() if not (".v." in n and ".lora_B." in n)]
+    with pytest.warns(UserWarning, match="2 adapter factors are not preconditioned"):
+        pre = precondition(torch.optim.SGD(no_v_b, lr=0.1), model, method="lorafa")
+    assert [(u.name, u.why, u.reason) for u in pre.skipped] == [
+        (n, Why.NOT_HELD, "the optimizer does not hold B") for n in named if ".v.lora_" in n
+    ]
+    pre.remove()
+
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 12)
+            self.q = nn.Linear(12, 12)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Embedded(), LoraConfig(r=2, target_modules=["embed", "q"], init_lora_weights=False))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.warns(UserWarning, match="2 adapter factors are not preconditioned"):
+        pre = precondition(torch.optim.SGD([p for n, p in named.items() if ".q." in n], lr=0.1), model)
+    # PEFT names an embedding adapter's factors lora_embedding_A / lora_embedding_B
+    assert {u.name: (u.role, u.why) for u in pre.skipped} == {
+        n: (loraplus.Role.EMBEDDING_A if "lora_embedding_A" in n else loraplus.Role.EMBEDDING_B, Why.NOT_HELD)
+        for n in named if ".embed." in n
+    }
+    pre.remove()
 
 
 # ----------------------------------------------------------------------------------------------- refusals
@@ -601,6 +647,40 @@ def test_invalid_calls_are_refused_with_the_reason():
     other = _peft(seed=3)
     with pytest.raises(LoraPlusError, match="no A/B pair of the model is held by the optimizer"):
         precondition(torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.1), model)
+
+
+def test_method_records_carry_peft_defaults_and_an_unknown_name_lists_the_valid_ones():
+    import inspect
+    import re
+
+    from peft.optimizers.lorafa import LoraFAOptimizer
+
+    from loraplus._pairs._methods import LORAFA, RIEMANNIAN, method_named
+
+    # ground truth: PEFT's own defaults (create_riemannian_optimizer's reg=, LoraFAOptimizer's delta)
+    assert RIEMANNIAN.default_reg == inspect.signature(create_riemannian_optimizer).parameters["reg"].default
+    delta = re.search(r"delta = ([0-9.e+-]+)", inspect.getsource(LoraFAOptimizer.step))
+    assert delta is not None and LORAFA.default_reg == float(delta.group(1))
+    assert method_named("riemannian") is RIEMANNIAN and method_named("lorafa") is LORAFA
+    model = _peft()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for bad in ("LoRA-FA", "Riemannian", "", None):
+        with pytest.raises(LoraPlusError, match=r"method must be one of 'riemannian', 'lorafa', got"):
+            precondition(torch.optim.SGD(params, lr=0.1), model, method=bad)  # type: ignore[arg-type]
+
+
+def test_default_reg_is_a_read_only_view_of_the_method_records():
+    from loraplus._pairs._methods import METHODS
+    from loraplus._pairs._precondition import DEFAULT_REG
+
+    assert dict(DEFAULT_REG) == {"riemannian": 1e-2, "lorafa": 1e-8} == {m.name: m.default_reg for m in METHODS}
+    with pytest.raises(TypeError):
+        DEFAULT_REG["riemannian"] = 1.0  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        METHODS[0].default_reg = 1.0  # type: ignore[misc]
+    model = _peft()
+    pre = precondition(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model)
+    assert pre.reg == 1e-2
 
 
 def test_sharded_factors_are_refused(tmp_path):
@@ -622,8 +702,28 @@ def test_sharded_factors_are_refused(tmp_path):
         opt = torch.optim.SGD([p for p in fsdp1.parameters() if p.requires_grad], lr=0.1)
         with pytest.raises(LoraPlusError, match="sharded factors.*FSDP"):
             precondition(opt, fsdp1)
+
+        class Sharded(FullyShardedDataParallel):  # recognised by type, not by its class name
+            pass
+
+        inner = nn.Sequential(_peft())
+        inner[0] = Sharded(inner[0], device_id=torch.device("cpu"), use_orig_params=True)
+        opt = torch.optim.SGD([p for p in inner.parameters() if p.requires_grad], lr=0.1)
+        with pytest.raises(LoraPlusError, match=r"sharded factors: 0 is wrapped in FSDP \(FullyShardedDataParallel\)"):
+            precondition(opt, inner)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_flat_parameters_are_refused():
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    flat = FlatParameter(torch.zeros(64), requires_grad=True)  # FSDP1 (use_orig_params=False) holds these
+    assert type(flat) is nn.Parameter  # what FlatParameter() returns: its class name says nothing
+    holder = nn.Module()
+    holder.flat = flat
+    with pytest.raises(LoraPlusError, match="cannot precondition sharded factors: the factors are FSDP flat parameters"):
+        precondition(torch.optim.SGD([flat], lr=0.1), holder)
 
 
 def test_deepspeed_zero_optimizers_are_refused():

@@ -9,7 +9,7 @@ import pytest
 # Ground truth: the surface decided in issue #27, written here by hand, not read from the modules.
 EXPECTED = {
     "loraplus.layouts": {"CONVENTIONS", "Convention"},
-    "loraplus.pairing": {"Pair", "Pairs", "Unpaired", "pair_params", "Preconditioner", "preconditioner"},
+    "loraplus.pairing": {"Pair", "Pairs", "Unpaired", "Why", "pair_params", "Preconditioner", "preconditioner"},
     "loraplus.groups": {"split_groups", "guard", "Guard"},
     "loraplus.probe": {"LrSuggestion", "RatioSummary", "ProbePoint", "Phase", "Rule"},
 }

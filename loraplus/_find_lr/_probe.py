@@ -45,7 +45,7 @@ from .._groups._factory import LoraPlus, _unwrap
 from .._groups._lr_free import lr_free_record
 from .._numbers import check_number
 from .._progress import _progress
-from .._role import Role
+from .._role import Role, group_role
 from ._restore import Snapshot
 from ._suggestion import LrSuggestion, Phase, ProbePoint, RatioSummary, Rule
 
@@ -209,7 +209,7 @@ def _build(optimizer_cls: Any, model: nn.Module, ratio: float, lr: float, kwargs
         not groups
         or len(groups) != len(follows)
         or any("lr" not in g for g in groups)
-        or not any(g.get("role") == Role.B.value for g in groups)
+        or not any(group_role(g) is Role.B for g in groups)
     ):
         raise LoraPlusError(
             f"{type(opt).__name__} did not keep the per-group learning rates LoraPlus gave it (groups with "

@@ -15,7 +15,7 @@ from .._role import Role
 from ._build import DEFAULT_RATIO
 from ._guard import attach_guard, coerce_mode
 from ._lr_free import check_lr_free
-from ._refine import MARK, SCALED_KEYS, refine_groups
+from ._refine import MARK, SCALED_KEYS, RefinedGroup, refine_groups
 from ._scheduler_catalog import Carry, SchedulerRecord, record_for, scaled_group_keys
 
 __all__ = ["apply_to_optimizer"]
@@ -149,15 +149,16 @@ def _not_given(chain: Sequence[Any], covered: set[int], records: Sequence[Schedu
     return [s for s in _attached(chain, records) if id(s) not in covered]
 
 
-def _extend(sched: Any, record: SchedulerRecord, parent: Sequence[int], scale: Sequence[float]) -> None:
+def _extend(sched: Any, record: SchedulerRecord, out: Sequence[RefinedGroup]) -> None:
+    """Give each per-group list of ``sched`` one entry per output group: its parent's, scaled where it is a rate."""
     for item in record.lists:
         value = getattr(sched, item.name, None)
         if not isinstance(value, list):
             continue  # CyclicLR keeps no momentum lists without cycle_momentum
         if item.carry is Carry.SCALED:
-            setattr(sched, item.name, [_times(value[i], s) for i, s in zip(parent, scale)])
+            setattr(sched, item.name, [_times(value[r.parent], r.scale) for r in out])
         else:
-            setattr(sched, item.name, [value[i] for i in parent])
+            setattr(sched, item.name, [value[r.parent] for r in out])
 
 
 def _times(value: Any, factor: float) -> Any:
@@ -300,6 +301,6 @@ def apply_to_optimizer(
     check_lr_free(inner, refined.groups)  # before anything changes
     inner.param_groups[:] = refined.groups  # the same list object: wrappers that alias it stay right
     for sched, record in found:
-        _extend(sched, record, refined.parent, refined.scale)
+        _extend(sched, record, refined.out)
     attach_guard(inner, mode)
     return optimizer

@@ -15,7 +15,7 @@ from .._numbers import check_number, check_product
 from .._pairs._pairs import Why, pair_labels
 from .._role import ADAPTER_ROLES, Role
 
-__all__ = ["DEFAULT_RATIO", "build_groups", "param_groups", "role_lrs", "split_groups"]
+__all__ = ["DEFAULT_RATIO", "build_groups", "param_groups", "role_lrs", "split_groups", "warn_if_ratio_below_one"]
 
 #: The default B/A learning-rate ratio λ (see docs/convergence.md for the measurements behind it).
 DEFAULT_RATIO: float = 4.0
@@ -154,13 +154,7 @@ def prepare(
     ratio_f = check_number("ratio", ratio)
     assert lr_f is not None and ratio_f is not None
     check_product(f"lr × ratio ({lr_f:g} × {ratio_f:g})", lr_f * ratio_f)
-    if ratio_f < 1:
-        warnings.warn(
-            f"ratio={ratio_f} < 1 gives the B factor a smaller learning rate than A; LoRA+ uses ratio >= 1 "
-            "(the paper recommends 2-16)",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_if_ratio_below_one(ratio_f, than="A")
     emb = check_number("lr_embedding", lr_embedding, allow_none=True)
     wd = check_number("weight_decay", weight_decay, allow_none=True, allow_zero=True)
     lrs = role_lrs(lr_f, ratio_f, emb, role_lr)
@@ -169,6 +163,21 @@ def prepare(
     validate_labels(labels, rules_given=rules is not None)
     warn_where_loraplus_does_not_apply(labels, lrs, ratio_f, modules)
     return labels, build_groups(labels, lrs, weight_decay=wd, no_decay=nd)
+
+
+def warn_if_ratio_below_one(ratio: float, *, than: str) -> None:
+    """The one warning for ``ratio < 1``: B then trains slower than ``than`` (A, or the group B left).
+
+    Called by the function that validates a public entry point's options (``prepare``,
+    ``refine_groups``), itself called by that entry point: ``stacklevel`` points at the user's line.
+    """
+    if ratio < 1:
+        warnings.warn(
+            f"ratio={ratio} < 1 gives the B factors a smaller learning rate than {than}; LoRA+ uses ratio >= 1 "
+            "(the paper recommends 2-16)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def warn_where_loraplus_does_not_apply(

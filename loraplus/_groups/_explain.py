@@ -50,7 +50,7 @@ def explain(
     target: nn.Module | Any,
     *,
     lr: float | None = None,
-    ratio: float = DEFAULT_RATIO,
+    ratio: float | None = None,
     lr_embedding: float | None = None,
     role_lr: Mapping[Role | str, float] | None = None,
     weight_decay: float | None = None,
@@ -63,11 +63,20 @@ def explain(
     Args:
         target: a model (the options below are those of :func:`param_groups`) or an optimizer.
         lr: shown as absolute rates; when ``None`` rates are shown relative to ``lr``.
+        ratio: λ (default: :data:`loraplus.DEFAULT_RATIO`).
         verbose: also list every trainable parameter with its role, why it got it, and its decay.
+
+    An optimizer already has its groups, so with one only ``verbose`` applies: the grouping
+    options (``lr``, ``ratio``, ``lr_embedding``, ``role_lr``, ``weight_decay``, ``rules``,
+    ``no_decay``) are refused rather than ignored.
 
     Returns:
         A plain-text table: one row per group (role, lr, weight decay, tensors, elements,
         first parameter), then counts per role and the frozen parameters left out.
+
+    Raises:
+        LoraPlusError: a target that is neither a model nor an optimizer, absolute rates
+            (``role_lr``, ``lr_embedding``) without ``lr``, or grouping options given with an optimizer.
 
     Example:
         >>> import loraplus
@@ -79,6 +88,7 @@ def explain(
     headers = ["group", "role", "lr", "weight_decay", "tensors", "elements", "first parameter"]
     right = {4, 5}
     if isinstance(target, nn.Module):
+        ratio = DEFAULT_RATIO if ratio is None else ratio
         relative = lr is None
         if relative and (role_lr or lr_embedding is not None):
             raise LoraPlusError(
@@ -113,6 +123,16 @@ def explain(
     opt_groups = getattr(target, "param_groups", None)
     if not isinstance(opt_groups, list):
         raise LoraPlusError(f"explain() takes a model or an optimizer, got {type(target).__name__}")
+    options = {"lr": lr, "ratio": ratio, "lr_embedding": lr_embedding, "role_lr": role_lr,
+               "weight_decay": weight_decay, "rules": rules, "no_decay": no_decay}
+    given = [f"{k}=" for k, v in options.items() if v is not None]
+    if given:
+        raise LoraPlusError(
+            f"explain() got {', '.join(given)} with an optimizer ({type(target).__name__}), whose param groups "
+            "are already built, so they would change nothing in the table: call explain(optimizer) without them "
+            "to see its groups, or explain(model, " + ", ".join(f"{k}..." for k in given) + ") for a dry run "
+            "of LoraPlus with those options"
+        )
     parts = [f"{type(target).__name__} param groups", render_table(headers, _group_rows(opt_groups, False), right)]
     if verbose:
         rows = [

@@ -31,7 +31,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .._errors import LoraPlusError
-from .._role import Role
+from .._role import Role, group_role
 from ._scheduler_catalog import scaled_group_keys, start_keys
 
 __all__ = ["Cause", "Guard", "GuardMode", "Relation", "Violation", "attach_guard", "guard", "relations_of"]
@@ -331,16 +331,6 @@ def coerce_mode(value: Any) -> GuardMode | None:
     raise LoraPlusError(f"guard must be 'warn', 'raise' or None, got {value!r}")
 
 
-def _role_of(group: Mapping[str, Any]) -> Role | None:
-    role = group.get("role")
-    if role is None:
-        return None
-    try:
-        return Role.coerce(role)
-    except LoraPlusError:
-        return None
-
-
 def relations_of(groups: Sequence[Mapping[str, Any]]) -> list[Relation]:
     """The relations LoRA+ set between these groups.
 
@@ -362,9 +352,9 @@ def relations_of(groups: Sequence[Mapping[str, Any]]) -> list[Relation]:
             parent = str(mark.get("parent"))
             if parent == names[i] or parent not in index:
                 continue
-            out.append(Relation(i, str(names[i]), index[parent], parent, float(mark["scale"]), _role_of(g)))
+            out.append(Relation(i, str(names[i]), index[parent], parent, float(mark["scale"]), group_role(g)))
         return out
-    roles = [_role_of(g) for g in groups]
+    roles = [group_role(g) for g in groups]
     ref_i = next(
         (i for role in (Role.A, Role.EMBEDDING_A) for i, r in enumerate(roles) if r is role and names[i] is not None),
         next((i for i, n in enumerate(names) if n is not None), None),

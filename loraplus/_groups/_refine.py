@@ -9,7 +9,6 @@ right after it, whose learning-rate keys are the parent's times a factor. Nothin
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +19,17 @@ from torch import nn
 from .._errors import LoraPlusError
 from .._labels import Label, RuleSpec, label_model
 from .._numbers import check_number
-from .._role import Role
-from ._build import DEFAULT_RATIO, role_lrs, validate_labels, warn_where_loraplus_does_not_apply
+from .._role import Role, group_role
+from ._build import (
+    DEFAULT_RATIO,
+    role_lrs,
+    validate_labels,
+    warn_if_ratio_below_one,
+    warn_where_loraplus_does_not_apply,
+)
 from ._scheduler_catalog import scaled_group_keys
 
-__all__ = ["MARK", "SCALED_KEYS", "Refined", "apply_to_groups", "refine_groups"]
+__all__ = ["MARK", "SCALED_KEYS", "Refined", "RefinedGroup", "apply_to_groups", "refine_groups"]
 
 #: Group keys that hold a learning rate and are multiplied by the sibling's factor: the rate
 #: itself and every rate a catalogued scheduler writes into the groups (the rate a torch scheduler
@@ -40,13 +45,33 @@ MARK = "loraplus"
 _EMBEDDING_ROLES = (Role.EMBEDDING_A, Role.EMBEDDING_B)
 
 
-@dataclass
-class Refined:
-    """What :func:`refine_groups` built: the groups and, for each, the index of its parent and its factor."""
+@dataclass(frozen=True)
+class RefinedGroup:
+    """One output group of :func:`refine_groups` and where it came from.
 
-    groups: list[dict[str, Any]]
-    parent: list[int]
-    scale: list[float]
+    Attributes:
+        group: the param-group dict.
+        parent: the index of the input group it was cut from.
+        scale: its learning-rate keys are the parent's times this (1.0 for what stays in the parent).
+        role: the role of the factors it holds, or ``None`` for what stays in the parent.
+    """
+
+    group: dict[str, Any]
+    parent: int
+    scale: float
+    role: Role | None
+
+
+@dataclass(frozen=True)
+class Refined:
+    """What :func:`refine_groups` built: one :class:`RefinedGroup` per output group, in output order."""
+
+    out: tuple[RefinedGroup, ...]
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        """The param-group dicts, in output order (a new list; the dicts themselves are shared)."""
+        return [r.group for r in self.out]
 
 
 def _as_groups(groups: Any) -> list[dict[str, Any]]:
@@ -148,13 +173,13 @@ def _names_to_add(
 
 def _check_distinct_names(groups: Sequence[Mapping[str, Any]], out: Refined, what: str) -> None:
     """Refuse two output groups with one name (say which input groups they come from and how to fix it)."""
-    first: dict[str, int] = {}
-    for k, g in enumerate(out.groups):
-        name = g["name"]
+    first: dict[str, RefinedGroup] = {}
+    for r in out.out:
+        name = r.group["name"]
         if name not in first:
-            first[name] = k
+            first[name] = r
             continue
-        one, two = (_origin(groups, out, j) for j in (first[name], k))
+        one, two = (_origin(groups, made) for made in (first[name], r))
         raise LoraPlusError(
             f"{what} would give two groups the name {name!r}: {one} and {two}; loggers, schedulers and "
             "checkpoint checks find groups by name, so names must be unique: give the input groups distinct "
@@ -162,15 +187,15 @@ def _check_distinct_names(groups: Sequence[Mapping[str, Any]], out: Refined, wha
         )
 
 
-def _origin(groups: Sequence[Mapping[str, Any]], out: Refined, k: int) -> str:
-    i = out.parent[k]
+def _origin(groups: Sequence[Mapping[str, Any]], made: RefinedGroup) -> str:
+    i = made.parent
     given = groups[i].get("name")
     parent = f"input group {i}" + (
         f" (named {given!r})" if given is not None else f" (unnamed, so {_group_name(i, groups[i])!r})"
     )
-    if out.groups[k]["name"] == _group_name(i, groups[i]):
+    if made.role is None:
         return parent
-    return f"the {out.groups[k]['role']} sibling of {parent}"
+    return f"the {made.role.value} sibling of {parent}"
 
 
 def _check_unique(groups: Sequence[Mapping[str, Any]], names: Mapping[int, str]) -> None:
@@ -198,7 +223,7 @@ def _check_not_refined(groups: Sequence[Mapping[str, Any]]) -> None:
                 "loraplus.apply_to_optimizer/apply_to_groups ran on these groups before, and a second run would multiply B's rate by "
                 "the ratio again; build the optimizer afresh and apply LoRA+ once"
             )
-        if g.get("role") == Role.B.value:
+        if group_role(g) is Role.B:
             raise LoraPlusError(
                 f"group {i} ({_group_name(i, g)!r}) is a LoRA+ 'B' group (from loraplus.param_groups or LoraPlus), "
                 "whose B factors already have their own rate; pass groups you built yourself, not LoRA+'s"
@@ -266,13 +291,7 @@ def refine_groups(
     emb = check_number("lr_embedding", lr_embedding, allow_none=True)
     given = role_lrs(1.0, ratio_f, emb, role_lr)  # validates role_lr's keys and values
     overrides = {Role.coerce(k): given[Role.coerce(k)] for k in (role_lr or {})}
-    if ratio_f < 1:
-        warnings.warn(
-            f"ratio={ratio_f} < 1 gives the B factors a smaller learning rate than their group; LoRA+ uses "
-            "ratio >= 1 (the paper recommends 2-16)",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_if_ratio_below_one(ratio_f, than="their group")
     parents = _as_groups(groups)
     _check_not_refined(parents)
     labels, modules = label_model(model, rules)
@@ -285,7 +304,7 @@ def refine_groups(
     have_names = [("param_names" in g) for g in parents]
     add_names = _names_to_add(parents, have_names, names)
 
-    out = Refined([], [], [])
+    made: list[RefinedGroup] = []
     moved_any = False
     for i, group in enumerate(parents):
         params = group["params"]
@@ -333,9 +352,7 @@ def refine_groups(
                 new["name"] = f"{name}.{key.value}"
                 new["role"] = key.value
             new[MARK] = {"parent": name, "scale": scale}
-            out.groups.append(new)
-            out.parent.append(i)
-            out.scale.append(scale)
+            made.append(RefinedGroup(new, i, scale, key))
     if not moved_any:
         b_names = [lab.name for lab in labels if lab.role is Role.B][:3]
         raise LoraPlusError(
@@ -344,6 +361,7 @@ def refine_groups(
             "model whose parameters the groups hold (the same wrapped or unwrapped object), and check that its "
             "B factors are trainable and in the optimizer"
         )
+    out = Refined(tuple(made))
     _check_distinct_names(parents, out, what)
     return out
 

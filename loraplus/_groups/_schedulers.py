@@ -7,7 +7,7 @@ from typing import Any
 
 from .._errors import LoraPlusError
 from .._numbers import check_number
-from .._role import Role
+from .._role import Role, group_role
 from ._scheduler_catalog import start_keys
 
 __all__ = ["scheduler_bounds"]
@@ -74,7 +74,7 @@ def scheduler_bounds(optimizer: Any, value: float, *, reference: float | None = 
     assert val is not None
     groups = _groups_of(optimizer)
     if reference is None:
-        a_groups = [g for g in groups if g.get("role") == Role.A.value]
+        a_groups = [g for g in groups if group_role(g) is Role.A]
         if not a_groups:
             roles = sorted({str(g.get("role", "<none>")) for g in groups})
             raise LoraPlusError(

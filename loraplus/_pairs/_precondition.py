@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,14 +31,17 @@ from torch.utils.hooks import RemovableHandle
 from .._errors import LoraPlusError
 from .._labels import RuleSpec
 from .._numbers import check_number
-from ._pairs import Pair, pairs
+from .._role import Role
+from ._methods import METHODS, Method, method_named
+from ._pairs import Pair, Unpaired, Why, pairs
+from ._sharding import sharding_error
 
-__all__ = ["DEFAULT_REG", "METHODS", "Preconditioner", "precondition", "preconditioner"]
+__all__ = ["DEFAULT_REG", "Preconditioner", "precondition", "preconditioner"]
 
 #: Methods :func:`precondition` knows, and the damping δ each uses by default (PEFT's defaults:
-#: ``create_riemannian_optimizer(reg=1e-2)``, ``LoraFAOptimizer``'s ``delta = 1e-8``).
-DEFAULT_REG: dict[str, float] = {"riemannian": 1e-2, "lorafa": 1e-8}
-METHODS = tuple(DEFAULT_REG)
+#: ``create_riemannian_optimizer(reg=1e-2)``, ``LoraFAOptimizer``'s ``delta = 1e-8``). A read-only
+#: view of the method records, which are what :func:`precondition` reads.
+DEFAULT_REG: Mapping[str, float] = MappingProxyType({m.name: m.default_reg for m in METHODS})
 
 #: The attribute of an optimizer instance that holds its preconditioner (the optimizer owns it).
 _LINK = "_loraplus_preconditioner"
@@ -220,19 +224,18 @@ def _check_sparse(grads: Sequence[torch.Tensor], own: Sequence[nn.Parameter]) ->
 
 
 @torch.no_grad()
-def _solve_bucket(bucket: _Bucket, method: str, reg: float, cache: dict[tuple[int, str], _Workspace]) -> None:
+def _solve_bucket(bucket: _Bucket, method: Method, reg: float, cache: dict[tuple[int, Role], _Workspace]) -> None:
     """Rewrite the gradients of one bucket in place (the maths; ``cache`` only holds buffers)."""
     dtype = torch.promote_types(torch.promote_types(bucket.a[0].dtype, bucket.b[0].dtype), torch.float32)
-    if method == "lorafa":
+    if method.freezes_a:
         for p in bucket.a:  # A is frozen: the optimizer skips parameters without a gradient
             p.grad = None
-    sides = [("A", bucket.a, bucket.b), ("B", bucket.b, bucket.a)]
-    if method == "lorafa":
-        sides = sides[1:]
-    for side, own, partner in sides:
+    factors = {Role.A: (bucket.a, bucket.b), Role.B: (bucket.b, bucket.a)}
+    for side in method.preconditions:
+        own, partner = factors[side]
         grads = [p.grad for p in own]
-        rank_left = (side == "A") != bucket.transposed
-        scale = bucket.inv_s2 if side == "B" else None
+        rank_left = (side is Role.A) != bucket.transposed
+        scale = bucket.inv_s2 if side is Role.B else None
         present = [g for g in grads if g is not None]
         if len(present) < len(grads):  # a side without gradient is left alone
             idx = [i for i, g in enumerate(grads) if g is not None]
@@ -256,7 +259,10 @@ class Preconditioner:
         method: ``"riemannian"`` or ``"lorafa"``.
         reg: the damping δ added to the r×r matrices' diagonal.
         pairs: the :class:`loraplus.pairing.Pair` records whose gradients are rewritten, in model order.
-        skipped: ``(name, reason)`` for adapter factors left as the optimizer sees them.
+        skipped: one :class:`loraplus.pairing.Unpaired` record (``name``, ``role``, ``reason`` for people,
+            ``why`` to test) per adapter factor left as the optimizer sees them: factors that
+            :func:`loraplus.pairs` could not pair keep their record, and the factors of a pair the
+            optimizer does not hold (both, or B for LoRA-FA) get ``Why.NOT_HELD``.
         frozen: the A factors LoRA-FA froze (``requires_grad_(False)``); ``remove()``, or the
             optimizer being garbage-collected, makes them trainable again. Empty for Riemannian.
 
@@ -276,18 +282,19 @@ class Preconditioner:
         False
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, method: str, reg: float, found: Sequence[Pair],
-                 skipped: Sequence[tuple[str, str]], buckets: Sequence[_Bucket]):
-        self.method = method
+    def __init__(self, optimizer: torch.optim.Optimizer, method: Method, reg: float, found: Sequence[Pair],
+                 skipped: Sequence[Unpaired], buckets: Sequence[_Bucket]):
+        self._method = method
+        self.method = method.name
         self.reg = reg
         self.pairs = tuple(found)
         self.skipped = tuple(skipped)
         self._buckets = tuple(buckets)
-        self._cache: dict[tuple[int, str], _Workspace] = {}
+        self._cache: dict[tuple[int, Role], _Workspace] = {}
         self._optimizer = weakref.ref(optimizer)
         self.frozen: tuple[nn.Parameter, ...] = ()
         self._unfreeze: weakref.finalize | None = None
-        if method == "lorafa":  # LoRA-FA proper: autograd never computes dA nor keeps what it needs
+        if method.freezes_a:  # LoRA-FA proper: autograd never computes dA nor keeps what it needs
             self.frozen = tuple(pr.a for pr in self.pairs if pr.a is not None and pr.a.requires_grad)
             # undone by remove() or when the optimizer is collected; nothing to undo at interpreter exit
             self._unfreeze = weakref.finalize(optimizer, _Freeze(self.frozen, optimizer).release)
@@ -308,7 +315,7 @@ class Preconditioner:
         docs/optimizers.md for why and what it costs); the rest of the step is still compiled.
         """
         for bucket in self._buckets:
-            _solve_bucket(bucket, self.method, self.reg, self._cache)
+            _solve_bucket(bucket, self._method, self.reg, self._cache)
 
     def _pre_step(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # torch passes step()'s own arguments: args = (optimizer, closure?, …)
@@ -349,26 +356,6 @@ class Preconditioner:
         state = "attached" if self.active else "removed"
         return (f"Preconditioner({self.method!r}, reg={self.reg:g}, {len(self.pairs)} pairs, "
                 f"{len(self._buckets)} buckets, {len(self.skipped)} skipped, {state})")
-
-
-def _sharding_error(model: nn.Module, params: Sequence[nn.Parameter]) -> str | None:
-    """Why the factors are not whole tensors on this rank (FSDP, DTensor, ZeRO-3), or None."""
-    for name, mod in model.named_modules():
-        if type(mod).__name__ == "FullyShardedDataParallel":
-            return f"{name or 'the model'} is wrapped in FSDP (FullyShardedDataParallel): its factors are flat shards"
-    dtensor: type | None
-    try:
-        from torch.distributed.tensor import DTensor as dtensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        dtensor = None
-    for p in params:
-        if dtensor is not None and isinstance(p, dtensor):
-            return f"a factor is a DTensor placed as {getattr(p, 'placements', '?')} (FSDP2 / tensor parallel)"
-        if hasattr(p, "ds_id"):
-            return "the factors are DeepSpeed ZeRO-3 partitions"
-        if type(p).__name__ == "FlatParameter":
-            return "the factors are FSDP flat parameters"
-    return None
 
 
 def precondition(
@@ -433,9 +420,8 @@ def precondition(
         Preconditioner('riemannian', reg=0.01, 2 pairs, 1 buckets, 0 skipped, attached)
         >>> pre.remove()
     """
-    if method not in METHODS:
-        raise LoraPlusError(f"method must be one of {METHODS}, got {method!r}")
-    reg = check_number("reg", DEFAULT_REG[method] if reg is None else reg, allow_zero=True)
+    spec = method_named(method)  # the one look-up: everything below reads the record
+    reg = check_number("reg", spec.default_reg if reg is None else reg, allow_zero=True)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise LoraPlusError(
             f"precondition() needs a torch.optim.Optimizer (it registers a step pre-hook), got "
@@ -451,30 +437,32 @@ def precondition(
                             "loraplus.pairing.preconditioner(optimizer).remove() it first")
     check_not_frozen_by_lorafa(model)
     # before pairing: FSDP1's flat 1-D views would not even pair, and the error would not say why
-    why = _sharding_error(model, [p for p in model.parameters() if p.requires_grad])
+    why = sharding_error(model, [p for p in model.parameters() if p.requires_grad])
     if why is not None:
         raise LoraPlusError(f"cannot precondition sharded factors: {why}. The r×r systems need whole A and B; "
                             "gather them (e.g. DDP instead of FSDP/ZeRO-3) or train without precondition=")
     found = pairs(model, rules)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     kept: list[Pair] = []
-    skipped = [(u.name, u.reason) for u in found.unpaired]
+    skipped: list[Unpaired] = list(found.unpaired)
     for pr in found:
         if id(pr.a) not in held and id(pr.b) not in held:
-            why = "the optimizer does not hold these factors"
-        elif method == "lorafa" and id(pr.b) not in held:
-            why = "the optimizer does not hold B"
+            reason = "the optimizer does not hold these factors"
+        elif spec.freezes_a and id(pr.b) not in held:
+            reason = "the optimizer does not hold B"
         else:
             kept.append(pr)
             continue
-        skipped += [(pr.a_name, why), (pr.b_name, why)]
+        a_role, b_role = (Role.EMBEDDING_A, Role.EMBEDDING_B) if pr.embedding else (Role.A, Role.B)
+        skipped += [Unpaired(pr.a_name, a_role, reason, Why.NOT_HELD),
+                    Unpaired(pr.b_name, b_role, reason, Why.NOT_HELD)]
     if not kept:
         raise LoraPlusError(
             f"no A/B pair of the model is held by the optimizer ({len(found)} pairs found, "
             f"{len(optimizer.param_groups)} param groups); build the optimizer over this model's parameters "
             "(ZeRO and other optimizers that hold flattened copies cannot be preconditioned)"
         )
-    if method == "lorafa":
+    if spec.divides_by_scaling:
         unknown = [pr.key for pr in kept if not pr.scaling]
         if unknown:
             raise LoraPlusError(
@@ -482,14 +470,14 @@ def precondition(
                 f"({len(unknown)} pairs); give the layer a `scaling` attribute (alpha / r)"
             )
     if skipped:
-        shown = "; ".join(f"{n}: {r}" for n, r in skipped[:4])
+        shown = "; ".join(f"{u.name}: {u.reason}" for u in skipped[:4])
         more = "; …" if len(skipped) > 4 else ""
         warnings.warn(f"{len(skipped)} adapter factors are not preconditioned ({shown}{more})", UserWarning,
                       stacklevel=2)
-    return Preconditioner(optimizer, method, reg, kept, skipped, _buckets(kept, method))
+    return Preconditioner(optimizer, spec, reg, kept, skipped, _buckets(kept, spec))
 
 
-def _buckets(found: Sequence[Pair], method: str) -> list[_Bucket]:
+def _buckets(found: Sequence[Pair], method: Method) -> list[_Bucket]:
     groups: dict[tuple, list[Pair]] = {}
     for pr in found:
         assert pr.a is not None and pr.b is not None  # pairs() always carries both factors
@@ -498,7 +486,7 @@ def _buckets(found: Sequence[Pair], method: str) -> list[_Bucket]:
     out = []
     for members in groups.values():
         inv_s2 = None
-        if method == "lorafa":
+        if method.divides_by_scaling:
             first = members[0].a
             assert first is not None
             s = torch.tensor([pr.scaling for pr in members], dtype=torch.float64)

@@ -191,7 +191,7 @@ def build_model(
     expected: dict[str, Role] = {}
     no_decay: set[str] = set()
     rules: dict[str, Role] = {}
-    sides: dict[Any, dict[str, str]] = {}
+    sides: dict[Any, dict[Role, str]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -200,12 +200,12 @@ def build_model(
         role, nd, rule, pair = truth[id(p)]
         expected[name] = role
         if pair is not None:
-            sides.setdefault(pair, {})["A" if role in (Role.A, Role.EMBEDDING_A) else "B"] = name
+            sides.setdefault(pair, {})[Role.A if role.a_side else Role.B] = name
         if nd:
             no_decay.add(name)
         if rule:
             rules[name] = role  # the exact name, as a glob: raw factors are only known through rules=
-    pairs = frozenset((s["A"], s["B"]) for s in sides.values() if len(s) == 2)
+    pairs = frozenset((s[Role.A], s[Role.B]) for s in sides.values() if len(s) == 2)
     return GeneratedModel(
         model, expected, frozenset(no_decay), rules or None, [s["conv"] for s in layers], wrapper, pairs
     )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._errors import LoraPlusError
-from .._role import Role
+from .._role import Role, group_role
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import GeneratedModel
@@ -131,7 +131,7 @@ def assert_loraplus_groups(
             want = expected_roles.get(name)
             if want is None:
                 continue
-            if g.get("role") != want.value:
+            if group_role(g) is not want:
                 problems.append(f"{name!r} is in a {g.get('role')!r} group but its role is {want.value!r}")
             if lr is not None and ratio is not None:
                 rate = expected_lr(want, lr=lr, ratio=ratio, lr_embedding=lr_embedding, role_lr=role_lr)
@@ -145,8 +145,8 @@ def assert_loraplus_groups(
     if missing:
         problems.append(f"trainable parameters in no group: {missing[:5]}")
     if ratio is not None and lr is None:
-        a_lrs = [float(g["lr"]) for g in groups if g.get("role") == Role.A.value]
-        b_lrs = [float(g["lr"]) for g in groups if g.get("role") == Role.B.value]
+        a_lrs = [float(g["lr"]) for g in groups if group_role(g) is Role.A]
+        b_lrs = [float(g["lr"]) for g in groups if group_role(g) is Role.B]
         for a in a_lrs:
             for b in b_lrs:
                 if not math.isclose(b, ratio * a, rel_tol=tol):
