@@ -26,10 +26,10 @@ def test_quick_evaluation_runs_end_to_end_and_resumes(tmp_path):
     assert summary["probe_fraction_of_one_run"] == pytest.approx(run["steps_used"] / 4)
     assert 0 < summary["probe_fraction_of_sweep"] < 1  # against the committed width32 sweep
     # the paired difference is against seed 0 of the committed sweep at its validation-best lr
-    from benchmarks.common import stats as _v2_stats
+    from benchmarks.common import stats
 
     runs = json.loads((ROOT / "benchmarks/studies/v2/results/width32__lora.json").read_text())["runs"]
-    best = _v2_stats.select(runs).best_lr
+    best = stats.select(runs).best_lr
     ref = next(r["test_loss"] for r in runs if r["lr"] == best and r["seed"] == 0 and not r.get("extra"))
     assert summary["vs_best_lora"]["lr"] == best
     assert summary["vs_best_lora"]["diffs"] == [pytest.approx(run["test_loss"] - ref)]

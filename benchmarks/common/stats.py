@@ -1,4 +1,6 @@
-"""Study v2's maths, pure functions on plain records (no torch, no files): tested by hand-computed values.
+"""The studies' statistics, pure functions on plain records (no torch, no files): tested by hand-computed values.
+
+Study v2 (and the GPU kit's width part, find_lr's evaluations):
 
 * the learning-rate lattice: ``lr = LR0 · 2^(k/2)``; even ``k`` are the ×2 grid, odd ``k`` the ×√2
   refinements (``lr_of`` / ``k_of``);
@@ -11,13 +13,23 @@
 * ``schedule``: 10 % linear warm-up, cosine decay to 0;
 * ``fit_loglog``: least-squares slope of log2(y) on log2(x) with its 95 % t-interval;
 * ``parabolic_min``: the vertex of a parabola through three points around a grid minimum.
+
+Study 1 and the adapter study (best-vs-best per configuration, one implementation of the pairing and
+of steps-to-target with study v2):
+
+* ``smooth``: the trailing moving average of a training curve (partial windows at the start);
+* ``group_runs``, ``best``: the lr picked on the training stream (``select_loss``), the held-out
+  statistics of its seeds;
+* ``compare_to_base``: every configuration's paired difference to the base (λ = 1) and its per-seed
+  speed-up to a common target.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,3 +256,103 @@ def parabolic_min(xs: Sequence[float], ys: Sequence[float]) -> float:
         return xs[i]
     h = xs[i + 1] - xs[i]
     return xs[i] + 0.5 * h * (y0 - y2) / den
+
+
+# ----------------------------------------------------------------------- study 1: best-vs-best per configuration
+# (study 1 and the adapter study: the lr picked on the training stream, reported on the held-out set)
+
+
+def smooth(curve: Sequence[float], k: int = 15) -> list[float]:
+    """Trailing moving average (the per-step loss of one batch is noisy)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(curve):
+        acc += v
+        if i >= k:
+            acc -= curve[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+
+#: Steps at the end of a run whose training losses pick the learning rate.
+SELECT_LAST = 15
+
+
+def select_loss(run: dict[str, Any]) -> float:
+    """Mean training loss of the last ``SELECT_LAST`` steps (fresh batches, not the held-out set)."""
+    tail = run["train_loss"][-SELECT_LAST:]
+    if len(run["train_loss"]) < run["config"]["steps"] or not all(math.isfinite(v) for v in tail):
+        return 10.0
+    return statistics.fmean(tail)
+
+
+def group_runs(runs: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> dict[Any, dict[float, list[dict]]]:
+    """{key: {lr: [runs of the seeds, in seed order]}}."""
+    out: dict[Any, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(runs, key=lambda r: r["config"]["seed"]):
+        out[key(r["config"])][r["config"]["lr"]].append(r)
+    return out
+
+
+def best(by_lr: dict[float, list[dict]]) -> dict[str, Any]:
+    """The lr with the lowest seed-mean training-stream loss and the held-out statistics of its seeds."""
+    select = {lr: statistics.fmean(select_loss(r) for r in rs) for lr, rs in by_lr.items()}
+    held_out = {lr: statistics.fmean(fin(r["eval_loss"]) for r in rs) for lr, rs in by_lr.items()}
+    lr = min(select, key=select.get)
+    rs = by_lr[lr]
+    losses = [fin(r["eval_loss"]) for r in rs]
+    accs = [r["eval_acc"] for r in rs]
+    curves = [smooth(r["train_loss"]) for r in rs if len(r["train_loss"]) == r["config"]["steps"]]
+    mean_curve = [statistics.fmean(c[i] for c in curves) for i in range(min(map(len, curves)))] if curves else []
+    grid = sorted(by_lr)
+    return {
+        "lr": lr,
+        "lr_on_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
+        "lr_best_by_held_out": min(held_out, key=held_out.get),
+        "mean": statistics.fmean(losses),
+        "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "min": min(losses),
+        "max": max(losses),
+        "acc": statistics.fmean(accs),
+        "seeds": len(rs),
+        "seed_ids": [r["config"]["seed"] for r in rs],
+        "per_seed": losses,
+        "curve": mean_curve,
+        "seed_curves": [smooth(r["train_loss"]) for r in rs],
+        "grid": {str(k): v for k, v in sorted(held_out.items())},
+        "grid_select": {str(k): v for k, v in sorted(select.items())},
+    }
+
+
+def compare_to_base(bests: dict[Any, dict[str, Any]], base_key: Any) -> None:
+    """Add to every entry of ``bests`` its paired difference to ``bests[base_key]`` and per-seed speed-ups.
+
+    The pairing is the library's own (``loraplus._demo.paired``, what the demo reports), as study 1's
+    committed summaries were computed: it sums where :func:`paired` uses ``statistics.fmean``/``stdev``, and
+    the two differ in the last binary digit of a few intervals, which would rewrite those summaries."""
+    from loraplus._demo import paired as paired_as_the_demo  # torch comes with loraplus: imported when used
+
+    base = bests.get(base_key)
+    if base is None:
+        return
+    keys = list(bests)
+    n_seeds = min(len(bests[k]["seed_curves"]) for k in keys)
+    targets = []
+    for s in range(n_seeds):
+        curves = [bests[k]["seed_curves"][s] for k in keys]
+        at = math.ceil(0.75 * len(curves[0]))
+        targets.append(max(min(c[:at]) for c in curves))
+    for k, b in bests.items():
+        if b["seed_ids"] != base["seed_ids"]:
+            raise ValueError(f"{k}: seeds {b['seed_ids']} differ from λ=1's {base['seed_ids']}: cannot pair")
+        p = paired_as_the_demo(b["per_seed"], base["per_seed"])
+        b["diff"] = {"per_seed": list(p.diffs), "mean": p.mean, "ci95": [p.low, p.high], "wins": p.wins, "n": p.n}
+        sp = []
+        for s, target in enumerate(targets):
+            a, c = steps_to_target(base["seed_curves"][s], target, 1), steps_to_target(b["seed_curves"][s], target, 1)
+            sp.append(a / c if a and c else None)
+        b["speedup_per_seed"] = sp
+        got = sorted(v for v in sp if v is not None)
+        b["speedup_median"] = statistics.median(got) if got else None
+        b["speedup_range"] = [got[0], got[-1]] if got else None
+        b["seed_targets"] = targets

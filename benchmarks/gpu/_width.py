@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from benchmarks.common import report as R
 from benchmarks.common import stats as S
 from benchmarks.common import widthfamily as W
-from benchmarks.studies.v2 import report as R
 from benchmarks.studies.v2 import run as V
 
 from ._context import Context
@@ -207,13 +207,13 @@ def summarise(gpu_cells: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
     cpu = {t: c for t, c in R.load_all(V.OUT).items() if t in V.WIDTH_TASKS and t not in gpu_cells}
     tasks = {**cpu, **gpu_cells}
     names = sorted(tasks, key=lambda t: int(t[len("width"):]))
-    summaries = {t: R.task_summary(t, tasks[t]) for t in names}
-    out = R.width_summary(summaries, names)
+    summaries = {t: R.task_summary(t, tasks[t], V.DESIGN) for t in names}
+    out = R.width_summary(summaries, V.DESIGN, names)
     for t in names:
         out["per_width"][t[len("width"):]]["source"] = "this run" if t in gpu_cells else "benchmarks/studies/v2/results"
     # the widths run here alone (their corpora come from this Python, see same_data)
     mine = [t for t in names if t in gpu_cells]
-    alone = R.width_summary({t: summaries[t] for t in mine}, mine)
+    alone = R.width_summary({t: summaries[t] for t in mine}, V.DESIGN, mine)
     out["this_run_only"] = {k: alone[k] for k in ("fit_interp", "fit_grid", "widths_left_out") if k in alone}
     return out
 

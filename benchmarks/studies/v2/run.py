@@ -45,10 +45,11 @@ import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import report as R
 from benchmarks.common import stats as S
 from benchmarks.common.provenance import provenance
 
@@ -138,6 +139,12 @@ def tasks_methods(task: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------ one run
+
+
+#: What the shared report (``benchmarks.common.report``) reads of this study's design.
+DESIGN = R.Design(module="benchmarks.studies.v2.run", method=__doc__ or "", minilm_tasks=MINILM_TASKS,
+                  width_tasks=WIDTH_TASKS, methods=METHODS, base_seeds=BASE_SEEDS, tasks_methods=tasks_methods,
+                  ratio_of=ratio_of, label=label)
 
 
 def build(method: str, model: Any, lr: float) -> list[Any]:
@@ -433,6 +440,27 @@ def _best_ratio(out: Path, task: str, methods: list[str]) -> float:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def quick(tmp: Path) -> dict[str, Any]:
+    """Every method for 2 steps on tiny settings, the width family's machinery on a 3-step pretraining,
+    then the report — all into ``tmp`` (the width-family cache too)."""
+    tmp = Path(tmp)
+    old = os.environ.get("LORAPLUS_CACHE")
+    os.environ["LORAPLUS_CACHE"] = str(tmp / "cache")
+    try:
+        out = tmp / "results"
+        tiny = Settings(steps=2, batch=4, seeds=2, start=(0,), refine=False, k_min=0, k_max=0, n_eval=16, smooth=1)
+        for m in METHODS:
+            run_cell("order_B0", m, out, "quick", workers=1, st=tiny)
+        wtiny = replace(tiny, width=64, pretrain_steps=3, start=(8,), k_min=8, k_max=8)
+        run_task("width64", out, "quick", workers=1, methods=("lora", "loraplus2"), st_of=lambda t, m: wtiny)
+        return R.report(out, DESIGN, img_dir=tmp / "img")
+    finally:
+        if old is None:
+            os.environ.pop("LORAPLUS_CACHE", None)
+        else:
+            os.environ["LORAPLUS_CACHE"] = old
+
+
 def parser() -> argparse.ArgumentParser:
     """This module's command line (tests/test_benchmarks_layout.py checks recorded commands against it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -466,12 +494,8 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(1)
         print(W.pretrain(a.width)["meta"])
     elif a.cmd == "report":
-        from benchmarks.studies.v2.report import report
-
-        report(OUT)
+        R.report(OUT, DESIGN)
     else:
-        from benchmarks.studies.v2.report import quick
-
         quick(a.out)
 
 
