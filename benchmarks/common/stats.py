@@ -33,6 +33,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = [
+    "DIVERGED", "LR0", "SELECT_LAST", "Band", "band", "best", "compare_to_base", "contiguous_band", "fin",
+    "Fit", "fit_loglog", "group_runs", "k_of", "lr_of", "mean_curve", "needs_more_seeds", "next_ks", "Paired",
+    "paired", "parabolic_min", "schedule", "select", "select_loss", "Selection", "smooth", "steps_to_target",
+    "t975", "target", "trailing_mean"
+]
+
 LR0 = 1e-3
 DIVERGED = 10.0  # a diverged seed counts as this loss in every mean (as in study 1)
 
