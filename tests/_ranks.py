@@ -151,7 +151,7 @@ def run_script(
     code: str, args: tuple[str, ...], *, world_size: int, deadline_s: float
 ) -> list[str]:
     """Run ``python -c code <rank> *args`` as ``world_size`` processes (this folder and the repository on
-    ``sys.path``, so the script can ``from _ranks import join, leave``); return each rank's output.
+    ``PYTHONPATH``, so the script can ``from _ranks import join, leave``); return each rank's output.
 
     Raises:
         AssertionError (via ``pytest.fail``): a rank exited with a non-zero code or a signal, or the

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -49,10 +50,10 @@ def _git(*args: str) -> str:
 
 
 def _provenance(argv: list[str]) -> dict[str, object]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _provenance import provenance
+    # the record benchmarks/common/provenance.py writes, without importing benchmarks/ (this runs as a script)
+    from loraplus._demo._provenance import record
 
-    return provenance(argv, script="tests/_soak_distributed.py")
+    return record("python " + shlex.join(["tests/_soak_distributed.py", *argv]), ROOT)
 
 
 def _now() -> str:

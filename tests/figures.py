@@ -4,7 +4,7 @@ Each page has a table, ``docs/_numbers/<page>.toml``, with two lists:
 
 ``figure``
     one entry per quoted number: ``quote`` is the text around it on the page with the number
-    between ``«`` and ``»``; ``source`` is ``<file under benchmarks/results>#<JSON pointer>``;
+    between ``«`` and ``»``; ``source`` is ``<file under benchmarks/>#<JSON pointer>`` (a study's ``studies/v2/results/summary.json``);
     ``format`` is the Python format spec the page prints it with (``.3f``, ``+.3f``, ``d``, ``g``,
     ``,d``; ``sci`` for ``3.0·10⁻³``), and ``transform`` (optional) one of :data:`TRANSFORMS`,
     applied to the stored value before formatting.
@@ -41,7 +41,13 @@ from typing import Any
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+#: the folder every source is named relative to (``studies/<study>/results/``, ``perf/results/``, ...)
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def result_files() -> list[Path]:
+    """Every committed result JSON: the files under a ``results/`` folder anywhere in benchmarks/."""
+    return sorted(p for p in BENCHMARKS.rglob("*.json") if "results" in p.relative_to(BENCHMARKS).parts[:-1])
 TABLES = ROOT / "docs" / "_numbers"
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
 
@@ -177,7 +183,7 @@ def locate(text: str, quote: str, nth: int | None = None) -> tuple[int, int, str
 
 @cache
 def _load(name: str) -> Any:
-    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
+    return json.loads((BENCHMARKS / name).read_text(encoding="utf-8"))
 
 
 def resolve(source: str) -> Any:
@@ -416,7 +422,7 @@ def range_members(low: str, high: str) -> list[str]:
     while j < min(len(stem_a), len(stem_b)) - k and stem_a[-1 - j] == stem_b[-1 - j]:
         j += 1
     pattern = stem_a[:k] + "*" + (stem_a[len(stem_a) - j :] if j else "") + a.suffix
-    return [f"{p.relative_to(RESULTS).as_posix()}#{pa}" for p in sorted((RESULTS / a.parent).glob(pattern))]
+    return [f"{p.relative_to(BENCHMARKS).as_posix()}#{pa}" for p in sorted((BENCHMARKS / a.parent).glob(pattern))]
 
 
 #: A pointer segment that stands for several keys: ``*`` (every key or index there) or ``[a,b,c]``.
@@ -431,7 +437,7 @@ def expand(pattern: str | list[str]) -> list[str]:
     if isinstance(pattern, list):
         return [src for p in pattern for src in expand(p)]
     name, _, pointer = pattern.partition("#")
-    files = ([p.relative_to(RESULTS).as_posix() for p in sorted(RESULTS.glob(name))] if "*" in name else [name])
+    files = ([p.relative_to(BENCHMARKS).as_posix() for p in sorted(BENCHMARKS.glob(name))] if "*" in name else [name])
     out: list[str] = []
     for f in files:
         # (pointer so far, segments left, whether a ``*`` above may drop this path when it lacks the rest)

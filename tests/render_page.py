@@ -3,14 +3,14 @@ written alongside (the same tables ``tests/figures.py`` checks).
 
 A template (``docs/_src/<page>.md``) is the page with each quoted number written as a marker:
 
-``{{file.json#/json/pointer|format}}`` or ``{{file.json#/pointer|format|transform}}``
+``{{<where>/results/file.json#/json/pointer|format}}`` (the file named relative to benchmarks/) or ``{{<where>/results/file.json#/pointer|format|transform}}``
     a figure: the stored value, formatted (``tests/figures.py``'s formats and transforms;
     negative numbers print with a true minus sign, ``−``);
-``{{file.json#/pointer|format|over=set}}`` (also after a transform)
+``{{<where>/results/file.json#/pointer|format|over=set}}`` (also after a transform)
     one end of a range that summarises a set (``tests/figures.py``'s ``over``: a pattern with ``*``
     or ``[a,b]`` segments, :func:`figures.expand`): the printed ends must be the set's smallest and
     largest member;
-``{{printed@file.json#/pointer|format}}``
+``{{printed@<where>/results/file.json#/pointer|format}}``
     a figure printed as written, checked against its source at its precision (for ``sci``);
 ``{{=printed|why}}``
     a number that is not a result (a setting, a size), with the reason.
@@ -31,8 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import figures  # noqa: E402
+import figures
 
 ROOT = figures.ROOT
 TEMPLATES = ROOT / "docs" / "_src"

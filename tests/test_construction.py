@@ -1,6 +1,6 @@
 """The O(parameters) labelling fast paths give exactly what torch's own walks and the plain rules give.
 
-Pins the construction-speed work behind benchmarks/bench_construction.py: one iterative walk
+Pins the construction-speed work behind benchmarks/perf/construction.py: one iterative walk
 instead of ``named_modules`` + ``named_parameters``, cached convention matching and cached
 no-decay checks. Each must be invisible except in time.
 """
@@ -114,14 +114,8 @@ def test_cached_leaf_rule():
 
 def test_large_moe_model_groups_every_tensor_once():
     """A mid-size meta-device MoE model (the benchmark's shape, smaller) goes through LoraPlus intact."""
-    import importlib.util
-    from pathlib import Path
+    from benchmarks.perf import construction as bench
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_construction.py"
-    spec = importlib.util.spec_from_file_location("bench_construction", path)
-    bench = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(bench)
     model = bench.build_model(layers=2, experts=8)
     opt = loraplus.LoraPlus(torch.optim.AdamW, model, ratio=16, lr=1e-4, weight_decay=0.01)
     names = [n for g in opt.param_groups for n in g["param_names"]]

@@ -1,9 +1,8 @@
-"""benchmarks/find_lr_compare.py: the peers' rules on hand-computed curves, and the harness end to
+"""benchmarks/studies/find_lr/compare.py: the peers' rules on hand-computed curves, and the harness end to
 end in its --quick mode (the demo's task made tiny, one seed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,19 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "find_lr_compare.py"
+MODULE = "benchmarks.studies.find_lr.compare"
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("find_lr_compare", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    from benchmarks.studies.find_lr import compare as mod
+
+    return mod
 
 
 def test_valley_is_halfway_into_the_longest_falling_run(compare):
@@ -51,8 +45,8 @@ def test_min10_is_the_minimum_over_ten(compare):
 
 def test_quick_comparison_runs_end_to_end_and_resumes(tmp_path):
     pytest.importorskip("prodigyplus")
-    cmd = [sys.executable, str(SCRIPT), "--quick", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    cmd = [sys.executable, "-m", MODULE, "--quick", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "demo.json").read_text())
     assert data["meta"]["command"] and data["meta"]["versions"] and data["meta"]["quick"] is True

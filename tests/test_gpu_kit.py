@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_readme_numbers import provenance_records
+
+from benchmarks.gpu import _cuda_tests, _kit, _memory, _step, _width
+from benchmarks.gpu._context import Context
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from test_readme_numbers import provenance_records  # noqa: E402
-
-from benchmarks.gpu import _cuda_tests, _kit, _memory, _step, _width  # noqa: E402
-from benchmarks.gpu._context import Context  # noqa: E402
 
 PARTS = ("cuda_tests", "step", "precondition", "lorafa_memory", "width")
 
@@ -78,7 +76,7 @@ def test_smoke_step_part_times_every_optimizer_for_foreach_and_fused(smoke):
 
 def test_smoke_memory_part_sits_next_to_the_committed_cpu_figure(smoke):
     r = _load(smoke, 4, "lorafa_memory")["results"]
-    cpu = json.loads((ROOT / "benchmarks" / "results" / "lorafa_memory.json").read_text())
+    cpu = json.loads((ROOT / "benchmarks" / "perf" / "results" / "lorafa_memory.json").read_text())
     assert r["cpu_figure"]["saving_vs_lora"] == cpu["saving_vs_lora"]
     # the same shapes as the CPU figure's MiniLM: gradient and optimizer-state bytes do not depend on batch size
     for setup in ("lora", "loraplus_lorafa"):
@@ -95,7 +93,7 @@ def test_smoke_width_part_refits_the_committed_cpu_widths(smoke):
     fit = s["fit_interp"]
     assert fit["widths"] == [32, 64, 128, 256] and fit["n"] == 4
     assert fit["slope"] == pytest.approx(0.54, abs=0.005) and fit["ci95"] == pytest.approx([-0.36, 1.44], abs=0.005)
-    assert s["per_width"]["8"]["source"] == "this run" and s["per_width"]["32"]["source"] == "benchmarks/results/v2"
+    assert s["per_width"]["8"]["source"] == "this run" and s["per_width"]["32"]["source"] == "benchmarks/studies/v2/results"
     assert d["results"]["stopped_at_budget"] is None and d["settings"]["protocol_cut"]
     assert s["data"]["same_prose"] is True
 

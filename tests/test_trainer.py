@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -327,10 +328,15 @@ def test_what_the_trainer_does_after_building_still_happens(tmp_path, shared_mod
     _assert_as_plain(plain.optimizer, lp.optimizer, shared_model, 1.0)
 
 
+def _with_tests_on_path() -> dict[str, str]:
+    """The environment for a ``python -c`` script that imports ``_ranks`` from this folder (argv[1] names it too)."""
+    path = [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
 _DTENSOR_SCRIPT = """
 import json, os, sys
 os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-sys.path.insert(0, sys.argv[1])
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -372,6 +378,7 @@ def test_parameters_on_different_device_meshes_get_separate_groups_as_in_the_pla
     Trainer parameter by parameter. One gloo rank, a 2-D mesh and its sub-mesh, in a subprocess."""
     proc = subprocess.run(
         [sys.executable, "-c", _DTENSOR_SCRIPT, str(Path(__file__).parent), str(tmp_path)],
+        env=_with_tests_on_path(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -566,7 +573,6 @@ import json, os, sys
 os.environ.update({"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
 import deepspeed.ops
 deepspeed.ops.__compatible_ops__ = {}  # no compiler probe, no JIT build of the shm comm kernel
-sys.path.insert(0, sys.argv[1])
 from _ranks import Rendezvous, join, leave
 rendezvous = Rendezvous.fresh(sys.argv[2], world_size=1)
 join(0, rendezvous)  # the Trainer adopts this group (a file store: no port to take)
@@ -603,6 +609,7 @@ def test_trainer_under_deepspeed_hands_the_loraplus_groups_to_the_engine(tmp_pat
     and the groups survive; with one, DeepSpeed would build a single group, so construction raises."""
     proc = subprocess.run(
         [sys.executable, "-c", _DEEPSPEED_SCRIPT, str(Path(__file__).parent), str(tmp_path)],
+        env=_with_tests_on_path(),
         capture_output=True,
         text=True,
         timeout=240,

@@ -13,18 +13,13 @@ Parts, in the order run, each with its own time budget and its own JSON written 
 5. ``width`` — the width family of study v2 at widths 512, 1,024 and 2,048 (pretraining included), best
    λ per width and the slope of log λ* on log width over these and the committed CPU widths.
 
-The parts reuse the CPU harnesses by import (``bench_step``, ``bench_precondition``,
-``bench_lorafa_memory``, ``_widthfamily``, ``_v2_stats``, ``_v2_report``); this package only places
+The parts reuse the CPU harnesses by import (``perf.step``, ``perf.precondition``,
+``perf.lorafa_memory``, ``common.widthfamily``, ``common.stats``, ``common.report``); this package only places
 them on a device, times them there and keeps them inside their budgets. See docs/gpu.md.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from benchmarks import BENCHMARKS, ROOT
 
-BENCHMARKS = Path(__file__).resolve().parent.parent
-ROOT = BENCHMARKS.parent
-for _path in (str(ROOT), str(BENCHMARKS)):  # the harnesses import each other as top-level modules
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+__all__ = ["BENCHMARKS", "ROOT"]

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from _provenance import git_state, machine, versions
+
+from benchmarks.common.provenance import git_state, machine, versions
 
 from . import BENCHMARKS, _cuda_tests, _memory, _precondition, _step, _width
 from ._context import Context

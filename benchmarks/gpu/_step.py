@@ -1,5 +1,5 @@
 """Part 2: ``opt.step()`` on a Llama-shaped LoRA stack in bf16, LoRA+ groups against the same groups
-written by hand (``bench_step``'s model and hand groups, imported), foreach and fused AdamW, LoraPlus
+written by hand (``perf.step``'s model and hand groups, imported), foreach and fused AdamW, LoraPlus
 with and without its ratio guard, timed in interleaved repetitions (CUDA events on a GPU)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import bench_step as B
 import torch
 
 import loraplus
+from benchmarks.perf import step as B
 
 from ._context import Context
 

@@ -1,11 +1,11 @@
 """Part 5: study v2's width family at widths 512, 1,024 and 2,048 on a device, pretraining included, with
 the study's protocol cut to what fits, then the best λ per width and the slope of log λ* on log width
-over these and the committed CPU widths (benchmarks/results/v2/), with its 95 % interval.
+over these and the committed CPU widths (benchmarks/studies/v2/results/), with its 95 % interval.
 
 Reused by import, not copied: the task, the model, pretraining and one fine-tuning run
-(``_widthfamily``), each λ's settings and the lr start grid (``study_v2.settings``), the lattice and the
-grid's extension until the best rate is interior (``_v2_stats``), and the per-width summary and the fit
-(``_v2_report.task_summary`` / ``width_summary``). This module only orders the runs, keeps them inside
+(``common.widthfamily``), each λ's settings and the lr start grid (``studies.v2.run.settings``), the lattice and the
+grid's extension until the best rate is interior (``common.stats``), and the per-width summary and the fit
+(``common.report.task_summary`` / ``width_summary``). This module only orders the runs, keeps them inside
 the part's budget (a run is started only while the time left covers it, estimated from the last run
 at that width, or from the previous width × its cost ratio) and gathers them.
 
@@ -25,10 +25,10 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import _v2_report as R
-import _v2_stats as S
-import _widthfamily as W
-import study_v2 as V
+from benchmarks.common import report as R
+from benchmarks.common import stats as S
+from benchmarks.common import widthfamily as W
+from benchmarks.studies.v2 import run as V
 
 from ._context import Context
 
@@ -48,7 +48,7 @@ def method_of(ratio: float) -> str:
 
 
 def cell_settings(width: int, ratio: float, cfg: dict[str, Any]) -> V.Settings:
-    """``study_v2.settings`` of this λ (its start grid), at this width and the kit's sizes."""
+    """``studies.v2.run.settings`` of this λ (its start grid), at this width and the kit's sizes."""
     st = V.settings(V.WIDTH_TASKS[0], method_of(ratio))
     st = dataclasses.replace(st, width=width, seeds=cfg["seeds"], steps=cfg["steps"],
                              pretrain_steps=cfg["pretrain_steps"], n_eval=cfg["n_eval"])
@@ -60,7 +60,7 @@ def cell_settings(width: int, ratio: float, cfg: dict[str, Any]) -> V.Settings:
 
 def probe(ctx: Context, width: int, steps: int = 5, batch: int = 16) -> dict[str, float]:
     """Seconds per pretraining step (every weight, AdamW) and per fine-tuning step (LoRA r = 8 on
-    ``_widthfamily.TARGETS``, LoraPlus AdamW) of the width family's model at ``width`` on the context's
+    ``common.widthfamily.TARGETS``, LoraPlus AdamW) of the width family's model at ``width`` on the context's
     device, random weights (the cost does not depend on them), after two warm-up steps."""
     import peft
     import torch
@@ -207,13 +207,13 @@ def summarise(gpu_cells: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]
     cpu = {t: c for t, c in R.load_all(V.OUT).items() if t in V.WIDTH_TASKS and t not in gpu_cells}
     tasks = {**cpu, **gpu_cells}
     names = sorted(tasks, key=lambda t: int(t[len("width"):]))
-    summaries = {t: R.task_summary(t, tasks[t]) for t in names}
-    out = R.width_summary(summaries, names)
+    summaries = {t: R.task_summary(t, tasks[t], V.DESIGN) for t in names}
+    out = R.width_summary(summaries, V.DESIGN, names)
     for t in names:
-        out["per_width"][t[len("width"):]]["source"] = "this run" if t in gpu_cells else "benchmarks/results/v2"
+        out["per_width"][t[len("width"):]]["source"] = "this run" if t in gpu_cells else "benchmarks/studies/v2/results"
     # the widths run here alone (their corpora come from this Python, see same_data)
     mine = [t for t in names if t in gpu_cells]
-    alone = R.width_summary({t: summaries[t] for t in mine}, mine)
+    alone = R.width_summary({t: summaries[t] for t in mine}, V.DESIGN, mine)
     out["this_run_only"] = {k: alone[k] for k in ("fit_interp", "fit_grid", "widths_left_out") if k in alone}
     return out
 

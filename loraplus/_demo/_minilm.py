@@ -108,5 +108,5 @@ class _MiniLMTask:
 
         torch.manual_seed(seed)
         m = _MiniLMLora(copy.deepcopy(self.encoder), self.cfg.rank)
-        # the head trains at a fixed rate (as in benchmarks/_minilm.py), so a sweep moves the adapter's rates only
+        # the head trains at a fixed rate (as in benchmarks/common/minilm.py), so a sweep moves the adapter's rates only
         return _train(m, self, lr, ratio, seed, tick, role_lr={"other": MINILM_HEAD_LR})

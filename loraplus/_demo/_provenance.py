@@ -1,7 +1,7 @@
 """What a result JSON records about how it was made: the command, the code, the libraries, the machine.
 
 The one implementation of the record: the demo writes it into its JSON, and
-``benchmarks/_provenance.py`` (not installed with the package) wraps it for the harnesses::
+``benchmarks/common/provenance.py`` (not installed with the package) wraps it for the harnesses::
 
     >>> r = record("python -m loraplus demo --quick")
     >>> sorted(r) == ["command", "commit", "dirty", "machine", "versions"] and "torch" in r["versions"]

@@ -64,7 +64,7 @@ DIVERGENCE_RISE = 3.0
 _ROUNDING = 1e-12
 #: The fraction of the range test, from its start, whose mean loss is the starting loss.
 START_FRACTION = 0.1
-#: ``safety``'s default. On the two development tasks (benchmarks/find_lr_eval.py's width32 and
+#: ``safety``'s default. On the two development tasks (benchmarks/studies/find_lr/evaluate.py's width32 and
 #: width64, ratios 1-64, 2 seeds: 16 points) the edge is 1.3x (0.72-1.65x) the best swept peak lr of
 #: a warm-up + cosine run; on the paper's toy (full-batch GD, 200 steps) rates above about a third
 #: of the edge diverge late in the run. 3 serves both (docs/find_lr.md).
@@ -74,7 +74,7 @@ DEFAULT_LR_RANGE = (1e-6, 1.0)
 #: Given plain LoRA's rate (``lora_lr``), ratio λ's A rate is ``lora_lr × λ^-LAW_EXPONENT`` (B's then
 #: grows as ``λ^(1 - LAW_EXPONENT)``). Fitted to study v2's best swept rate per ratio: 0.45 and 0.25
 #: on MiniLM with B=0 and A=0, 0.79, 0.61, 0.64 and 0.39 on the width family's widths 32-256; their
-#: median is 0.53 (benchmarks/results/find_lr_compare/law.json, docs/find_lr.md).
+#: median is 0.53 (benchmarks/studies/find_lr/results/compare/law.json, docs/find_lr.md).
 LAW_EXPONENT = 0.5
 
 

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -29,9 +28,10 @@ from torch import nn
 
 from .._errors import LoraPlusError
 from .._role import Role
-from ._check import assert_loraplus_groups, expected_lr
+from ._check import assert_loraplus_groups
 from ._layers import CONVENTION_NAMES, PLAIN_NAMES, WRAPPER_NAMES, _frozen, _PeftLinear
 from ._layers import adapted_layer as _adapted_layer
+from ._truth import GeneratedModel, expected_lr
 
 if TYPE_CHECKING:  # pragma: no cover
     from hypothesis.strategies import SearchStrategy
@@ -74,43 +74,6 @@ def _wrap(module: nn.Module, wrapper: str) -> nn.Module:
     if wrapper != "none" and wrapper not in _WRAPPER_ATTR:
         raise LoraPlusError(f"unknown wrapper {wrapper!r}; choose one of {WRAPPER_NAMES}")
     return module if wrapper == "none" else _Wrapper(module, _WRAPPER_ATTR[wrapper])
-
-
-@dataclass
-class GeneratedModel:
-    """A generated model and what each of its trainable parameters must get.
-
-    Attributes:
-        model: the model.
-        expected: ``{name: Role}`` for every trainable parameter.
-        no_decay: names of the trainable parameters that must get no weight decay.
-        rules: the ``rules=`` a caller must pass (raw factors under arbitrary names), or ``None``.
-        pairs: ``(A name, B name)`` of every adapter that is one B·A product (LoRA-style layers;
-            not LoHa, LoKr, VeRA, AdaLoRA), as built.
-        conventions, wrapper: how it was built (shown when a property fails).
-    """
-
-    model: nn.Module
-    expected: dict[str, Role]
-    no_decay: frozenset[str] = frozenset()
-    rules: dict[str, Role] | None = None
-    conventions: list[str] = field(default_factory=list)
-    wrapper: str = "none"
-    pairs: frozenset[tuple[str, str]] = frozenset()
-
-    def expected_lr(self, name: str, **rates: Any) -> float:
-        """The learning rate ``name`` must get under ``lr=``, ``ratio=`` (and ``lr_embedding``, ``role_lr``)."""
-        return expected_lr(self.expected[name], **rates)
-
-    def expected_weight_decay(self, name: str, weight_decay: float | None) -> float | None:
-        """0 for no-decay parameters, else ``weight_decay`` (None: the optimizer's default)."""
-        return 0.0 if name in self.no_decay else weight_decay
-
-    def __repr__(self) -> str:  # hypothesis prints this on failure
-        return (
-            f"GeneratedModel(conventions={self.conventions}, wrapper={self.wrapper!r}, "
-            f"expected={ {k: v.value for k, v in self.expected.items()} }, no_decay={sorted(self.no_decay)})"
-        )
 
 
 def build_model(

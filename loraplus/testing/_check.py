@@ -1,44 +1,19 @@
-"""The group checker and the documented rate rule it checks against (a reference written apart)."""
+"""The group checker: an optimizer's groups against the ground truth of ``_truth`` (written apart from loraplus)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .._errors import LoraPlusError
 from .._role import Role, group_role
+from ._truth import GeneratedModel, expected_lr
 
-if TYPE_CHECKING:  # pragma: no cover
-    from . import GeneratedModel
-
-__all__ = ["assert_loraplus_groups", "expected_lr"]
-
-
-def expected_lr(
-    role: Role,
-    *,
-    lr: float,
-    ratio: float,
-    lr_embedding: float | None = None,
-    role_lr: Mapping[Role | str, float] | None = None,
-) -> float:
-    """The learning rate loraplus documents for a parameter of ``role`` (a reference, written apart).
-
-    ``role_lr`` wins; B runs at ``ratio`` times A's rate (after ``role_lr[A]``); embedding factors
-    at ``lr_embedding`` (default ``lr``); every other role at ``lr``.
-    """
-    over = {Role.coerce(k): float(v) for k, v in (role_lr or {}).items()}
-    if role in over:
-        return over[role]
-    if role is Role.B:
-        return ratio * over.get(Role.A, lr)
-    if role in (Role.EMBEDDING_A, Role.EMBEDDING_B):
-        return lr if lr_embedding is None else lr_embedding
-    return lr
+__all__ = ["assert_loraplus_groups"]
 
 
 def assert_loraplus_groups(
@@ -71,8 +46,6 @@ def assert_loraplus_groups(
         AssertionError: listing every problem found.
         LoraPlusError: when no ground truth is given, or the arguments do not fit.
     """
-    from . import GeneratedModel
-
     if isinstance(model, GeneratedModel):
         expected_roles = model.expected if expected_roles is None else expected_roles
         no_decay = model.no_decay if no_decay is None else no_decay

@@ -1,0 +1,1 @@
+"""Study adapters: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""Study find_lr: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""Study head_to_head: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""Study monitor_width: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""Study toy_heatmap: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""Study v1: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""Study v2: see README.md in this folder."""
