@@ -13,6 +13,7 @@ from .._labels import Label, NoDecaySpec, RuleSpec, is_no_decay, label_model, no
 from .._layouts import LAYOUTS
 from .._numbers import check_number, check_product
 from .._pairs._pairs import Why, pair_labels
+from .._caller import stacklevel_outside
 from .._role import ADAPTER_ROLES, Role
 
 __all__ = ["DEFAULT_RATIO", "build_groups", "param_groups", "role_lrs", "split_groups", "warn_if_ratio_below_one"]
@@ -168,15 +169,14 @@ def prepare(
 def warn_if_ratio_below_one(ratio: float, *, than: str) -> None:
     """The one warning for ``ratio < 1``: B then trains slower than ``than`` (A, or the group B left).
 
-    Called by the function that validates a public entry point's options (``prepare``,
-    ``refine_groups``), itself called by that entry point: ``stacklevel`` points at the user's line.
+    It points at the first line outside loraplus, whichever entry point the user called.
     """
     if ratio < 1:
         warnings.warn(
             f"ratio={ratio} < 1 gives the B factors a smaller learning rate than {than}; LoRA+ uses ratio >= 1 "
             "(the paper recommends 2-16)",
             UserWarning,
-            stacklevel=4,
+            stacklevel=stacklevel_outside(),
         )
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .._errors import LoraPlusError
+from .._caller import stacklevel_outside
 from .._role import Role, group_role
 from ._scheduler_catalog import scaled_group_keys, start_keys
 
@@ -38,6 +38,8 @@ __all__ = ["Cause", "Guard", "GuardMode", "Relation", "Violation", "attach_guard
 
 #: The attribute of an optimizer instance that holds its guard (the optimizer owns it).
 _LINK = "_loraplus_guard"
+#: torch's own frames (Optimizer.step's hooks) are skipped too when a warning looks for the user's line
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 #: Relative tolerance of the check: schedulers multiply every group by the same float, so the
 #: ratio stays exact to a few ulps; anything a rewrite breaks is off by far more.
@@ -241,7 +243,9 @@ class Guard:
             raise LoraPlusError(first.message(optimizer.param_groups))
         if not warned:
             more = f" ({len(found) - 1} other group(s) too)" if len(found) > 1 else ""
-            warnings.warn(first.message(optimizer.param_groups) + more, UserWarning, stacklevel=_caller_level())
+            # at the user's opt.step() line: schedulers and accelerate wrap step, so the depth varies
+            level = stacklevel_outside(_TORCH_DIR)
+            warnings.warn(first.message(optimizer.param_groups) + more, UserWarning, stacklevel=level)
 
     def _counts_a_step(self, groups: Sequence[Mapping[str, Any]]) -> bool:
         # one step per view that holds the first reference group (a one-group-at-a-time view holds it once)
@@ -257,18 +261,6 @@ class Guard:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-
-
-def _caller_level() -> int:
-    """The stacklevel of the first frame outside torch and loraplus: the user's ``opt.step()`` call
-    (schedulers and accelerate wrap ``step``, so the depth varies)."""
-    inside = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return level
 
 
 def _cause(groups: Sequence[Mapping[str, Any]], rel: Relation, seen: Mapping[str, float | None]) -> Cause:
