@@ -236,7 +236,8 @@ def test_the_demo_json_names_its_commit_versions_and_machine(monkeypatch, tmp_pa
     # ground truth read here, not by the code under test: git, /proc/cpuinfo, the installed torch
     assert data["command"] == "python -m loraplus demo x"
     assert data["commit"] == _git("rev-parse", "HEAD")
-    assert data["dirty"] is bool(_git("status", "--porcelain", "--untracked-files=no"))
+    changed = _git("diff", "--name-only", "HEAD").split()
+    assert data["dirty"] is any("/results/" not in f"/{path}" for path in changed)
     assert data["versions"]["torch"] == torch.__version__
     assert all(data["versions"][lib] for lib in ("peft", "transformers", "pytorch-optimizer", "lora-pro-adamw"))
     machine = data["machine"]
@@ -262,3 +263,30 @@ def test_outside_its_own_checkout_the_record_names_no_commit(tmp_path):
     assert _provenance.commit(outer) == (_git("rev-parse", "HEAD", cwd=outer), False)
     (outer / "f").write_text("y")
     assert _provenance.commit(outer)[1] is True
+
+
+def test_only_code_makes_a_checkout_dirty_not_the_results_runs_write(tmp_path):
+    """A resumable study rewrites its committed results as it goes: that alone is not dirty."""
+    from loraplus._demo import _provenance
+
+    repo = tmp_path / "repo"
+    (repo / "bench" / "results").mkdir(parents=True)
+    (repo / "bench" / "results" / "task.json").write_text("{}")
+    (repo / "bench" / "run.py").write_text("x = 1")
+    (repo / "resultsnot.py").write_text("y = 1")
+    _git("init", "-q", cwd=repo)
+    _git("add", ".", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", cwd=repo)
+    assert _provenance.commit(repo)[1] is False
+    (repo / "bench" / "results" / "task.json").write_text('{"seed": 0}')
+    assert _provenance.commit(repo)[1] is False  # a result rewritten
+    _git("add", ".", cwd=repo)
+    assert _provenance.commit(repo)[1] is False  # ... and staged
+    (repo / "resultsnot.py").write_text("y = 2")  # a name that only starts like the folder
+    assert _provenance.commit(repo)[1] is True
+    _git("checkout", "-q", "--", "resultsnot.py", cwd=repo)
+    (repo / "bench" / "run.py").write_text("x = 2")
+    assert _provenance.commit(repo)[1] is True  # code changed
+    _git("checkout", "-q", "--", "bench/run.py", cwd=repo)
+    _git("rm", "-q", "bench/run.py", cwd=repo)
+    assert _provenance.commit(repo)[1] is True  # code deleted (staged)

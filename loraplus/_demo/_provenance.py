@@ -9,7 +9,7 @@ The one implementation of the record: the demo writes it into its JSON, and
     >>> sorted(MACHINE_KEYS) == sorted(r["machine"])
     True
 
-The commit (and ``dirty``: whether tracked files differ from it) is read with git from the
+The commit (and ``dirty``: whether tracked files other than results differ from it) is read with git from the
 checkout the code runs from; outside one (a pip-installed package, an unpacked archive) both are
 ``None``, as is a library that is not installed.
 """
@@ -24,12 +24,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LIBRARIES", "MACHINE_KEYS", "PACKAGE_ROOT", "commit", "machine", "record", "versions"]
+__all__ = ["LIBRARIES", "MACHINE_KEYS", "PACKAGE_ROOT", "RESULTS", "commit", "machine", "record", "versions"]
 
 #: The directory holding the ``loraplus`` package: a checkout's root when run from one.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 #: Distributions whose versions can change a result (as pip names them).
 LIBRARIES = ("torch", "peft", "transformers", "pytorch-optimizer", "lora-pro-adamw", "loraplus")
+#: Tracked files under a folder of this name are results, not code: they never make ``dirty`` true.
+RESULTS = "results"
 #: What :func:`machine` records.
 MACHINE_KEYS = ("platform", "architecture", "processor", "cpu_model", "cpus", "torch_threads", "device", "loadavg")
 
@@ -44,8 +46,13 @@ def _git(root: Path, *args: str) -> str | None:
 
 def commit(root: Path | None = None) -> tuple[str | None, bool | None]:
     """The commit checked out at ``root`` (default: the checkout holding this package), and whether
-    tracked files differ from it; ``(None, None)`` when ``root`` is not the top of a git checkout (an
-    installed package inside some other repository names no commit, not that repository's)."""
+    tracked files other than results differ from it; ``(None, None)`` when ``root`` is not the top of
+    a git checkout (an installed package inside some other repository names no commit, not that
+    repository's).
+
+    Files under a ``results`` folder do not make a checkout dirty: they are what runs write, and a
+    resumable study that writes one task's file before the next task starts would otherwise call
+    its own later tasks dirty. Code, docs and settings do."""
     root = PACKAGE_ROOT if root is None else Path(root)
     top = _git(root, "rev-parse", "--show-toplevel")
     if top is None or Path(top.strip()).resolve() != root.resolve():
@@ -53,8 +60,10 @@ def commit(root: Path | None = None) -> tuple[str | None, bool | None]:
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
         return None, None
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return head.strip(), None if status is None else bool(status.strip())
+    changed = _git(root, "diff", "--name-only", "--no-renames", "HEAD")
+    if changed is None:
+        return head.strip(), None
+    return head.strip(), any(RESULTS not in Path(path).parts for path in changed.splitlines() if path)
 
 
 def versions() -> dict[str, str | None]:
