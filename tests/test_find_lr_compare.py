@@ -66,8 +66,9 @@ def test_quick_comparison_runs_end_to_end_and_resumes(tmp_path):
     assert methods["prodigy_sf"]["probe_steps"] == 0 and methods["prodigy_sf"]["lr"] == 1.0
     s = data["summary"]["find_lr"]
     assert s["rel_diff_mean"] == pytest.approx((methods["find_lr"]["test"] - ref["test"]["0"]) / ref["test"]["0"])
+    assert data["summary"]["law_confirm"]["ratio_counts"] == {f"{lc['ratio']:g}": 1}  # one seed, its pick
     # resumable: a second call runs nothing new and keeps every record
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "demo.json").read_text())["seeds"]["0"]["methods"] == methods
 

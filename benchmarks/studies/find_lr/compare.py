@@ -322,7 +322,10 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
         mean = statistics.fmean(base)
         cost = statistics.fmean(m["probe_steps"] for _, m in rows)
         out[name] = {"n": p.n, "seeds": [s for s, _ in rows], "test": ours, "lr": [m["lr"] for _, m in rows],
-                     "ratio": [m["ratio"] for _, m in rows], "diverged": sum(bool(m["diverged"]) for _, m in rows),
+                     "ratio": [m["ratio"] for _, m in rows],
+                     "ratio_counts": {f"{r:g}": sum(m["ratio"] == r for _, m in rows)
+                                      for r in sorted({m["ratio"] for _, m in rows})},
+                     "diverged": sum(bool(m["diverged"]) for _, m in rows),
                      "ref_test_mean": mean, "rel_diff_mean": p.mean / mean, "rel_ci95": [p.low / mean, p.high / mean],
                      "lower_than_ref": p.wins, "lr_over_ref": [m["lr"] / meta["reference"]["lr"] for _, m in rows],
                      "within_goal": p.mean / mean <= GOAL and p.high / mean < 0.05, "within_bar": p.mean / mean <= BAR,
