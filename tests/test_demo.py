@@ -210,6 +210,13 @@ def test_quick_demo_with_find_lr_prints_the_suggestion_next_to_the_sweeps_best(t
     assert data["ratio"] in {1.0, loraplus.DEFAULT_RATIO, 16.0}
     assert data["steps_used"] <= 30 * 3  # the quick probe: 30 steps per ratio, plain LoRA and the two ratios
     assert f"{data['test_final_mean']:.4f}" in out and f"{data['sweep_best']['test_final_mean']:.4f}" in out
+    # from the sweep's plain-LoRA best: each ratio at lora_lr x ratio^-1/2, one 150-step run's steps in all
+    law = data["lora_lr"]
+    lora_row = next(r for r in json.loads((tmp_path / "d.json").read_text())["summary"] if r["ratio"] == 1.0)
+    assert law["lora_lr"] == lora_row["lr_A"]  # the plain-LoRA sweep's best, as the user's known rate
+    assert law["ratio"] in {1.0, loraplus.DEFAULT_RATIO, 16.0} and law["steps_used"] == 150
+    assert law["lr"] == pytest.approx(law["lora_lr"] * law["ratio"] ** -0.5)
+    assert f"find_lr(lora_lr={law['lora_lr']:g}" in out and f"{law['test_final_mean']:.4f}" in out
     assert not png.exists()
 
 

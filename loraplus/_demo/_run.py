@@ -37,13 +37,16 @@ from ._train import _progress, _threads
 __all__ = ["run_demo"]
 
 
-def _find_lr_lines(task: Any, cfg: DemoConfig, ratios: Sequence[float], best: MethodResult, quick: bool,
-                   tick: Callable[[int], None]) -> tuple[list[str], dict[str, Any]]:
-    """``--find-lr``: probe the task's first-seed model with :func:`loraplus.find_lr`, train at the
-    suggestion with the demo's own loop, and set it next to the sweep's best (lr, ratio)."""
+def _find_lr_lines(task: Any, cfg: DemoConfig, ratios: Sequence[float], best: MethodResult, lora: MethodResult,
+                   quick: bool, tick: Callable[[int], None]) -> tuple[list[str], dict[str, Any]]:
+    """``--find-lr``: probe the task's first-seed model with :func:`loraplus.find_lr`, twice: with its
+    range test, and from the sweep's best plain-LoRA rate (``lora_lr=``, one run's steps, as a user
+    switching from LoRA would); train at each suggestion with the demo's own loop, and set both next
+    to the sweep's best (lr, ratio)."""
     import torch
 
     from .._find_lr import find_lr
+    from .._find_lr._probe import MIN_STEPS_PER_RATIO
 
     seed = cfg.seeds[0]
     gen = torch.Generator().manual_seed(100 + seed)
@@ -62,18 +65,29 @@ def _find_lr_lines(task: Any, cfg: DemoConfig, ratios: Sequence[float], best: Me
                 lr_range=(1e-5, 1.0), weight_decay=0.0, progress=False)
     runs = [task.run(s.lr, s.ratio, sd, tick) for sd in cfg.seeds]
     final = sum(curve[-1] for curve, _ in runs) / len(runs)
+    model = task.model(seed)
+    model.train()
+    budget = max(cfg.steps, MIN_STEPS_PER_RATIO * len(probe_ratios))  # one run's steps for all ratios
+    law = find_lr(model, loss_fn, batches, ratios=probe_ratios, max_steps=budget, lora_lr=lora.lr, weight_decay=0.0,
+                  progress=False)
+    law_runs = [task.run(law.lr, law.ratio, sd, tick) for sd in cfg.seeds]
+    law_final = sum(curve[-1] for curve, _ in law_runs) / len(law_runs)
     lines = [
         "",
         "find_lr (one probe on the first seed's model, then the same training as the sweep):",
         s.explain(),
         f"find_lr suggestion: lr(A) {s.lr:.3g}, ratio {s.ratio:g} -> final test loss {final:.4f} "
         f"({s.steps_used} probe steps = {s.steps_used / cfg.steps:.1f} runs of {cfg.steps} steps)",
+        f"find_lr(lora_lr={lora.lr:g}, the sweep's plain-LoRA best): lr(A) {law.lr:.3g}, ratio {law.ratio:g} -> final "
+        f"test loss {law_final:.4f} ({law.steps_used} probe steps = {law.steps_used / cfg.steps:.1f} runs)",
         f"sweep's best:       lr(A) {best.lr:g}, ratio {best.ratio:g} -> final test loss {best.final:.4f} "
         f"({(1 + len(ratios)) * len(cfg.lrs) * len(cfg.seeds)} runs of {cfg.steps} steps)",
     ]
     record = {"lr": s.lr, "ratio": s.ratio, "steps_used": s.steps_used, "test_final_mean": final,
               "per_ratio": [r.to_dict() for r in s.per_ratio], "notes": list(s.notes),
-              "sweep_best": {"lr": best.lr, "ratio": best.ratio, "test_final_mean": best.final}}
+              "sweep_best": {"lr": best.lr, "ratio": best.ratio, "test_final_mean": best.final},
+              "lora_lr": {"lora_lr": lora.lr, "lr": law.lr, "ratio": law.ratio, "steps_used": law.steps_used,
+                          "test_final_mean": law_final, "per_ratio": [r.to_dict() for r in law.per_ratio]}}
     return lines, record
 
 
@@ -159,7 +173,7 @@ def run_demo(
         if find_lr:
             bar.set_description("find_lr")
             best = min([lora, *plus], key=lambda res: res.sweep[res.lr])  # selected on validation, as each lr
-            probe = _find_lr_lines(task, cfg, ratios, best, quick, lambda k: None)
+            probe = _find_lr_lines(task, cfg, ratios, best, lora, quick, lambda k: None)
         made = record(command)  # inside the threads block: the machine record holds the run's threads
     bar.close()
     result = DemoResult(model, task.description, lora, plus, time.perf_counter() - t0, cfg, provenance=made)
