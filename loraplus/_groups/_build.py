@@ -8,12 +8,12 @@ from typing import Any
 
 from torch import nn
 
+from .._caller import stacklevel_outside
 from .._errors import LoraPlusError
 from .._labels import Label, NoDecaySpec, RuleSpec, is_no_decay, label_model, normalize_no_decay
 from .._layouts import LAYOUTS
 from .._numbers import check_number, check_product
 from .._pairs._pairs import Why, pair_labels
-from .._caller import stacklevel_outside
 from .._role import ADAPTER_ROLES, Role
 
 __all__ = ["DEFAULT_RATIO", "build_groups", "param_groups", "role_lrs", "split_groups", "warn_if_ratio_below_one"]

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .._errors import LoraPlusError
 from .._caller import stacklevel_outside
+from .._errors import LoraPlusError
 from .._role import Role, group_role
 from ._scheduler_catalog import scaled_group_keys, start_keys
 
