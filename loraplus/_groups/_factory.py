@@ -155,68 +155,35 @@ class LoraPlus(metaclass=_LoraPlusType):
         guard: str | None = "warn",
         **optimizer_kwargs: Any,
     ) -> OptimizerT:
-        return _build(
-            optimizer_cls,
+        _check_optimizer_cls(optimizer_cls)
+        mode = coerce_mode(guard)
+        if precondition is None and precondition_reg is not None:
+            raise LoraPlusError('precondition_reg= was given without precondition=; pass precondition="riemannian"')
+        if "params" in optimizer_kwargs:
+            raise LoraPlusError("do not pass params=: LoraPlus builds the param groups from the model")
+        from .._pairs._precondition import check_not_frozen_by_lorafa  # (lazy, like attach below)
+
+        check_not_frozen_by_lorafa(model)  # else labelling finds B without A and cannot say why
+        _, groups = prepare(
             model,
-            ratio,
             lr=lr,
+            ratio=ratio,
             lr_embedding=lr_embedding,
             role_lr=role_lr,
             weight_decay=weight_decay,
             rules=rules,
             no_decay=no_decay,
-            precondition=precondition,
-            precondition_reg=precondition_reg,
-            guard=guard,
-            **optimizer_kwargs,
         )
+        optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
+        check_lr_free(optimizer, groups)
+        attach_guard(optimizer, mode)
+        if precondition is not None:
+            from .._pairs._precondition import precondition as attach  # the optimizer owns it: preconditioner(opt)
 
-
-def _build(
-    optimizer_cls: Callable[..., OptimizerT],
-    model: nn.Module,
-    ratio: float = DEFAULT_RATIO,
-    *,
-    lr: float,
-    lr_embedding: float | None = None,
-    role_lr: Mapping[Role | str, float] | None = None,
-    weight_decay: float | None = None,
-    rules: RuleSpec | None = None,
-    no_decay: NoDecaySpec | Sequence[NoDecaySpec] | None = None,
-    precondition: str | None = None,
-    precondition_reg: float | None = None,
-    guard: str | None = "warn",
-    **optimizer_kwargs: Any,
-) -> OptimizerT:
-    """The body of :class:`LoraPlus` (whose docstring documents it)."""
-    _check_optimizer_cls(optimizer_cls)
-    mode = coerce_mode(guard)
-    if precondition is None and precondition_reg is not None:
-        raise LoraPlusError('precondition_reg= was given without precondition=; pass precondition="riemannian"')
-    if "params" in optimizer_kwargs:
-        raise LoraPlusError("do not pass params=: LoraPlus builds the param groups from the model")
-    from .._pairs._precondition import check_not_frozen_by_lorafa  # (lazy, like attach below)
-
-    check_not_frozen_by_lorafa(model)  # else labelling finds B without A and cannot say why
-    _, groups = prepare(
-        model,
-        lr=lr,
-        ratio=ratio,
-        lr_embedding=lr_embedding,
-        role_lr=role_lr,
-        weight_decay=weight_decay,
-        rules=rules,
-        no_decay=no_decay,
-    )
-    optimizer = build_optimizer(optimizer_cls, groups, lr, optimizer_kwargs, "the LoRA+ groups")
-    check_lr_free(optimizer, groups)
-    attach_guard(optimizer, mode)
-    if precondition is not None:
-        from .._pairs._precondition import precondition as attach  # the optimizer owns it: preconditioner(opt)
-
-        attach(cast(torch.optim.Optimizer, optimizer), model, method=precondition, reg=precondition_reg, rules=rules)
-    return optimizer
-
+            attach(
+                cast(torch.optim.Optimizer, optimizer), model, method=precondition, reg=precondition_reg, rules=rules
+            )
+        return optimizer
 
 
 def build_optimizer(
